@@ -1,0 +1,45 @@
+# All targets use the virtualenv at .venv (created on first use).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv control-plane cluster cluster-down lint test manifests demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Builds (first run only) and caches etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, KWOK and Helm from Go modules.
+control-plane:
+	devtools/build-control-plane.sh
+
+cluster: venv control-plane
+	$(PY) -m devtools.cluster up
+
+cluster-down: venv
+	$(PY) -m devtools.cluster down
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: venv control-plane lint
+	$(VENV)/bin/pytest
+
+manifests: venv
+	$(VENV)/bin/metering-operator manifests --output-dir manifests
+
+demo: venv control-plane
+	$(PY) -m devtools.demo
+
+bench: venv control-plane
+	$(PY) -m bench
+
+clean: cluster-down
+	rm -rf $(VENV) .local

@@ -1,0 +1,1 @@
+"""Kubernetes operator for AWS Marketplace RegisterUsage gating and hourly MeterUsage metering."""

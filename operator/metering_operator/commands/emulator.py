@@ -1,0 +1,16 @@
+"""`metering-operator emulator`: not implemented yet (owned by issue #3)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+def main(args: argparse.Namespace) -> int:
+    del args
+    print("metering-operator emulator: not implemented yet (issue #3)", file=sys.stderr)
+    return 2

@@ -27,6 +27,17 @@ if [[ -f "$STAMP" ]]; then
   exit 0
 fi
 mkdir -p "$BIN_DIR" "$WORK_DIR"
+# One build at a time per cache (parallel test sessions, `make -j`): a second caller waits for
+# the first and then finds the stamp.
+exec 9>"$CACHE_ROOT/.build.lock"
+if ! flock -n 9; then
+  log "another build of the control plane is running; waiting for it"
+  flock 9
+fi
+if [[ -f "$STAMP" ]]; then
+  echo "$BIN_DIR"
+  exit 0
+fi
 command -v go >/dev/null || { log "Go is required (go1.26+) to build the control plane"; exit 1; }
 log "building into $BIN_DIR (first run on this machine: expect tens of minutes)"
 

@@ -1,0 +1,12 @@
+"""boto3 adapters for the AWS Marketplace Metering Service and STS web-identity login.
+
+* :mod:`.models`  typed requests/results of RegisterUsage, MeterUsage, BatchMeterUsage, ResolveCustomer
+* :mod:`.errors`  ``MeteringError`` and the classification of every modelled error
+* :mod:`.client`  ``MeteringClient`` over an unmodified boto3 client, ``MeteringClientFactory``
+* :mod:`.irsa`    per-pod IRSA credentials (STS AssumeRoleWithWebIdentity) and their cache
+* :mod:`.region`  explicit Region resolution (never a default Region)
+* :mod:`.backoff` exponential backoff with full jitter
+
+Submodules are imported explicitly (``from metering_operator.aws.client import MeteringClient``)
+so that importing the models does not load boto3.
+"""

@@ -1,16 +1,324 @@
-"""`metering-operator run`: not implemented yet (owned by issue #4)."""
+"""`metering-operator run`: the operator process (kopf, with the operator's own flags).
+
+Builds :class:`~metering_operator.settings.OperatorSettings` from flags (and a few environment
+variables the chart sets), resolves the AWS Region explicitly, starts the Prometheus endpoint,
+prepares the admission webhook (certificates, and in local mode its MutatingWebhookConfiguration),
+imports the handler modules and hands over to ``kopf.run``. Settings, clock and the gate's shared
+runtime reach the handlers through kopf's ``memo``:
+
+* ``memo.settings`` -- OperatorSettings
+* ``memo.clock`` -- the Clock (system time, or following the emulator's settable clock)
+* ``memo.gate_runtime`` -- the entitlement gate's clients and worker pool
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import socket
 import sys
+import tempfile
+import threading
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from metering_operator.domain.clock import Clock, OffsetClock, SystemClock
+
+log = logging.getLogger("metering_operator.run")
+
+METERING_HANDLERS = "metering_operator.handlers.metering"
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    del parser
+    scope = parser.add_argument_group("what to watch")
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        dest="namespaces",
+        metavar="NS",
+        help="watch MeteredProducts (and their pods) in this namespace; repeatable",
+    )
+    scope.add_argument(
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        help="watch every namespace (the default when no --namespace is given)",
+    )
+    scope.add_argument(
+        "--trusted-product-code",
+        action="append",
+        default=[],
+        dest="trusted_product_codes",
+        metavar="CODE",
+        help="only MeteredProducts with one of these product codes are served; repeatable "
+        "(also MMO_TRUSTED_PRODUCT_CODES, comma-separated). None given: every code is trusted.",
+    )
+    aws = parser.add_argument_group("AWS")
+    aws.add_argument(
+        "--region",
+        default=None,
+        help="AWS Region the cluster runs in (default: AWS_REGION / AWS_DEFAULT_REGION)",
+    )
+    ops = parser.add_argument_group("operations")
+    ops.add_argument(
+        "--log-format", choices=["text", "json"], default=os.environ.get("MMO_LOG_FORMAT", "text")
+    )
+    ops.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    ops.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
+    ops.add_argument("--health-port", type=int, default=8081, help="liveness endpoint /healthz port (0: off)")
+    ops.add_argument(
+        "--operator-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace the operator runs in (default: POD_NAMESPACE or 'default')",
+    )
+    ops.add_argument(
+        "--operator-identity",
+        default=os.environ.get("POD_NAME", ""),
+        help="this replica's identity for leader election (default: POD_NAME or hostname-pid)",
+    )
+    ops.add_argument(
+        "--emulator-clock-url",
+        default=None,
+        help="test/demo only: follow the emulator's settable clock (its base or admin URL)",
+    )
+    hook = parser.add_argument_group("admission webhook (adds the entitlement gate to new pods)")
+    hook.add_argument(
+        "--no-webhook",
+        action="store_true",
+        help="do not serve the webhook (pods must carry the gate in their template)",
+    )
+    hook.add_argument("--webhook-host", default="0.0.0.0", help="listen address")
+    hook.add_argument("--webhook-port", type=int, default=9443, help="listen port")
+    hook.add_argument(
+        "--webhook-cert-dir",
+        default=None,
+        help="directory with tls.crt and tls.key (in a cluster: the chart's Secret)",
+    )
+    hook.add_argument(
+        "--webhook-url",
+        default=None,
+        help="local mode: the URL the API server calls; the operator then generates a "
+        "self-signed CA and manages the MutatingWebhookConfiguration itself",
+    )
+    hook.add_argument(
+        "--webhook-configuration-name",
+        default="marketplace-metering-operator",
+        help="name of the MutatingWebhookConfiguration managed in local mode",
+    )
+    gate = parser.add_argument_group("entitlement")
+    gate.add_argument(
+        "--token-expiration-seconds",
+        type=int,
+        default=600,
+        help="lifetime of the pod-bound tokens minted for STS (>= 600)",
+    )
+    meter = parser.add_argument_group("metering")
+    meter.add_argument(
+        "--sample-interval-seconds",
+        type=float,
+        default=None,
+        help="override every product's sampling interval (tests, demo)",
+    )
+    meter.add_argument(
+        "--ledger-history", type=int, default=48, help="closed ledger entries kept per dimension"
+    )
+    meter.add_argument("--lease-name", default="marketplace-metering-operator-leader")
+    meter.add_argument("--lease-duration-seconds", type=float, default=15.0)
+
+
+def build_settings(args: argparse.Namespace) -> Any:
+    """OperatorSettings from the parsed flags; raises ValueError with a clear message."""
+    from metering_operator.aws.region import resolve_region
+    from metering_operator.settings import LogFormat, OperatorSettings
+
+    if args.all_namespaces and args.namespaces:
+        raise ValueError("--all-namespaces and --namespace exclude each other")
+    region = resolve_region(args.region)
+    trusted = frozenset(args.trusted_product_codes) | frozenset(_env_list("MMO_TRUSTED_PRODUCT_CODES"))
+    identity = args.operator_identity or f"{socket.gethostname()}-{os.getpid()}"
+    return OperatorSettings(
+        namespaces=tuple(dict.fromkeys(args.namespaces)),
+        trusted_product_codes=trusted,
+        region=region,
+        log_format=LogFormat(args.log_format),
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        operator_namespace=args.operator_namespace,
+        operator_identity=identity,
+        emulator_clock_url=args.emulator_clock_url,
+        webhook_enabled=not args.no_webhook,
+        webhook_host=args.webhook_host,
+        webhook_port=args.webhook_port,
+        webhook_cert_dir=args.webhook_cert_dir,
+        webhook_url=args.webhook_url,
+        webhook_configuration_name=args.webhook_configuration_name,
+        token_expiration_seconds=args.token_expiration_seconds,
+        sample_interval_seconds=args.sample_interval_seconds,
+        ledger_history=args.ledger_history,
+        lease_name=args.lease_name,
+        lease_duration_seconds=args.lease_duration_seconds,
+    )
+
+
+class EmulatorClock(OffsetClock):
+    """System time plus the emulator's offset, refreshed from its admin API every second."""
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        super().__init__()
+        base = url.rstrip("/")
+        if base.endswith("/_emulator/clock"):
+            self.url = base
+        elif base.endswith("/_emulator"):
+            self.url = base + "/clock"
+        else:
+            self.url = base + "/_emulator/clock"
+        self.interval = interval
+        self.refresh()
+        threading.Thread(target=self._follow, name="emulator-clock", daemon=True).start()
+
+    def refresh(self) -> None:
+        with urllib.request.urlopen(self.url, timeout=5) as response:
+            now = datetime.fromisoformat(json.loads(response.read())["now"])
+        self.offset = now - datetime.now(UTC)
+
+    def _follow(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(self.interval):
+            try:
+                self.refresh()
+            except Exception as exc:  # a transient emulator hiccup must not stop the clock
+                log.warning("cannot read the emulator clock at %s: %s", self.url, exc)
+
+
+def _configure_logging(settings: Any, verbose: bool) -> None:
+    import kopf
+
+    from metering_operator.settings import LogFormat
+
+    log_format = kopf.LogFormat.JSON if settings.log_format is LogFormat.JSON else kopf.LogFormat.FULL
+    kopf.configure(verbose=verbose, log_format=log_format)
+    if not verbose:
+        # kopf's per-event debug lines and urllib3's connection chatter drown the operator's story.
+        logging.getLogger("kopf.objects").setLevel(logging.INFO)
+        logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def _webhook_server(settings: Any) -> Any:
+    """kopf's WebhookServer with our certificates; in local mode also writes the configuration."""
+    import kopf
+
+    from metering_operator.handlers.entitlement import new_api_client
+    from metering_operator.kube import webhook
+
+    host = webhook.url_host(settings.webhook_url) if settings.webhook_url else None
+    if settings.webhook_cert_dir:
+        cert_dir = Path(settings.webhook_cert_dir)
+        certfile, keyfile = cert_dir / "tls.crt", cert_dir / "tls.key"
+        ca_file = cert_dir / "ca.crt"
+        ca_pem = ca_file.read_bytes() if ca_file.exists() else None
+    else:
+        hosts = [h for h in dict.fromkeys([host or "localhost", "localhost", "127.0.0.1"]) if h]
+        certs = webhook.generate_serving_certs(Path(tempfile.mkdtemp(prefix="mmo-webhook-")), hosts)
+        certfile, keyfile, ca_pem = certs.cert_file, certs.key_file, certs.ca_pem
+    if settings.webhook_url:
+        if ca_pem is None:
+            raise ValueError("--webhook-url with --webhook-cert-dir needs a ca.crt in that directory")
+        api = new_api_client()
+        try:
+            webhook.apply_webhook_configuration(
+                api,
+                webhook.webhook_configuration(
+                    settings.webhook_configuration_name,
+                    settings.webhook_url,
+                    ca_pem,
+                    settings.namespaces,
+                    ("kube-system", settings.operator_namespace) if not settings.namespaces else (),
+                ),
+            )
+        finally:
+            api.close()
+        log.info(
+            "MutatingWebhookConfiguration %s points at %s",
+            settings.webhook_configuration_name,
+            settings.webhook_url,
+        )
+    return kopf.WebhookServer(
+        addr=settings.webhook_host,
+        port=settings.webhook_port,
+        host=host,
+        certfile=str(certfile),
+        pkeyfile=str(keyfile),
+        cadata=ca_pem,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    del args
-    print("metering-operator run: not implemented yet (issue #4)", file=sys.stderr)
-    return 2
+    try:
+        settings = build_settings(args)
+    except ValueError as exc:
+        print(f"metering-operator run: {exc}", file=sys.stderr)
+        return 2
+
+    import kopf
+    from prometheus_client import start_http_server
+
+    from metering_operator import metrics
+    from metering_operator.handlers import entitlement
+
+    _configure_logging(settings, args.verbose)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
+    clock: Clock = (
+        EmulatorClock(settings.emulator_clock_url) if settings.emulator_clock_url else SystemClock()
+    )
+
+    entitlement.register(settings)
+    if importlib.util.find_spec(METERING_HANDLERS) is not None:
+        importlib.import_module(METERING_HANDLERS)
+    else:
+        log.warning("%s not found: hourly metering is not available in this build", METERING_HANDLERS)
+
+    server = None
+    if settings.webhook_enabled:
+        try:
+            server = _webhook_server(settings)
+        except (OSError, ValueError) as exc:
+            print(f"metering-operator run: webhook: {exc}", file=sys.stderr)
+            return 2
+
+    @kopf.on.startup()
+    def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.admission.server = server
+        settings.admission.managed = None  # the chart (cluster) or _webhook_server (local) owns it
+        settings.execution.max_workers = 64  # each product's daemon holds a thread
+        settings.posting.level = logging.WARNING
+        settings.persistence.finalizer = "marketplace.metering.dev/operator"
+
+    memo = kopf.Memo(settings=settings, clock=clock, gate_runtime=entitlement.build_runtime(settings, clock))
+    log.info(
+        "starting: region=%s namespaces=%s trusted=%s webhook=%s",
+        settings.region,
+        ",".join(settings.namespaces) or "(all)",
+        ",".join(sorted(settings.trusted_product_codes)) or "(any)",
+        settings.webhook_url or ("on" if settings.webhook_enabled else "off"),
+    )
+    kopf.run(
+        standalone=True,
+        clusterwide=not settings.namespaces,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+        memo=memo,
+    )
+    return 0

@@ -1,0 +1,472 @@
+"""Benchmark: the entitlement gate, operator as a real process, local cluster + emulator.
+
+Measures (issue 4):
+
+(a) a steady stream of gated pods (default 20/s for 30 s): gate latency, from the pod's create
+    call returning to a watch seeing the gate removed, p50/p95/p99;
+(b) a burst (default 200 pods): time until all are Granted, and pods per second;
+for both: Kubernetes pod writes per pod (the API server's own PATCH counter), AWS calls per pod
+(the emulator's call log), and the operator's peak RSS; then
+
+(c) the bare cost of the same STS AssumeRoleWithWebIdentity + RegisterUsage pair made directly
+    through boto3 without the operator, for the latency ratio;
+(d) the operator's RSS before and after 1,000 pods its products do not select appear in the
+    watched namespace (the pod watch is filtered by the API server, so they never reach it).
+
+Run from the repository root (starts or joins the local cluster):
+
+    .venv/bin/python -m bench.bench_entitlement --output bench/results/entitlement.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore import UNSIGNED
+from botocore.config import Config
+from devtools.cluster import LocalCluster
+from kubernetes import client, config, watch
+from prometheus_client.parser import text_string_to_metric_families
+from tests.e2e.conftest import (
+    BUYER_ROLE,
+    PRODUCT_CODE,
+    TEST_REGION,
+    OperatorProcess,
+    emulator_config,
+    install_crd,
+    launch_operator,
+    remove_products,
+)
+from tests.emulator.harness import EmulatorProcess, start_emulator
+
+from metering_operator.domain.product import ANNOTATION_ENTITLEMENT, GROUP, PLURAL, SCHEDULING_GATE, VERSION
+from metering_operator.kube.tokens import request_pod_token
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class Rss:
+    """Samples the operator's resident set size (kB) from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def now(self) -> int:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self.now())
+
+    def reset_peak(self) -> None:
+        self.peak = self.now()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class ReleaseWatch:
+    """Watches the bench pods and records when each is first seen Granted with no gate."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, selector: str) -> None:
+        self.released: dict[str, float] = {}
+        self._api = api
+        self._ns = namespace
+        self._selector = selector
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        core = client.CoreV1Api(self._api)
+        while not self._stop.is_set():
+            w = watch.Watch()
+            for event in w.stream(
+                core.list_namespaced_pod, self._ns, label_selector=self._selector, timeout_seconds=30
+            ):
+                pod = event["object"]
+                gates = [g.name for g in (pod.spec.scheduling_gates or [])]
+                state = (pod.metadata.annotations or {}).get(ANNOTATION_ENTITLEMENT)
+                if SCHEDULING_GATE not in gates and state == "Granted":
+                    self.released.setdefault(pod.metadata.name, time.monotonic())
+                if self._stop.is_set():
+                    w.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def pod_patches(api: client.ApiClient) -> float:
+    """PATCH requests on pods (not subresources) the API server has served: the operator's writes."""
+    text = api.call_api(
+        "/metrics",
+        "GET",
+        response_type="str",
+        _return_http_data_only=True,
+        auth_settings=["BearerToken"],
+        _preload_content=True,
+    )
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "apiserver_request":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "apiserver_request_total"
+                and labels.get("verb") == "PATCH"
+                and labels.get("resource") == "pods"
+                and not labels.get("subresource")
+            ):
+                total += sample.value
+    return total
+
+
+def aws_calls(emulator: EmulatorProcess) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for event in emulator.admin.events():
+        op = str(event.get("operation") or event.get("eventName"))
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def create_pod(
+    core: client.CoreV1Api,
+    namespace: str,
+    name: str,
+    app: str,
+    sa: str,
+    node_selector: dict[str, str] | None = None,
+) -> None:
+    spec: dict[str, Any] = {
+        "serviceAccountName": sa,
+        "containers": [{"name": "a", "image": "registry.invalid/a:1"}],
+    }
+    if node_selector:
+        spec["nodeSelector"] = node_selector
+    core.create_namespaced_pod(namespace, {"metadata": {"name": name, "labels": {"app": app}}, "spec": spec})
+
+
+def wait_released(rw: ReleaseWatch, names: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(n in rw.released for n in names):
+        if time.monotonic() > deadline:
+            missing = [n for n in names if n not in rw.released]
+            raise TimeoutError(f"{len(missing)} pods not released within {timeout}s, e.g. {missing[:3]}")
+        time.sleep(0.05)
+
+
+def phase_summary(
+    label: str,
+    n: int,
+    patches: float,
+    calls_before: dict[str, int],
+    calls_after: dict[str, int],
+    rss_peak_kb: int,
+) -> dict[str, Any]:
+    delta = {k: calls_after.get(k, 0) - calls_before.get(k, 0) for k in calls_after}
+    return {
+        "label": label,
+        "pods": n,
+        "writes_per_pod": patches / n,
+        "register_per_pod": delta.get("RegisterUsage", 0) / n,
+        "sts_per_pod": delta.get("AssumeRoleWithWebIdentity", 0) / n,
+        "peak_rss_mb": rss_peak_kb / 1024,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--steady-rate", type=float, default=20.0)
+    parser.add_argument("--steady-seconds", type=float, default=30.0)
+    parser.add_argument("--burst", type=int, default=200)
+    parser.add_argument("--baseline", type=int, default=50, help="pods for the bare boto3 baseline")
+    parser.add_argument("--unrelated", type=int, default=1000)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    cluster = LocalCluster()
+    info, _ = cluster.acquire(os.getpid())
+    work = Path(tempfile.mkdtemp(prefix="bench-entitlement-"))
+    api = config.new_client_from_config(config_file=str(info.kubeconfig))
+    api.configuration.connection_pool_maxsize = 32
+    core = client.CoreV1Api(api)
+    namespace = ""
+    emulator: EmulatorProcess | None = None
+    op: OperatorProcess | None = None
+    try:
+        install_crd(api)
+        namespace = core.create_namespace({"metadata": {"generateName": "bench-"}}).metadata.name
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                core.read_namespaced_service_account("default", namespace)
+                break
+            except client.ApiException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        core.create_namespaced_service_account(
+            namespace,
+            {"metadata": {"name": "buyer", "annotations": {"eks.amazonaws.com/role-arn": BUYER_ROLE}}},
+        )
+        emulator = start_emulator(emulator_config(info), work / "emulator")
+        pem = emulator.admin.public_key_pem(PRODUCT_CODE, 1)
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "MeteredProduct",
+                "metadata": {"name": "bench"},
+                "spec": {
+                    "productCode": PRODUCT_CODE,
+                    "publicKeyVersion": 1,
+                    "publicKey": {"pem": pem},
+                    "selector": {"matchLabels": {"app": "bench"}},
+                },
+            },
+        )
+        op = launch_operator(info, namespace, emulator, work / "operator.log")
+        op.wait_ready()
+        time.sleep(2)  # the product's controller starts right after readiness
+        rss = Rss(op.pid)
+        rw = ReleaseWatch(api, namespace, "app=bench")
+        results: dict[str, Any] = {
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+            "python": sys.version.split()[0],
+        }
+
+        # (a) steady stream
+        print(f"(a) steady {args.steady_rate}/s for {args.steady_seconds}s", flush=True)
+        n_steady = int(args.steady_rate * args.steady_seconds)
+        created: dict[str, float] = {}
+        patches0, calls0 = pod_patches(api), aws_calls(emulator)
+        rss.reset_peak()
+        start = time.monotonic()
+
+        def create_steady(i: int) -> None:
+            name = f"steady-{i:04d}"
+            create_pod(core, namespace, name, "bench", "buyer")
+            created[name] = time.monotonic()
+
+        with ThreadPoolExecutor(8) as pool:
+            for i in range(n_steady):
+                target = start + i / args.steady_rate
+                delay = target - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                pool.submit(create_steady, i)
+        steady_names = [f"steady-{i:04d}" for i in range(n_steady)]
+        wait_released(rw, steady_names, 180)
+        latencies = [max(0.0, rw.released[n] - created[n]) for n in steady_names]
+        results["steady"] = phase_summary(
+            "steady", n_steady, pod_patches(api) - patches0, calls0, aws_calls(emulator), rss.peak
+        )
+        results["steady"].update(
+            p50=pct(latencies, 50),
+            p95=pct(latencies, 95),
+            p99=pct(latencies, 99),
+            max=max(latencies),
+            mean=statistics.fmean(latencies),
+        )
+        print(results["steady"], flush=True)
+
+        # (b) burst
+        print(f"(b) burst of {args.burst}", flush=True)
+        patches0, calls0 = pod_patches(api), aws_calls(emulator)
+        rss.reset_peak()
+        burst_names = [f"burst-{i:04d}" for i in range(args.burst)]
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda n: create_pod(core, namespace, n, "bench", "buyer"), burst_names))
+        t_created = time.monotonic()
+        wait_released(rw, burst_names, 300)
+        t_done = max(rw.released[n] for n in burst_names)
+        results["burst"] = phase_summary(
+            "burst", args.burst, pod_patches(api) - patches0, calls0, aws_calls(emulator), rss.peak
+        )
+        results["burst"].update(
+            seconds=t_done - t0,
+            create_seconds=t_created - t0,
+            pods_per_second=args.burst / (t_done - t0),
+        )
+        print(results["burst"], flush=True)
+        rw.stop()
+
+        # (c) bare boto3: STS + RegisterUsage for pods the operator does not handle
+        print(f"(c) bare boto3 baseline, {args.baseline} pods", flush=True)
+        sts = boto3.client(
+            "sts",
+            region_name=TEST_REGION,
+            endpoint_url=emulator.url,
+            config=Config(signature_version=UNSIGNED),
+        )
+        pairs: list[float] = []
+        sts_only: list[float] = []
+        for i in range(args.baseline):
+            name = f"baseline-{i:03d}"
+            create_pod(core, namespace, name, "baseline", "buyer")
+            pod = core.read_namespaced_pod(name, namespace)
+            token = request_pod_token(
+                api, namespace=namespace, service_account="buyer", pod_name=name, pod_uid=pod.metadata.uid
+            )
+            t1 = time.perf_counter()
+            creds = sts.assume_role_with_web_identity(
+                RoleArn=BUYER_ROLE, RoleSessionName=f"bench-{i}", WebIdentityToken=token
+            )["Credentials"]
+            t2 = time.perf_counter()
+            metering = boto3.client(
+                "meteringmarketplace",
+                region_name=TEST_REGION,
+                endpoint_url=emulator.url,
+                aws_access_key_id=creds["AccessKeyId"],
+                aws_secret_access_key=creds["SecretAccessKey"],
+                aws_session_token=creds["SessionToken"],
+            )
+            t3 = time.perf_counter()
+            metering.register_usage(ProductCode=PRODUCT_CODE, PublicKeyVersion=1, Nonce=pod.metadata.uid)
+            t4 = time.perf_counter()
+            sts_only.append(t2 - t1)
+            pairs.append((t2 - t1) + (t4 - t3))
+        results["bare"] = {
+            "p50": pct(pairs, 50),
+            "p95": pct(pairs, 95),
+            "p99": pct(pairs, 99),
+            "sts_p50": pct(sts_only, 50),
+        }
+        print(results["bare"], flush=True)
+
+        # (d) unrelated pods
+        print(f"(d) {args.unrelated} unrelated pods", flush=True)
+        rss_before = rss.now()
+        with ThreadPoolExecutor(16) as pool:
+            list(
+                pool.map(
+                    lambda i: create_pod(
+                        core,
+                        namespace,
+                        f"unrelated-{i:04d}",
+                        "unrelated",
+                        "default",
+                        node_selector={"bench.invalid/never": "true"},
+                    ),
+                    range(args.unrelated),
+                )
+            )
+        time.sleep(15)
+        results["unrelated"] = {
+            "pods": args.unrelated,
+            "rss_before_mb": rss_before / 1024,
+            "rss_after_mb": rss.now() / 1024,
+        }
+        print(results["unrelated"], flush=True)
+        rss.stop()
+        results["command"] = " ".join(["python -m bench.bench_entitlement", *(argv or sys.argv[1:])])
+        report = render(results)
+        print(report)
+        if args.output:
+            args.output.write_text(report)
+        return 0
+    finally:
+        if namespace:
+            remove_products(api, [namespace], operator_alive=op is not None and op.alive())
+        if op is not None:
+            op.stop()
+            if op.webhook_configuration:
+                with contextlib.suppress(client.ApiException):
+                    client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(
+                        op.webhook_configuration
+                    )
+        if emulator is not None:
+            emulator.stop()
+        if namespace:
+            core.delete_namespace(namespace, propagation_policy="Background")
+        cluster.release(os.getpid(), keep=True)
+
+
+def render(r: dict[str, Any]) -> str:
+    s, b, bare, u = r["steady"], r["burst"], r["bare"], r["unrelated"]
+    goal_p99 = 3 * bare["p99"] + 0.1
+    latency_goal = "met" if s["p99"] <= goal_p99 else "NOT met"
+    rate_goal = "met" if b["pods_per_second"] >= 50 else "NOT met"
+    writes_ok = max(s["writes_per_pod"], b["writes_per_pod"]) <= 2
+    calls_ok = s["register_per_pod"] == 1 == b["register_per_pod"]
+    writes_goal = "met" if writes_ok and calls_ok else "NOT met"
+    ms = 1000.0
+    return f"""# Entitlement gate benchmark
+
+- Machine: {r["machine"]}, Python {r["python"]}; cluster, emulator, operator and this client
+  share the machine (2 cores), so every number includes their contention.
+- Command: `{r["command"]}`
+- Operator: `metering-operator run` as a subprocess (one namespace, webhook in local mode,
+  32 worker threads), emulator as AWS (STS + Metering) on loopback.
+
+## (a) Steady stream: {s["pods"]} gated pods at a fixed rate
+
+| gate latency (create returned -> watch sees gate removed) | ms |
+|---|---|
+| p50 | {s["p50"] * ms:.0f} |
+| p95 | {s["p95"] * ms:.0f} |
+| p99 | {s["p99"] * ms:.0f} |
+| max | {s["max"] * ms:.0f} |
+
+Pod writes per pod: {s["writes_per_pod"]:.2f}; RegisterUsage per pod: {s["register_per_pod"]:.2f};
+STS per pod: {s["sts_per_pod"]:.2f}; operator peak RSS: {s["peak_rss_mb"]:.0f} MiB.
+
+## (b) Burst: {b["pods"]} pods created at once
+
+All Granted {b["seconds"]:.1f} s after the first create ({b["create_seconds"]:.1f} s of it spent creating
+them): **{b["pods_per_second"]:.1f} pods/s**. Pod writes per pod: {b["writes_per_pod"]:.2f};
+RegisterUsage per pod: {b["register_per_pod"]:.2f}; STS per pod: {b["sts_per_pod"]:.2f};
+operator peak RSS: {b["peak_rss_mb"]:.0f} MiB.
+
+## (c) Bare boto3 round trip (STS AssumeRoleWithWebIdentity + RegisterUsage, no operator)
+
+p50 {bare["p50"] * ms:.1f} ms, p95 {bare["p95"] * ms:.1f} ms, p99 {bare["p99"] * ms:.1f} ms
+(STS alone p50 {bare["sts_p50"] * ms:.1f} ms).
+
+Ratio, steady p99 gate latency / bare p99: {s["p99"] / bare["p99"]:.1f}x.
+Goal "p99 within 3x bare + 100 ms" = {goal_p99 * ms:.0f} ms: **{latency_goal}**.
+Goal ">= 50 pods/s in the burst": **{rate_goal}**.
+Goal "<= 2 pod writes and exactly 1 RegisterUsage per pod":
+**{writes_goal}**.
+
+## (d) Pods outside any product
+
+Operator RSS {u["rss_before_mb"]:.0f} MiB before and {u["rss_after_mb"]:.0f} MiB 15 s after {u["pods"]}
+unselected pods were created in the watched namespace (the pod watch carries the product's selector
+to the API server, so they are never sent to the operator).
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""What an AWS error means for the caller: retry it, accept it as final, or fix the request.
+
+Every error shape botocore models for the four Metering operations (and STS
+``AssumeRoleWithWebIdentity``, used for per-pod IRSA credentials) has an entry in
+:data:`CLASSIFICATION`; a unit test compares the table with botocore's model so a new botocore
+that adds an error fails the build instead of falling through to a guess. Unmodelled codes that
+real endpoints send (validation, signature, access denied, dry run) have entries in
+:data:`COMMON`, and anything else falls back on the HTTP status (5xx retryable, 4xx a caller bug).
+
+Categories:
+
+* ``RETRYABLE`` - transient: throttling, internal errors, 5xx, connection and timeout errors.
+  Retry with :mod:`metering_operator.aws.backoff`.
+* ``DENIED`` - AWS gave a final answer about this customer, product, platform or Region
+  (for example ``CustomerNotEntitledException``). Do not retry; report it. AWS only refuses a
+  pod's *first* RegisterUsage, so retrying could turn a denial into a grant.
+* ``CALLER_BUG`` - the request or the setup is wrong (validation, duplicate with another quantity,
+  idempotency conflict, bad tags/allocations, credentials or IAM/trust configuration). Retrying the
+  same request cannot help; fix it.
+* ``OUT_OF_WINDOW`` - ``TimestampOutOfBoundsException``: the hour is outside what AWS still
+  accepts (6 hours back for MeterUsage, 24 for BatchMeterUsage) or in the future. The record can
+  no longer be sent as is; the metering ledger marks it expired and carries the usage forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, Final
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+
+class ErrorCategory(StrEnum):
+    RETRYABLE = "Retryable"
+    DENIED = "Denied"
+    CALLER_BUG = "CallerBug"
+    OUT_OF_WINDOW = "OutOfWindow"
+
+
+REGISTER_USAGE = "RegisterUsage"
+METER_USAGE = "MeterUsage"
+BATCH_METER_USAGE = "BatchMeterUsage"
+RESOLVE_CUSTOMER = "ResolveCustomer"
+ASSUME_ROLE_WITH_WEB_IDENTITY = "AssumeRoleWithWebIdentity"
+
+METERING_OPERATIONS: Final = (REGISTER_USAGE, METER_USAGE, BATCH_METER_USAGE, RESOLVE_CUSTOMER)
+
+R = ErrorCategory.RETRYABLE
+D = ErrorCategory.DENIED
+B = ErrorCategory.CALLER_BUG
+W = ErrorCategory.OUT_OF_WINDOW
+
+# Per operation, the wire code of every error shape botocore models for it (checked by
+# tests/unit/test_aws_errors.py).
+CLASSIFICATION: Final[Mapping[str, Mapping[str, ErrorCategory]]] = {
+    REGISTER_USAGE: {
+        "ThrottlingException": R,
+        "InternalServiceErrorException": R,
+        # The final entitlement answers the operator must remember per pod.
+        "CustomerNotEntitledException": D,
+        "PlatformNotSupportedException": D,
+        "InvalidProductCodeException": D,
+        "InvalidRegionException": D,
+        "InvalidPublicKeyVersionException": D,
+        "DisabledApiException": D,
+    },
+    METER_USAGE: {
+        "ThrottlingException": R,
+        "InternalServiceErrorException": R,
+        # For custom-metered products the first MeterUsage is the entitlement check.
+        "CustomerNotEntitledException": D,
+        "InvalidProductCodeException": D,
+        "InvalidEndpointRegionException": D,
+        # The listing has no such dimension: only the seller changing the listing fixes that.
+        "InvalidUsageDimensionException": D,
+        # Never "fixed" by resending another quantity: that would bill twice or lie.
+        "DuplicateRequestException": B,
+        "IdempotencyConflictException": B,
+        "InvalidUsageAllocationsException": B,
+        "InvalidTagException": B,
+        "TimestampOutOfBoundsException": W,
+    },
+    BATCH_METER_USAGE: {
+        "ThrottlingException": R,
+        "InternalServiceErrorException": R,
+        "InvalidProductCodeException": D,
+        "InvalidUsageDimensionException": D,
+        "InvalidCustomerIdentifierException": D,
+        "InvalidLicenseException": D,
+        "DisabledApiException": D,
+        "InvalidUsageAllocationsException": B,
+        "InvalidTagException": B,
+        # One record outside the window rejects the whole batch.
+        "TimestampOutOfBoundsException": W,
+    },
+    RESOLVE_CUSTOMER: {
+        "ThrottlingException": R,
+        "InternalServiceErrorException": R,
+        # A registration token is single-use and short-lived: a bad one is final for that token.
+        "InvalidTokenException": D,
+        "ExpiredTokenException": D,
+        "DisabledApiException": D,
+    },
+    # STS speaks the query protocol: its wire codes are the shapes' ``error.code`` traits
+    # ("InvalidIdentityToken"), not the shape names ("InvalidIdentityTokenException").
+    ASSUME_ROLE_WITH_WEB_IDENTITY: {
+        "IDPCommunicationError": R,
+        # The projected token expired before the exchange: mint a new one and try again.
+        "ExpiredTokenException": R,
+        # Issuer not registered, bad signature or audience, trust policy refusing the subject:
+        # configuration of the cluster's OIDC provider or the role, not an entitlement answer.
+        "InvalidIdentityToken": B,
+        "IDPRejectedClaim": B,
+        "MalformedPolicyDocument": B,
+        "PackedPolicyTooLarge": B,
+        "RegionDisabledException": D,
+    },
+}
+
+# Codes any operation can get although the model does not list them.
+COMMON: Final[Mapping[str, ErrorCategory]] = {
+    "Throttling": R,
+    "ThrottlingException": R,
+    "ThrottledException": R,
+    "RequestThrottled": R,
+    "RequestThrottledException": R,
+    "TooManyRequestsException": R,
+    "ServiceUnavailable": R,
+    "ServiceUnavailableException": R,
+    "InternalFailure": R,
+    "InternalError": R,
+    "InternalServiceErrorException": R,
+    "RequestTimeout": R,
+    "RequestTimeoutException": R,
+    "ValidationException": B,
+    "ValidationError": B,  # the query-protocol (STS) spelling
+    "RequestEntityTooLargeException": B,
+    "SerializationException": B,
+    "UnknownOperationException": B,
+    "InvalidParameterException": B,
+    "MissingParameter": B,
+    "MissingAuthenticationToken": B,
+    "MissingAuthenticationTokenException": B,
+    "IncompleteSignature": B,
+    "IncompleteSignatureException": B,
+    "InvalidSignatureException": B,
+    "SignatureDoesNotMatch": B,
+    "InvalidClientTokenId": B,
+    "UnrecognizedClientException": B,
+    # Temporary credentials expired: refresh them (the IRSA cache does) and retry.
+    "ExpiredToken": R,
+    "RequestExpired": R,
+    # Missing IAM permission (sellers often forget aws-marketplace:MeterUsage): setup, not entitlement.
+    "AccessDenied": B,
+    "AccessDeniedException": B,
+    "UnauthorizedException": B,
+    "UnauthorizedOperation": B,
+}
+
+# Codes this module assigns to errors raised before or without an HTTP answer.
+PARAM_VALIDATION = "ParamValidation"
+NO_CREDENTIALS = "NoCredentials"
+NO_REGION = "NoRegion"
+DRY_RUN_OPERATION = "DryRunOperation"
+
+
+def classify_code(operation: str, code: str, http_status: int | None = None) -> ErrorCategory:
+    """The category of an AWS error code returned by ``operation``."""
+    by_operation = CLASSIFICATION.get(operation, {})
+    if code in by_operation:
+        return by_operation[code]
+    if code in COMMON:
+        return COMMON[code]
+    if http_status is not None and http_status >= 500:
+        return R
+    if http_status == 429:
+        return R
+    return B
+
+
+class MeteringError(Exception):
+    """An AWS call failed. ``category`` says what to do; ``code`` is the AWS error code."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        operation: str,
+        category: ErrorCategory,
+        *,
+        http_status: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(f"{operation}: {code}: {message}")
+        self.code = code
+        self.message = message
+        self.operation = operation
+        self.category = category
+        self.http_status = http_status
+        self.request_id = request_id
+
+    @property
+    def retryable(self) -> bool:
+        return self.category is ErrorCategory.RETRYABLE
+
+    @property
+    def denied(self) -> bool:
+        return self.category is ErrorCategory.DENIED
+
+    def __repr__(self) -> str:
+        return (
+            f"MeteringError(code={self.code!r}, message={self.message!r}, "
+            f"operation={self.operation!r}, category={self.category.value!r})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields survive pickling (process pools, multiprocessing tests).
+        return (
+            _rebuild_error,
+            (self.code, self.message, self.operation, self.category, self.http_status, self.request_id),
+        )
+
+
+def _rebuild_error(
+    code: str,
+    message: str,
+    operation: str,
+    category: ErrorCategory,
+    http_status: int | None,
+    request_id: str | None,
+) -> MeteringError:
+    return MeteringError(code, message, operation, category, http_status=http_status, request_id=request_id)
+
+
+def from_exception(operation: str, exc: BaseException) -> MeteringError:
+    """Translate whatever boto3 raised for ``operation`` into a :class:`MeteringError`.
+
+    Exceptions that are not boto3's (programming errors in our own code) are not translated:
+    ``TypeError`` is raised so they surface as bugs instead of being retried as AWS faults.
+    """
+    if isinstance(exc, MeteringError):
+        return exc
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        metadata = exc.response.get("ResponseMetadata", {})
+        code = str(error.get("Code") or "Unknown")
+        status = metadata.get("HTTPStatusCode")
+        status = int(status) if status is not None else None
+        return MeteringError(
+            code,
+            str(error.get("Message") or ""),
+            operation,
+            classify_code(operation, code, status),
+            http_status=status,
+            request_id=metadata.get("RequestId"),
+        )
+    if isinstance(exc, ParamValidationError):
+        return MeteringError(PARAM_VALIDATION, str(exc), operation, B)
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return MeteringError(NO_CREDENTIALS, str(exc), operation, B)
+    if isinstance(exc, NoRegionError):
+        return MeteringError(NO_REGION, str(exc), operation, B)
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        # Endpoint unreachable, connection reset, connect/read timeouts, proxy errors.
+        return MeteringError(type(exc).__name__, str(exc), operation, R)
+    if isinstance(exc, BotoCoreError):
+        return MeteringError(type(exc).__name__, str(exc), operation, B)
+    raise TypeError(f"not a boto3 error: {exc!r}") from exc

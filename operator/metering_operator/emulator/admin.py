@@ -1,0 +1,306 @@
+"""The admin API under ``/_emulator/`` (JSON): what AWS saw and would bill, faults, clock, config.
+
+Meant for tests, demos and sellers' CI on a local machine; it has no authentication, so bind
+the emulator to loopback. Reference: docs/emulator.md.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from metering_operator.emulator.config import OPERATIONS, ConfigError, Fault
+from metering_operator.emulator.context import EmulatorContext
+
+PREFIX = "/_emulator"
+MINUTE = 60.0
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+def _bad(message: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+        data = json.loads(raw) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "body must be a JSON object"}), content_type="application/json"
+        ) from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "body must be a JSON object"}), content_type="application/json"
+        )
+    return data
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
+    state = ctx.state
+
+    async def health(_: web.Request) -> web.Response:
+        return _ok({"ok": True, "now": ctx.clock.now().isoformat(), "region": ctx.config.region})
+
+    async def registrations(request: web.Request) -> web.Response:
+        rows = state.registrations(request.query.get("productCode"))
+        for row in rows:
+            for key in ("firstAt", "lastAt", "deregisteredAt"):
+                row[key] = _iso(row[key])
+        return _ok({"registrations": rows})
+
+    async def meter_records(request: web.Request) -> web.Response:
+        records = [
+            {
+                "meteringRecordId": r.record_id,
+                "productCode": r.product_code,
+                "callerKey": r.caller_key,
+                "podUid": r.identity.get("podUid"),
+                "podName": r.identity.get("podName"),
+                "account": r.identity.get("accountId"),
+                "dimension": r.dimension,
+                "hour": _iso(r.hour),
+                "quantity": r.quantity,
+                "quantityIsDecimal": r.decimal,
+                "allocations": r.allocations,
+                "timestamp": _iso(r.timestamp),
+                "createdAt": _iso(r.created_at),
+            }
+            for r in state.meter_records(request.query.get("productCode"))
+        ]
+        return _ok({"records": records})
+
+    async def batch_records(request: web.Request) -> web.Response:
+        rows = state.batch_records(request.query.get("productCode"))
+        for row in rows:
+            for key in ("hour", "timestamp", "createdAt"):
+                row[key] = _iso(row[key])
+        return _ok({"records": rows})
+
+    async def billing(request: web.Request) -> web.Response:
+        code = request.query.get("productCode")
+        now = ctx.clock.timestamp()
+        pods = []
+        for reg in state.registrations(code):
+            product = ctx.config.product(reg["productCode"])
+            price = product.hourly_price if product else 0.0
+            end = reg["deregisteredAt"] if reg["deregisteredAt"] is not None else now
+            seconds = max(0.0, end - reg["firstAt"])
+            billed = max(MINUTE, seconds)  # per second, one minute minimum
+            identity = reg["identity"]
+            pods.append(
+                {
+                    "productCode": reg["productCode"],
+                    "callerKey": reg["callerKey"],
+                    "podUid": identity.get("podUid"),
+                    "podName": identity.get("podName"),
+                    "namespace": identity.get("namespace"),
+                    "account": identity.get("accountId"),
+                    "registeredAt": _iso(reg["firstAt"]),
+                    "endedAt": _iso(reg["deregisteredAt"]),
+                    "seconds": round(seconds, 3),
+                    "billedSeconds": round(billed, 3),
+                    "hourlyPrice": price,
+                    "amount": round(billed / 3600 * price, 6),
+                }
+            )
+        grouped: dict[tuple[str, str, float, str], list[Decimal]] = defaultdict(list)
+        for rec in state.meter_records(code):
+            grouped[(rec.product_code, rec.dimension, rec.hour, "MeterUsage")].append(Decimal(rec.quantity))
+        for row in state.batch_records(code):
+            key = (row["productCode"], row["dimension"], row["hour"], f"BatchMeterUsage:{row['customer']}")
+            grouped[key].append(Decimal(row["quantity"]))
+        dimensions = []
+        for (product_code, dimension, hour, source), quantities in sorted(grouped.items()):
+            product = ctx.config.product(product_code)
+            price = (
+                next((d.price for d in product.dimensions if d.name == dimension), 0.0) if product else 0.0
+            )
+            total = sum(quantities, Decimal(0))
+            dimensions.append(
+                {
+                    "productCode": product_code,
+                    "dimension": dimension,
+                    "hour": _iso(hour),
+                    "source": source,
+                    "records": len(quantities),
+                    "quantity": str(total),
+                    "unitPrice": price,
+                    "amount": float(round(total * Decimal(str(price)), 6)),
+                }
+            )
+        amounts = [float(entry["amount"]) for entry in (*pods, *dimensions)]
+        total_amount = round(sum(amounts), 6)
+        return _ok({"now": _iso(now), "pods": pods, "dimensions": dimensions, "totalAmount": total_amount})
+
+    async def deregister(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        pod_uid = body.get("podUid")
+        if not isinstance(pod_uid, str) or not pod_uid:
+            return _bad("podUid (string) is required")
+        product = body.get("productCode")
+        changed = state.deregister(
+            pod_uid, product if isinstance(product, str) else None, ctx.clock.timestamp()
+        )
+        return _ok({"deregistered": changed, "at": _iso(ctx.clock.timestamp())})
+
+    async def events(request: web.Request) -> web.Response:
+        try:
+            since = int(request.query.get("since", "0"))
+            limit = int(request.query.get("limit", "1000000"))
+        except ValueError:
+            return _bad("since and limit must be integers")
+        rows = state.events(request.query.get("operation"), request.query.get("errorCode"), since, limit)
+        return _ok({"events": rows})
+
+    async def credentials(_: web.Request) -> web.Response:
+        rows = state.all_credentials()
+        for row in rows:
+            row["expiration"] = _iso(row["expiration"])
+        return _ok({"credentials": rows})
+
+    async def get_faults(_: web.Request) -> web.Response:
+        return _ok({"faults": ctx.faults.effective()})
+
+    async def post_faults(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        operation = body.pop("operation", None)
+        if operation != "*" and operation not in OPERATIONS:
+            return _bad(f"operation must be one of {', '.join(OPERATIONS)} or *")
+        try:
+            fault = Fault.model_validate({k: v for k, v in body.items() if v is not None})
+        except ValidationError as exc:
+            return _bad(_pydantic_message(exc))
+        ctx.faults.set(operation, fault)
+        return _ok({"faults": ctx.faults.effective()})
+
+    async def delete_faults(_: web.Request) -> web.Response:
+        ctx.faults.clear()
+        return _ok({"faults": ctx.faults.effective()})
+
+    async def get_clock(_: web.Request) -> web.Response:
+        return _ok({"now": ctx.clock.now().isoformat(), "offsetSeconds": ctx.clock.offset})
+
+    async def post_clock(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            if body.get("real"):
+                ctx.clock.reset()
+            elif "now" in body:
+                when = datetime.fromisoformat(str(body["now"]).replace("Z", "+00:00"))
+                ctx.clock.set(when)
+            elif "advanceSeconds" in body:
+                seconds = body["advanceSeconds"]
+                if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                    return _bad("advanceSeconds must be a number")
+                ctx.clock.advance(float(seconds))
+            else:
+                return _bad("give one of now (ISO 8601 with zone), advanceSeconds, real")
+        except ValueError as exc:
+            return _bad(str(exc))
+        return _ok({"now": ctx.clock.now().isoformat(), "offsetSeconds": ctx.clock.offset})
+
+    async def get_config(_: web.Request) -> web.Response:
+        return _ok(ctx.config.model_dump(by_alias=True, mode="json"))
+
+    async def reload_config(_: web.Request) -> web.Response:
+        try:
+            config = ctx.reload()
+        except ConfigError as exc:
+            return _bad(str(exc))
+        return _ok(config.model_dump(by_alias=True, mode="json"))
+
+    def put(section: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            body = await _json_body(request)
+            try:
+                config = ctx.put(section, body)
+            except ValidationError as exc:
+                return _bad(_pydantic_message(exc))
+            return _ok(config.model_dump(by_alias=True, mode="json"))
+
+        return handler
+
+    async def mint_token(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        product = body.get("productCode")
+        account = body.get("customerAWSAccountId")
+        if not isinstance(product, str) or not isinstance(account, str) or not account.isdigit():
+            return _bad("productCode and customerAWSAccountId (digits) are required")
+        expires_in = body.get("expiresInSeconds", 3600)
+        if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)):
+            return _bad("expiresInSeconds must be a number")
+        token = secrets.token_urlsafe(24)
+        expires_at = ctx.clock.timestamp() + float(expires_in)
+        state.add_registration_token(
+            token,
+            {
+                "productCode": product,
+                "customerAWSAccountId": account,
+                "customerIdentifier": body.get("customerIdentifier"),
+                "licenseArn": body.get("licenseArn"),
+                "expiresAt": expires_at,
+            },
+        )
+        return _ok({"token": token, "expiresAt": _iso(expires_at)})
+
+    async def public_key(request: web.Request) -> web.StreamResponse:
+        code = request.match_info["code"]
+        try:
+            version = int(request.match_info["version"])
+        except ValueError:
+            return _bad("version must be an integer")
+        product = ctx.config.product(code)
+        if product is None or product.key_version(version) is None:
+            return _bad(f"no key version {version} for product {code}", 404)
+        return web.Response(
+            text=ctx.keys.public_key_pem(code, version), content_type="application/x-pem-file"
+        )
+
+    async def not_found(request: web.Request) -> web.Response:
+        return _bad(f"no admin route {request.method} {request.path}", 404)
+
+    r = app.router
+    r.add_get(f"{PREFIX}/health", health)
+    r.add_get(f"{PREFIX}/registrations", registrations)
+    r.add_get(f"{PREFIX}/meter-records", meter_records)
+    r.add_get(f"{PREFIX}/batch-records", batch_records)
+    r.add_get(f"{PREFIX}/billing", billing)
+    r.add_post(f"{PREFIX}/deregistrations", deregister)
+    r.add_get(f"{PREFIX}/events", events)
+    r.add_get(f"{PREFIX}/credentials", credentials)
+    r.add_get(f"{PREFIX}/faults", get_faults)
+    r.add_post(f"{PREFIX}/faults", post_faults)
+    r.add_delete(f"{PREFIX}/faults", delete_faults)
+    r.add_get(f"{PREFIX}/clock", get_clock)
+    r.add_post(f"{PREFIX}/clock", post_clock)
+    r.add_get(f"{PREFIX}/config", get_config)
+    r.add_post(f"{PREFIX}/config/reload", reload_config)
+    r.add_post(f"{PREFIX}/products", put("products"))
+    r.add_post(f"{PREFIX}/roles", put("roles"))
+    r.add_post(f"{PREFIX}/issuers", put("issuers"))
+    r.add_post(f"{PREFIX}/static-credentials", put("staticCredentials"))
+    r.add_post(f"{PREFIX}/registration-tokens", mint_token)
+    r.add_get(PREFIX + r"/products/{code:.+}/keys/{version:\d+}.pem", public_key)
+    r.add_route("*", PREFIX + "/{tail:.*}", not_found)

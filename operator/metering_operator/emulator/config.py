@@ -1,0 +1,289 @@
+"""The emulator's configuration: a YAML file validated with pydantic.
+
+Field names are camelCase in YAML (like the Kubernetes and AWS shapes the file sits next to).
+Everything is optional, so an empty file (or no file) is a valid, empty AWS: no products,
+no roles, no issuers. No Region is assumed: without ``region`` any request Region is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
+ROLE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:iam::(\d{12}):role/[\w+=,.@/-]+$")
+ACCOUNT_RE = re.compile(r"^\d{12}$")
+OPERATIONS = (
+    "RegisterUsage",
+    "MeterUsage",
+    "BatchMeterUsage",
+    "ResolveCustomer",
+    "AssumeRoleWithWebIdentity",
+    "GetCallerIdentity",
+)
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or invalid; the message says where and why."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class KeyVersion(_Model):
+    version: int = Field(ge=1)
+    # Once the emulator's clock passes this instant the version counts as expired:
+    # RegisterUsage still signs with it but answers PublicKeyRotationTimestamp.
+    expires_at: datetime | None = None
+
+    @field_validator("expires_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("expiresAt must carry a time zone (use Z for UTC)")
+        return value
+
+
+class Dimension(_Model):
+    name: str = Field(min_length=1, max_length=255)
+    price: float = Field(default=0.0, ge=0)
+
+
+class Customer(_Model):
+    """A SaaS customer (BatchMeterUsage / ResolveCustomer)."""
+
+    aws_account_id: str
+    customer_identifier: str | None = None
+    license_arn: str | None = None
+
+    @field_validator("aws_account_id")
+    @classmethod
+    def _account(cls, value: str) -> str:
+        if not ACCOUNT_RE.match(value):
+            raise ValueError("awsAccountId must be 12 digits")
+        return value
+
+
+class Product(_Model):
+    product_code: str
+    public_key_versions: list[KeyVersion] = Field(default_factory=lambda: [KeyVersion(version=1)])
+    # No dimensions = an hourly (RegisterUsage) product; with dimensions = custom metering.
+    dimensions: list[Dimension] = Field(default_factory=list)
+    entitled_accounts: list[str] = Field(default_factory=list)
+    customers: list[Customer] = Field(default_factory=list)
+    hourly_price: float = Field(default=0.0, ge=0)
+    disabled: bool = False
+
+    @field_validator("product_code")
+    @classmethod
+    def _code(cls, value: str) -> str:
+        if not PRODUCT_CODE_RE.match(value):
+            raise ValueError("productCode must match ^[-a-zA-Z0-9/=:_.@]{1,255}$")
+        return value
+
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _dims(cls, value: Any) -> Any:
+        # Plain names are accepted as shorthand for {name: ...}.
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("public_key_versions", mode="before")
+    @classmethod
+    def _versions(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"version": v} if isinstance(v, int) else v for v in value]
+        return value
+
+    @field_validator("entitled_accounts")
+    @classmethod
+    def _accounts(cls, value: list[str]) -> list[str]:
+        for account in value:
+            if not ACCOUNT_RE.match(account):
+                raise ValueError(f"entitled account {account!r} must be 12 digits")
+        return value
+
+    def dimension_names(self) -> set[str]:
+        return {d.name for d in self.dimensions}
+
+    def key_version(self, version: int) -> KeyVersion | None:
+        return next((k for k in self.public_key_versions if k.version == version), None)
+
+
+class Trust(_Model):
+    """One web-identity trust statement, like an IRSA role trust policy."""
+
+    issuer: str
+    subjects: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch globs over `sub`
+
+
+class Role(_Model):
+    arn: str
+    trust: list[Trust] = Field(default_factory=list)
+    max_session_seconds: int = Field(default=3600, ge=900, le=43200)
+    # IAM actions the role's policies allow (fnmatch globs); sellers often forget MeterUsage.
+    allowed_actions: list[str] = Field(default_factory=lambda: ["aws-marketplace:*"])
+
+    @field_validator("arn")
+    @classmethod
+    def _arn(cls, value: str) -> str:
+        if not ROLE_ARN_RE.match(value):
+            raise ValueError("arn must look like arn:aws:iam::123456789012:role/NAME")
+        return value
+
+    @property
+    def account(self) -> str:
+        match = ROLE_ARN_RE.match(self.arn)
+        assert match is not None  # validated above
+        return match.group(1)
+
+
+class Issuer(_Model):
+    """An OIDC issuer whose tokens STS accepts; keys from a JWKS URL or file."""
+
+    issuer: str
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    ca_file: Path | None = None  # for an HTTPS jwksUrl served with a private CA (kube-apiserver)
+    # kube-apiserver serves its JWKS to authenticated callers only unless anonymous discovery is bound.
+    bearer_token_file: Path | None = None
+    # ...or authenticate with a client certificate (the local cluster's admin certificate).
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    insecure_skip_verify: bool = False
+    # The OIDC provider's client IDs: a token's `aud` must contain one of them.
+    audiences: list[str] = Field(default_factory=lambda: ["sts.amazonaws.com"])
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Issuer:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("exactly one of jwksUrl or jwksFile is required")
+        if self.client_key_file is not None and self.client_cert_file is None:
+            raise ValueError("clientKeyFile needs clientCertFile")
+        return self
+
+
+class StaticCredentials(_Model):
+    """Long-term keys (an IAM user): accepted for MeterUsage/BatchMeterUsage, never for RegisterUsage."""
+
+    access_key_id: str = Field(min_length=16, max_length=128)
+    secret_access_key: str = Field(min_length=1)
+    arn: str = "arn:aws:iam::000000000000:user/static"
+    allowed_actions: list[str] = Field(default_factory=lambda: ["aws-marketplace:*"])
+
+    @property
+    def account(self) -> str:
+        parts = self.arn.split(":")
+        return parts[4] if len(parts) > 4 else ""
+
+
+class RegistrationToken(_Model):
+    token: str = Field(min_length=1)
+    product_code: str
+    customer_aws_account_id: str = Field(alias="customerAWSAccountId")
+    customer_identifier: str | None = None
+    license_arn: str | None = None
+    expires_at: datetime | None = None
+
+
+class Fault(_Model):
+    throttle_rate: float = Field(default=0.0, ge=0, le=1)
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+    latency_ms: int = Field(default=0, ge=0, le=600_000)
+    # BatchMeterUsage only: each record lands in UnprocessedRecords with this probability.
+    unprocessed_rate: float = Field(default=0.0, ge=0, le=1)
+    # Every call of the operation answers this error code (any modelled one, e.g. DisabledApiException).
+    fail_with: str | None = None
+    # Every call fails with an internal error (an outage); fail_with wins when both are set.
+    fail_all: bool = False
+
+
+class EmulatorConfig(_Model):
+    region: str | None = None
+    products: list[Product] = Field(default_factory=list)
+    roles: list[Role] = Field(default_factory=list)
+    issuers: list[Issuer] = Field(default_factory=list)
+    static_credentials: list[StaticCredentials] = Field(default_factory=list)
+    registration_tokens: list[RegistrationToken] = Field(default_factory=list)
+    faults: dict[str, Fault] = Field(default_factory=dict)
+
+    @field_validator("faults")
+    @classmethod
+    def _fault_ops(cls, value: dict[str, Fault]) -> dict[str, Fault]:
+        for op in value:
+            if op != "*" and op not in OPERATIONS:
+                raise ValueError(f"unknown operation {op!r} in faults (known: {', '.join(OPERATIONS)}, *)")
+        return value
+
+    @model_validator(mode="after")
+    def _unique(self) -> EmulatorConfig:
+        for what, keys in (
+            ("productCode", [p.product_code for p in self.products]),
+            ("role arn", [r.arn for r in self.roles]),
+            ("issuer", [i.issuer for i in self.issuers]),
+        ):
+            dupes = {k for k in keys if keys.count(k) > 1}
+            if dupes:
+                raise ValueError(f"duplicate {what}: {', '.join(sorted(dupes))}")
+        return self
+
+    def product(self, code: str) -> Product | None:
+        return next((p for p in self.products if p.product_code == code), None)
+
+    def role(self, arn: str) -> Role | None:
+        return next((r for r in self.roles if r.arn == arn), None)
+
+    def issuer(self, iss: str) -> Issuer | None:
+        return next((i for i in self.issuers if i.issuer == iss), None)
+
+    def merged(self, overlay: dict[str, list[dict[str, Any]]]) -> EmulatorConfig:
+        """This config with runtime additions (admin API) replacing entries of the same key."""
+        data = self.model_dump(by_alias=True, mode="json")
+        keys = {
+            "products": "productCode",
+            "roles": "arn",
+            "issuers": "issuer",
+            "staticCredentials": "accessKeyId",
+            "registrationTokens": "token",
+        }
+        for section, key in keys.items():
+            for entry in overlay.get(section, []):
+                data[section] = [e for e in data[section] if e.get(key) != entry.get(key)] + [entry]
+        return EmulatorConfig.model_validate(data)
+
+
+def parse_config(data: Any, source: str = "config") -> EmulatorConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        return EmulatorConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid emulator configuration:"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: Path | None) -> EmulatorConfig:
+    if path is None:
+        return EmulatorConfig()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,149 @@
+"""kopf glue for the entitlement gate: the pod admission webhook and one daemon per MeteredProduct.
+
+Nothing here decides anything (see :mod:`metering_operator.domain.entitlement`) or loops over
+pods (see :mod:`metering_operator.gate.controller`). kopf watches MeteredProducts only; pods are
+watched by each product's controller with the product's selector sent to the API server, so the
+operator never receives pods that no product selects.
+
+:func:`register` is called by ``metering-operator run`` before kopf starts, because whether an
+admission handler exists depends on the flags (kopf refuses to start with an admission handler
+but no webhook server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from metering_operator.domain import entitlement as ent
+from metering_operator.domain.clock import Clock, SystemClock
+from metering_operator.domain.product import (
+    GROUP,
+    PLURAL,
+    SCHEDULING_GATE,
+    VERSION,
+    EntitlementMode,
+    LabelSelector,
+    MeteredProductSpec,
+)
+from metering_operator.domain.selectors import matches
+from metering_operator.gate.controller import GateRuntime, ProductController
+from metering_operator.gate.registrar import Registrar
+from metering_operator.kube.events import EventPoster
+from metering_operator.kube.pods import PodApi
+from metering_operator.kube.webhook import HANDLER_ID
+from metering_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+#: Worker threads for blocking calls (TokenRequest, STS, RegisterUsage, pod patches).
+WORKERS = 32
+
+
+def new_api_client(pool_size: int = WORKERS + 8) -> client.ApiClient:
+    """An ApiClient from the in-cluster config or the kubeconfig, with a pool for our workers."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
+
+
+def build_runtime(settings: OperatorSettings, clock: Clock | None = None) -> GateRuntime:
+    api = new_api_client()
+    pods = PodApi(api)
+    clock = clock or SystemClock()
+    return GateRuntime(
+        api=api,
+        pods=pods,
+        events=EventPoster(api),
+        registrar=Registrar(api, pods, settings.region, clock, settings.token_expiration_seconds),
+        pool=ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="gate"),
+        clock=clock,
+        trusted_product_codes=settings.trusted_product_codes,
+    )
+
+
+# --- MeteredProducts ---------------------------------------------------------------------------------
+
+
+# No explicit id: kopf hands an index to handlers as a kwarg named after the handler's id.
+@kopf.index(GROUP, VERSION, PLURAL)
+def gate_products(namespace: str | None, name: str, spec: Any, memo: Any, **_: Any) -> dict[str, Any]:
+    """Per namespace: what the admission webhook needs to know about each product."""
+    try:
+        parsed = MeteredProductSpec.model_validate(dict(spec))
+    except ValueError:
+        return {}
+    settings: OperatorSettings = memo.settings
+    trusted = not settings.trusted_product_codes or parsed.product_code in settings.trusted_product_codes
+    return {namespace or "": (f"{namespace}/{name}", parsed.entitlement.mode, trusted, parsed.selector)}
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, id="entitlement-gate", cancellation_timeout=10.0)
+def gate_daemon(
+    namespace: str | None, name: str, body: Any, memo: Any, stopped: kopf.DaemonStopped, **_: Any
+) -> None:
+    """Runs the product's controller in this (kopf-owned) thread until the product goes away."""
+    runtime: GateRuntime = memo.gate_runtime
+    ProductController(runtime, namespace or "", name, lambda: body).run(stopped)
+
+
+@kopf.on.cleanup()
+async def gate_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime: GateRuntime | None = getattr(memo, "gate_runtime", None)
+    if runtime is not None:
+        await asyncio.to_thread(runtime.pool.shutdown, wait=False, cancel_futures=True)
+
+
+# --- the admission webhook ---------------------------------------------------------------------------
+
+
+def gate_pod(
+    body: Any, patch: kopf.Patch, products: Iterable[tuple[str, EntitlementMode, bool, LabelSelector]]
+) -> str | None:
+    """Add the gate to ``patch`` if an Enforce-mode product selects the pod; returns that product."""
+    labels = body.get("metadata", {}).get("labels") or {}
+    candidates = [
+        ent.GateCandidate(key, mode, trusted, matches(selector, labels))
+        for key, mode, trusted, selector in products
+    ]
+    product = ent.gating_product(body, candidates)
+    if product is not None:
+        existing = list(body.get("spec", {}).get("schedulingGates") or [])
+        patch.spec["schedulingGates"] = [*existing, {"name": SCHEDULING_GATE}]
+    return product
+
+
+async def gate_pods_webhook(
+    body: Any, patch: kopf.Patch, logger: logging.Logger | logging.LoggerAdapter[Any], **kwargs: Any
+) -> None:
+    """Never raises: kopf answers a handler exception by refusing the pod, and a bug in the gate
+    must not stop a buyer's pods from being created (the product watch still finds them)."""
+    try:
+        gate_products: kopf.Index[str, Any] = kwargs["gate_products"]
+        namespace = body.get("metadata", {}).get("namespace") or ""
+        products = list(gate_products.get(namespace, []))
+        if not products:
+            return
+        product = gate_pod(body, patch, products)
+        if product is not None:
+            logger.debug("gating new pod for %s", product)
+    except Exception:
+        log.exception("admission of a pod failed; letting it through ungated")
+
+
+def register(settings: OperatorSettings) -> None:
+    """Register the admission handler when the webhook is enabled (kopf needs a server for it)."""
+    if settings.webhook_enabled:
+        kopf.on.mutate("v1", "pods", id=HANDLER_ID, operations=["CREATE"], ignore_failures=True)(
+            gate_pods_webhook
+        )

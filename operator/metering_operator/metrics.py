@@ -1,0 +1,72 @@
+"""All Prometheus metrics the operator exports, in one place so names stay consistent.
+
+Metric names follow Prometheus conventions (``_total`` counters, base units in seconds). Label
+values are bounded: product codes and dimension names come from MeteredProducts, error codes from
+the AWS model, never from pod names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+NAMESPACE = "marketplace_metering"
+
+REGISTRATIONS = Counter(
+    "registrations_total",
+    "RegisterUsage outcomes per pod, by product and result (granted, denied, error, retried).",
+    ["product_code", "result"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+GATE_LATENCY = Histogram(
+    "gate_latency_seconds",
+    "Time from pod creation to the entitlement gate being removed.",
+    ["product_code"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+PODS_GATED = Gauge(
+    "pods_gated",
+    "Pods currently held behind the entitlement scheduling gate, by product and state.",
+    ["product_code", "state"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+AWS_CALL_LATENCY = Histogram(
+    "aws_call_duration_seconds",
+    "Latency of AWS calls made by the operator, by operation.",
+    ["operation"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+AWS_CALL_ERRORS = Counter(
+    "aws_call_errors_total",
+    "AWS calls that failed, by operation and AWS error code.",
+    ["operation", "code"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+LEDGER_ENTRIES = Gauge(
+    "ledger_entries",
+    "Metering ledger entries held in MeteredProduct status, by product and state.",
+    ["namespace", "product", "state"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+LAST_SENT_HOUR = Gauge(
+    "last_sent_hour_timestamp_seconds",
+    "Start of the latest hour whose usage MeterUsage accepted, by product code and dimension.",
+    ["product_code", "dimension"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+METERED_QUANTITY = Counter(
+    "metered_quantity_total",
+    "Usage quantity accepted by MeterUsage, by product code and dimension.",
+    ["product_code", "dimension"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)

@@ -1,0 +1,70 @@
+"""Operator settings, parsed from `metering-operator run` flags (and the chart's values).
+
+One immutable object, handed to handlers through kopf's ``memo`` so no module reads globals.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class OperatorSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    # --- shared ---
+    namespaces: tuple[str, ...] = Field(
+        default=(), description="Namespaces to watch; empty means all namespaces (cluster-wide)."
+    )
+    trusted_product_codes: frozenset[str] = Field(
+        default=frozenset(),
+        description="If non-empty, MeteredProducts whose productCode is not listed are refused.",
+    )
+    region: str = Field(description="AWS Region the cluster runs in; resolved at start-up, never hard-coded.")
+    log_format: LogFormat = LogFormat.TEXT
+    metrics_port: int = Field(default=8080, ge=0, le=65535)
+    health_port: int = Field(default=8081, ge=0, le=65535)
+    operator_namespace: str = Field(
+        default="default", description="Namespace the operator runs in (leases and its own Events live there)."
+    )
+    operator_identity: str = Field(
+        default="", description="This replica's identity for leader election (defaults to hostname-pid)."
+    )
+    emulator_clock_url: str | None = Field(
+        default=None,
+        description="Test/demo only: follow the emulator's settable clock at this admin URL.",
+    )
+
+    # --- entitlement (issue 4) ---
+    webhook_enabled: bool = Field(
+        default=True, description="Serve the pod admission webhook that adds the entitlement gate."
+    )
+    webhook_host: str = Field(default="0.0.0.0", description="Address the admission webhook listens on.")
+    webhook_port: int = Field(default=9443, ge=0, le=65535)
+    webhook_cert_dir: str | None = Field(
+        default=None, description="Directory with tls.crt/tls.key; None generates a self-signed pair."
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        description="Local development: URL the API server calls (the operator then manages the "
+        "MutatingWebhookConfiguration itself with its self-signed CA).",
+    )
+    webhook_configuration_name: str = Field(
+        default="marketplace-metering-operator",
+        description="Name of the MutatingWebhookConfiguration the operator manages in local mode.",
+    )
+    token_expiration_seconds: int = Field(default=600, ge=600)
+
+    # --- metering (issue 5) ---
+    sample_interval_seconds: float | None = Field(
+        default=None, gt=0, description="Override every product's sampling interval (tests, demo)."
+    )
+    ledger_history: int = Field(default=48, ge=1, description="Closed ledger entries kept per dimension.")
+    lease_name: str = Field(default="marketplace-metering-operator-leader")
+    lease_duration_seconds: float = Field(default=15.0, gt=0)

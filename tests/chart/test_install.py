@@ -1,0 +1,181 @@
+"""`helm install`, `helm upgrade` and `helm uninstall` of the chart on the local cluster.
+
+The operator's container cannot run on the fake (KWOK) nodes, so the tests assert what the API
+server accepted and what Helm created, changed and removed: objects, their fields, the webhook
+certificate kept across upgrades, the CRD kept after uninstall, and that the operator pod passes
+the `restricted` Pod Security Standard (the namespace enforces it).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.chart.helmcli import Helm, HelmError
+
+pytestmark = pytest.mark.cluster
+
+CRD_NAME = "meteredproducts.marketplace.metering.dev"
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def gone(read: Callable[[], Any]) -> bool:
+    try:
+        read()
+    except ApiException as err:
+        if err.status == 404:
+            return True
+        raise
+    return False
+
+
+@pytest.fixture
+def release(cluster_helm: Helm, kube: client.ApiClient, namespace: str) -> Iterator[str]:
+    """A unique release (and fullname) in a namespace that enforces the restricted pod profile."""
+    client.CoreV1Api(kube).patch_namespace(
+        namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
+    name = f"mmo-{namespace}"
+    yield name
+    # Cluster-scoped objects outlive the namespace: always uninstall.
+    cluster_helm.run("uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)
+
+
+def base_values(name: str, namespace: str) -> dict[str, Any]:
+    # watchNamespaces confines the webhook and the RBAC to this test's namespace, so a parallel
+    # test elsewhere on the shared cluster never meets this release's webhook.
+    return {"fullnameOverride": name, "watchNamespaces": [namespace]}
+
+
+def test_install_upgrade_uninstall(
+    cluster_helm: Helm, kube: client.ApiClient, namespace: str, release: str
+) -> None:
+    core = client.CoreV1Api(kube)
+    apps = client.AppsV1Api(kube)
+    rbac = client.RbacAuthorizationV1Api(kube)
+    admission = client.AdmissionregistrationV1Api(kube)
+    policy = client.PolicyV1Api(kube)
+    extensions = client.ApiextensionsV1Api(kube)
+    name = release
+    role_arn = "arn:aws:iam::111122223333:role/metering-v1"
+
+    # --- install ---
+    values = base_values(name, namespace) | {"serviceAccount": {"roleArn": role_arn}}
+    cluster_helm.install(name, namespace, values=values)
+    status = cluster_helm.status(name, namespace)
+    assert status["info"]["status"] == "deployed"
+    assert status["version"] == 1
+
+    crd = extensions.read_custom_resource_definition(CRD_NAME)
+    assert crd.spec.names.kind == "MeteredProduct"
+    sa = core.read_namespaced_service_account(name, namespace)
+    assert sa.metadata.annotations["eks.amazonaws.com/role-arn"] == role_arn
+    deployment = apps.read_namespaced_deployment(name, namespace)
+    assert deployment.spec.replicas == 1
+    assert f"--namespace={namespace}" in deployment.spec.template.spec.containers[0].args
+    assert rbac.read_namespaced_role(name, namespace).rules
+    assert rbac.read_namespaced_role_binding(name, namespace).subjects[0].name == name
+    assert rbac.read_cluster_role(f"{name}-cluster").rules
+    with pytest.raises(ApiException) as missing:
+        rbac.read_cluster_role(name)
+    assert missing.value.status == 404, "namespaced mode must not grant pods cluster-wide"
+
+    secret = core.read_namespaced_secret(f"{name}-webhook-tls", namespace)
+    webhook = admission.read_mutating_webhook_configuration(name).webhooks[0]
+    assert webhook.client_config.ca_bundle == secret.data["ca.crt"]
+    assert webhook.client_config.service.name == f"{name}-webhook"
+    assert webhook.namespace_selector.match_expressions[0].values == [namespace]
+    assert b"BEGIN CERTIFICATE" in base64.b64decode(secret.data["tls.crt"])
+
+    # The controller manager turns the Deployment into a pod: the API server admitted it under
+    # the restricted Pod Security Standard (a violation would leave the ReplicaSet without pods).
+    selector = "app.kubernetes.io/component=operator,app.kubernetes.io/instance=" + name
+    pods = wait_for(
+        "the operator pod", lambda: core.list_namespaced_pod(namespace, label_selector=selector).items
+    )
+    pod = pods[0]
+    assert pod.spec.service_account_name == name
+    assert pod.spec.security_context.run_as_non_root is True
+    assert pod.spec.containers[0].security_context.read_only_root_filesystem is True
+    assert "marketplace.metering.dev/entitlement" not in {g.name for g in pod.spec.scheduling_gates or []}
+
+    # --- upgrade: more replicas, new role, trusted codes ---
+    new_arn = "arn:aws:iam::111122223333:role/metering-v2"
+    values = base_values(name, namespace) | {
+        "replicas": 2,
+        "serviceAccount": {"roleArn": new_arn},
+        "trustedProductCodes": ["1fszvu527waovqeuhpkyx2b5d"],
+    }
+    cluster_helm.install(name, namespace, values=values, upgrade=True)
+    assert cluster_helm.status(name, namespace)["version"] == 2
+    deployment = apps.read_namespaced_deployment(name, namespace)
+    assert deployment.spec.replicas == 2
+    assert (
+        "--trusted-product-code=1fszvu527waovqeuhpkyx2b5d" in deployment.spec.template.spec.containers[0].args
+    )
+    assert (
+        core.read_namespaced_service_account(name, namespace).metadata.annotations[
+            "eks.amazonaws.com/role-arn"
+        ]
+        == new_arn
+    )
+    assert policy.read_namespaced_pod_disruption_budget(name, namespace).spec.min_available == 1
+    # lookup() kept the webhook certificate: running pods and the caBundle still agree.
+    upgraded_secret = core.read_namespaced_secret(f"{name}-webhook-tls", namespace)
+    assert upgraded_secret.data == secret.data
+    assert (
+        admission.read_mutating_webhook_configuration(name).webhooks[0].client_config.ca_bundle
+        == (secret.data["ca.crt"])
+    )
+
+    # --- upgrade back to one replica: the PDB goes away ---
+    cluster_helm.install(name, namespace, values=base_values(name, namespace), upgrade=True)
+    assert gone(lambda: policy.read_namespaced_pod_disruption_budget(name, namespace))
+    annotations = core.read_namespaced_service_account(name, namespace).metadata.annotations or {}
+    assert "eks.amazonaws.com/role-arn" not in annotations
+
+    # --- uninstall: everything goes except the CRD (and so every MeteredProduct and its ledger) ---
+    cluster_helm.uninstall(name, namespace)
+    checks: dict[str, Callable[[], Any]] = {
+        "Deployment": lambda: apps.read_namespaced_deployment(name, namespace),
+        "ServiceAccount": lambda: core.read_namespaced_service_account(name, namespace),
+        "Secret": lambda: core.read_namespaced_secret(f"{name}-webhook-tls", namespace),
+        "Service": lambda: core.read_namespaced_service(f"{name}-webhook", namespace),
+        "Role": lambda: rbac.read_namespaced_role(name, namespace),
+        "ClusterRole": lambda: rbac.read_cluster_role(f"{name}-cluster"),
+        "ClusterRoleBinding": lambda: rbac.read_cluster_role_binding(f"{name}-cluster"),
+        "MutatingWebhookConfiguration": lambda: admission.read_mutating_webhook_configuration(name),
+    }
+    for kind, read in checks.items():
+        assert wait_for(f"{kind} to be deleted", functools.partial(gone, read)), kind
+    assert extensions.read_custom_resource_definition(CRD_NAME).metadata.name == CRD_NAME
+
+
+def test_bad_values_fail_install_and_create_nothing(
+    cluster_helm: Helm, kube: client.ApiClient, namespace: str, release: str
+) -> None:
+    values = base_values(release, namespace) | {"webhook": {"failurePolicy": "Maybe"}}
+    with pytest.raises(HelmError) as failed:
+        cluster_helm.install(release, namespace, values=values)
+    assert "/webhook/failurePolicy" in failed.value.stderr
+    listed = cluster_helm.run("list", "--namespace", namespace, "--all", "--short").stdout.split()
+    assert release not in listed
+    assert gone(lambda: client.AppsV1Api(kube).read_namespaced_deployment(release, namespace))

@@ -1,0 +1,199 @@
+"""The operator, authenticated only as the chart's ServiceAccount, completes the entitlement flow.
+
+SelfSubjectAccessReview (test_rbac.py) proves the rules say what we think; this proves they are
+enough for the real code. The chart is installed on the local cluster in the stricter shape
+(Roles in one watched namespace), a token is minted for its ServiceAccount, and the operator runs
+as a real process (the e2e harness's `operator` factory) with a kubeconfig holding only that
+token, against the AWS emulator. A gated 2-replica Deployment must end Granted and ungated, with
+one registration per pod in the emulator.
+
+The operator process runs outside the cluster (containers cannot run on the fake nodes), so the
+webhook is off and the gate is written into the pod template, as sellers may do; the chart's
+webhook wiring is covered by test_render.py and test_install.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from devtools.cluster import ClusterInfo
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.chart.helmcli import Helm
+from tests.chart.test_rbac import token_kubeconfig
+from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importing them)
+    BUYER_ROLE,
+    PRODUCT_CODE,
+    OperatorFactory,
+    buyer_emulator,
+    metered_product_crd,
+    operator,
+)
+from tests.emulator.harness import EmulatorProcess
+
+pytestmark = pytest.mark.cluster
+
+GATE = "marketplace.metering.dev/entitlement"
+ENTITLEMENT = "marketplace.metering.dev/entitlement"
+
+
+@pytest.fixture
+def product_namespace(kube: client.ApiClient) -> Iterator[str]:
+    core = client.CoreV1Api(kube)
+    ns = core.create_namespace(
+        client.V1Namespace(
+            metadata=client.V1ObjectMeta(generate_name="t-product-", labels={"mmo.test/temporary": "true"})
+        )
+    )
+    name: str = ns.metadata.name
+    deadline = time.monotonic() + 60
+    while True:  # the product's pods need the namespace's `default` ServiceAccount machinery
+        try:
+            core.read_namespaced_service_account("default", name)
+            break
+        except ApiException as err:
+            if err.status != 404 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
+
+
+def product_objects(namespace: str, public_key_pem: str) -> list[dict[str, Any]]:
+    labels = {"app.kubernetes.io/name": "chart-rbac-product"}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "product-public-key", "namespace": namespace},
+            "data": {"public.pem": public_key_pem},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {
+                "name": "product",
+                "namespace": namespace,
+                "annotations": {"eks.amazonaws.com/role-arn": BUYER_ROLE},
+            },
+        },
+        {
+            "apiVersion": "marketplace.metering.dev/v1alpha1",
+            "kind": "MeteredProduct",
+            "metadata": {"name": "product", "namespace": namespace},
+            "spec": {
+                "productCode": PRODUCT_CODE,
+                "publicKeyVersion": 1,
+                "publicKey": {"configMapKeyRef": {"name": "product-public-key", "key": "public.pem"}},
+                "selector": {"matchLabels": labels},
+                "entitlement": {"mode": "Enforce", "scope": "Pod"},
+            },
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "product", "namespace": namespace},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": "product",
+                        "schedulingGates": [{"name": GATE}],
+                        "containers": [{"name": "app", "image": "example.invalid/product:1"}],
+                    },
+                },
+            },
+        },
+    ]
+
+
+def create_all(kube: client.ApiClient, objects: list[dict[str, Any]]) -> None:
+    from kubernetes import utils
+
+    custom = client.CustomObjectsApi(kube)
+    for obj in objects:
+        if obj["kind"] == "MeteredProduct":
+            custom.create_namespaced_custom_object(
+                "marketplace.metering.dev", "v1alpha1", obj["metadata"]["namespace"], "meteredproducts", obj
+            )
+        else:
+            utils.create_from_dict(kube, obj)
+
+
+def test_operator_with_chart_service_account_token_grants_pods(
+    cluster: ClusterInfo,
+    cluster_helm: Helm,
+    kube: client.ApiClient,
+    namespace: str,
+    product_namespace: str,
+    metered_product_crd: dict[str, Any],  # noqa: F811
+    buyer_emulator: EmulatorProcess,  # noqa: F811
+    operator: OperatorFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    name = f"mmo-{namespace}"
+    values = {
+        "fullnameOverride": name,
+        "watchNamespaces": [product_namespace],
+        "webhook": {"enabled": False},
+        "trustedProductCodes": [PRODUCT_CODE],
+    }
+    try:
+        cluster_helm.install(name, namespace, values=values)
+        kubeconfig = token_kubeconfig(cluster, kube, namespace, name, tmp_path / "chart-sa.kubeconfig")
+        create_all(
+            kube, product_objects(product_namespace, buyer_emulator.admin.public_key_pem(PRODUCT_CODE, 1))
+        )
+
+        op = operator(
+            product_namespace,
+            buyer_emulator,
+            webhook=False,
+            extra_args=["--operator-namespace", namespace, "--trusted-product-code", PRODUCT_CODE],
+            extra_env={"KUBECONFIG": str(kubeconfig)},
+        )
+
+        core = client.CoreV1Api(kube)
+        selector = "app.kubernetes.io/name=chart-rbac-product"
+
+        def granted() -> list[Any] | None:
+            pods = core.list_namespaced_pod(product_namespace, label_selector=selector).items
+            done = [
+                p
+                for p in pods
+                if (p.metadata.annotations or {}).get(ENTITLEMENT) == "Granted"
+                and GATE not in {g.name for g in p.spec.scheduling_gates or []}
+            ]
+            return done if len(pods) == 2 and len(done) == 2 else None
+
+        deadline = time.monotonic() + 120
+        pods = granted()
+        while pods is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    "pods not granted by the operator running as the chart's ServiceAccount:\n"
+                    + op.log()[-6000:]
+                )
+            time.sleep(0.5)
+            pods = granted()
+
+        registrations = buyer_emulator.admin.registrations(PRODUCT_CODE)
+        for pod in pods:
+            # Registered once, as itself (its own IRSA web identity), with its uid as nonce.
+            mine = [r for r in registrations if r["nonce"] == pod.metadata.uid]
+            assert len(mine) == 1, registrations
+            assert mine[0]["identity"].get("podUid") == pod.metadata.uid, mine
+        # Nothing was refused along the way: no RBAC error in the operator's log.
+        log = op.log()
+        assert "Forbidden" not in log, log[-4000:]
+        deployment = client.AppsV1Api(kube).read_namespaced_deployment("product", product_namespace)
+        assert (deployment.metadata.annotations or {}).get(ENTITLEMENT, "").startswith("Granted")
+    finally:
+        cluster_helm.run("uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)

@@ -1,0 +1,347 @@
+"""End-to-end fixtures: the operator as a real process against the local cluster and the emulator.
+
+``operator`` is a factory (shared with the metering tests) that starts ``metering-operator run``
+as a subprocess with the cluster's kubeconfig and unmodified boto3 pointed at an emulator
+through ``AWS_ENDPOINT_URL_STS`` / ``AWS_ENDPOINT_URL_MARKETPLACE_METERING``::
+
+    op = operator(namespace, emulator, extra_args=["--trusted-product-code", CODE], extra_env={...})
+    op.wait_ready(); op.kill()  # SIGKILL
+    op = op.restart()           # same arguments, new process (new port numbers are not needed)
+    op.metrics()                # Prometheus text
+    op.log()
+
+``buyer_emulator`` starts an emulator that trusts the cluster's service-account issuer (fetching
+its JWKS like STS does), with one product, an entitled buyer role and an unentitled one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from devtools.cluster import ClusterInfo
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from metering_operator.domain.product import GROUP, PLURAL, VERSION
+from tests.emulator.harness import EmulatorProcess, start_emulator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO_ROOT / "manifests" / "crd" / "meteredproducts.yaml"
+
+#: A made-up Region for the emulator and the operator; tests pass it explicitly, nothing defaults to it.
+TEST_REGION = "eu-north-7"
+PRODUCT_CODE = "e2etestproduct0000000001"
+BUYER_ACCOUNT = "111122223333"
+OTHER_ACCOUNT = "999988887777"
+BUYER_ROLE = f"arn:aws:iam::{BUYER_ACCOUNT}:role/buyer-product"
+UNENTITLED_ROLE = f"arn:aws:iam::{OTHER_ACCOUNT}:role/unentitled-product"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def metered_product_crd(kube: client.ApiClient) -> dict[str, Any]:
+    """The committed CRD, installed (or updated) and Established; left installed for others."""
+    return install_crd(kube)
+
+
+def install_crd(kube: client.ApiClient) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load(CRD_FILE.read_text())
+    for version in body["spec"]["versions"]:
+        # The API server accepts only {type: object} for metadata (a description is refused);
+        # tolerate a generated file that still carries one (the CRD's own tests judge the file).
+        meta = version.get("schema", {}).get("openAPIV3Schema", {}).get("properties", {}).get("metadata")
+        if isinstance(meta, dict):
+            meta.pop("description", None)
+    ext = client.ApiextensionsV1Api(kube)
+    try:
+        ext.create_custom_resource_definition(body=body)
+    except ApiException as err:
+        if err.status != 409:
+            raise
+        current = ext.read_custom_resource_definition(body["metadata"]["name"])
+        body["metadata"]["resourceVersion"] = current.metadata.resource_version
+        ext.replace_custom_resource_definition(body["metadata"]["name"], body=body)
+    deadline = time.monotonic() + 60
+    while True:
+        crd = ext.read_custom_resource_definition(body["metadata"]["name"])
+        conditions = {c.type: c.status for c in (crd.status.conditions or [])}
+        if conditions.get("Established") == "True":
+            return body
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"CRD not Established: {conditions}")
+        time.sleep(0.2)
+
+
+def emulator_config(cluster: ClusterInfo, **overrides: Any) -> dict[str, Any]:
+    """An emulator that trusts the cluster's service-account issuer, like an EKS OIDC provider."""
+    trust = [{"issuer": cluster.issuer, "subjects": ["system:serviceaccount:*"]}]
+    config: dict[str, Any] = {
+        "region": TEST_REGION,
+        "products": [
+            {"productCode": PRODUCT_CODE, "publicKeyVersions": [1], "entitledAccounts": [BUYER_ACCOUNT]},
+        ],
+        "roles": [{"arn": BUYER_ROLE, "trust": trust}, {"arn": UNENTITLED_ROLE, "trust": trust}],
+        "issuers": [{"issuer": cluster.issuer, "jwksUrl": cluster.jwks_uri, "caFile": str(cluster.ca_file)}],
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def buyer_emulator(cluster: ClusterInfo, tmp_path: Path) -> Iterator[EmulatorProcess]:
+    emulator = start_emulator(emulator_config(cluster), tmp_path / "emulator")
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+@dataclass
+class OperatorProcess:
+    """One ``metering-operator run`` process (restartable with the same arguments)."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    metrics_port: int
+    health_port: int
+    webhook_port: int | None
+    webhook_configuration: str | None
+    namespaces: list[str]
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> OperatorProcess:
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== start {time.strftime('%H:%M:%S')} {' '.join(self.cmd)}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self, timeout: float = 60.0) -> OperatorProcess:
+        """Until kopf's liveness endpoint answers (handlers registered, watches started)."""
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        while True:
+            if not self.alive():
+                raise RuntimeError(f"operator exited with {self.process.returncode}:\n{self.log()[-5000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200 and self._webhook_listening():
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"operator not ready after {timeout}s:\n{self.log()[-5000:]}")
+            time.sleep(0.2)
+
+    def _webhook_listening(self) -> bool:
+        if self.webhook_port is None:
+            return True
+        try:
+            with socket.create_connection(("127.0.0.1", self.webhook_port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no cleanup of any kind."""
+        if self.alive():
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self, *, kill: bool = False) -> OperatorProcess:
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        return self.start()
+
+
+OperatorFactory = Callable[..., OperatorProcess]
+
+
+def launch_operator(
+    cluster: ClusterInfo,
+    namespace: str | Sequence[str],
+    emulator: EmulatorProcess | None,
+    log_path: Path,
+    *,
+    extra_args: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
+    webhook: bool = True,
+) -> OperatorProcess:
+    """Start ``metering-operator run`` for ``namespace`` (not waiting for readiness)."""
+    namespaces = [namespace] if isinstance(namespace, str) else list(namespace)
+    metrics_port, health_port, webhook_port = free_port(), free_port(), free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "metering_operator.cli",
+        "run",
+        "--region",
+        TEST_REGION,
+        "--metrics-port",
+        str(metrics_port),
+        "--health-port",
+        str(health_port),
+    ]
+    for ns in namespaces:
+        cmd += ["--namespace", ns]
+    mwc = None
+    if webhook:
+        mwc = f"mmo-e2e-{namespaces[0]}-{log_path.stem}"
+        cmd += [
+            "--webhook-host",
+            "127.0.0.1",
+            "--webhook-port",
+            str(webhook_port),
+            "--webhook-url",
+            f"https://127.0.0.1:{webhook_port}",
+            "--webhook-configuration-name",
+            mwc,
+        ]
+    else:
+        cmd += ["--no-webhook"]
+    cmd += list(extra_args)
+    env = dict(os.environ)
+    env.update(cluster.env())
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT / "operator"), env.get("PYTHONPATH")] if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    # The operator's own identity: none (Pod scope signs with each pod's IRSA session).
+    for var in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
+        env.pop(var, None)
+    if emulator is not None:
+        env.update(emulator.env(TEST_REGION))
+    env.update(extra_env or {})
+    proc = OperatorProcess(
+        cmd, env, log_path, metrics_port, health_port, webhook_port if webhook else None, mwc, namespaces
+    )
+    return proc.start()
+
+
+@pytest.fixture
+def operator(
+    cluster: ClusterInfo, kube: client.ApiClient, metered_product_crd: dict[str, Any], tmp_path: Path
+) -> Iterator[OperatorFactory]:
+    """Factory: ``operator(namespace, emulator, extra_args=(), extra_env=None, webhook=True)``."""
+    started: list[OperatorProcess] = []
+
+    def start(
+        namespace: str | Sequence[str],
+        emulator: EmulatorProcess | None,
+        *,
+        extra_args: Sequence[str] = (),
+        extra_env: dict[str, str] | None = None,
+        webhook: bool = True,
+        wait: bool = True,
+    ) -> OperatorProcess:
+        proc = launch_operator(
+            cluster,
+            namespace,
+            emulator,
+            tmp_path / f"operator-{len(started)}.log",
+            extra_args=extra_args,
+            extra_env=extra_env,
+            webhook=webhook,
+        )
+        started.append(proc)
+        if wait:
+            proc.wait_ready()
+        return proc
+
+    yield start
+
+    admission = client.AdmissionregistrationV1Api(kube)
+    for proc in started:
+        remove_products(kube, proc.namespaces, operator_alive=proc.alive())
+        proc.stop()
+        if proc.webhook_configuration:
+            try:
+                admission.delete_mutating_webhook_configuration(proc.webhook_configuration)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+
+
+def remove_products(kube: client.ApiClient, namespaces: Sequence[str], *, operator_alive: bool) -> None:
+    """Delete the MeteredProducts so namespaces can go (kopf's finalizer needs a live operator)."""
+    custom = client.CustomObjectsApi(kube)
+    for ns in namespaces:
+        try:
+            items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+        except ApiException as err:
+            if err.status == 404:
+                continue
+            raise
+        for item in items:
+            name = item["metadata"]["name"]
+            if not operator_alive:
+                custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, ns, PLURAL, name, {"metadata": {"finalizers": None}}
+                )
+            try:
+                custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+        deadline = time.monotonic() + 15
+        while custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
+            if time.monotonic() > deadline:
+                for item in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
+                    custom.patch_namespaced_custom_object(
+                        GROUP,
+                        VERSION,
+                        ns,
+                        PLURAL,
+                        item["metadata"]["name"],
+                        {"metadata": {"finalizers": None}},
+                    )
+                break
+            time.sleep(0.2)

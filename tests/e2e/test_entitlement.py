@@ -1,0 +1,620 @@
+"""The entitlement gate end to end: real operator process, real API server, emulator as AWS.
+
+Every test drives the system the way a buyer's cluster would (ServiceAccounts with IRSA role
+annotations, Deployments or Pods, a MeteredProduct) and judges the outcome from the API server
+(pods, annotations, Events, status) and from the emulator (what AWS would have registered).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from kubernetes import client
+
+from metering_operator.domain.product import (
+    ANNOTATION_ENTITLEMENT,
+    ANNOTATION_PRODUCT,
+    ANNOTATION_REGISTERED_AT,
+    ANNOTATION_SIGNATURE,
+    GROUP,
+    PLURAL,
+    SCHEDULING_GATE,
+    VERSION,
+)
+from metering_operator.domain.signature import SignatureError, verify_signature
+from tests.e2e.conftest import (
+    BUYER_ROLE,
+    PRODUCT_CODE,
+    UNENTITLED_ROLE,
+    OperatorFactory,
+    OperatorProcess,
+)
+from tests.emulator.harness import EmulatorProcess
+
+pytestmark = pytest.mark.cluster
+
+REASON = f"{GROUP}/reason"
+WAIT = 90.0
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT, interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def service_account(kube: client.ApiClient, namespace: str, name: str, role_arn: str | None) -> None:
+    annotations = {"eks.amazonaws.com/role-arn": role_arn} if role_arn else {}
+    client.CoreV1Api(kube).create_namespaced_service_account(
+        namespace, {"metadata": {"name": name, "annotations": annotations}}
+    )
+
+
+def product(
+    kube: client.ApiClient,
+    namespace: str,
+    name: str,
+    public_key_pem: str,
+    *,
+    app: str,
+    mode: str = "Enforce",
+    scope: str = "Pod",
+    product_code: str = PRODUCT_CODE,
+    dimensions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "MeteredProduct",
+        "metadata": {"name": name},
+        "spec": {
+            "productCode": product_code,
+            "publicKeyVersion": 1,
+            "publicKey": {"pem": public_key_pem},
+            "selector": {"matchLabels": {"app": app}},
+            "entitlement": {"mode": mode, "scope": scope},
+        },
+    }
+    if dimensions:
+        body["spec"]["metering"] = {"dimensions": dimensions}
+    result: dict[str, Any] = client.CustomObjectsApi(kube).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, body
+    )
+    return result
+
+
+def read_product(kube: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = client.CustomObjectsApi(kube).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return result
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return dict(cond)
+    return {}
+
+
+def wait_product_ready(kube: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    """The product's controller is running (it wrote Ready), so the webhook knows the product too."""
+    return dict(
+        wait_for(
+            f"MeteredProduct {name} Ready",
+            lambda: (
+                (p := read_product(kube, namespace, name))
+                and condition(p, "Ready").get("status") == "True"
+                and p
+            ),
+        )
+    )
+
+
+def deployment(
+    kube: client.ApiClient,
+    namespace: str,
+    name: str,
+    *,
+    app: str,
+    replicas: int,
+    sa: str,
+    gate_in_template: bool = False,
+) -> None:
+    spec: dict[str, Any] = {
+        "serviceAccountName": sa,
+        "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+    }
+    if gate_in_template:
+        spec["schedulingGates"] = [{"name": SCHEDULING_GATE}]
+    client.AppsV1Api(kube).create_namespaced_deployment(
+        namespace,
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": app}},
+                "template": {"metadata": {"labels": {"app": app}}, "spec": spec},
+            },
+        },
+    )
+
+
+def bare_pod(kube: client.ApiClient, namespace: str, *, app: str, sa: str) -> dict[str, Any]:
+    """Create a pod directly; the answer shows what admission did to it."""
+    created = client.CoreV1Api(kube).create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {"name": f"{app}-{uuid.uuid4().hex[:6]}", "labels": {"app": app}},
+            "spec": {
+                "serviceAccountName": sa,
+                "containers": [{"name": "app", "image": "registry.invalid/a:1"}],
+            },
+        },
+    )
+    return dict(client.ApiClient().sanitize_for_serialization(created))
+
+
+def pods(kube: client.ApiClient, namespace: str, app: str) -> list[dict[str, Any]]:
+    listed = client.CoreV1Api(kube).list_namespaced_pod(namespace, label_selector=f"app={app}")
+    return [dict(client.ApiClient().sanitize_for_serialization(p)) for p in listed.items]
+
+
+def notes(pod: dict[str, Any]) -> dict[str, str]:
+    return dict(pod["metadata"].get("annotations") or {})
+
+
+def gated(pod: dict[str, Any]) -> bool:
+    return any(g["name"] == SCHEDULING_GATE for g in pod["spec"].get("schedulingGates") or [])
+
+
+def all_in_state(
+    kube: client.ApiClient, namespace: str, app: str, n: int, state: str
+) -> list[dict[str, Any]] | None:
+    current = [p for p in pods(kube, namespace, app) if not p["metadata"].get("deletionTimestamp")]
+    if len(current) == n and all(notes(p).get(ANNOTATION_ENTITLEMENT) == state for p in current):
+        return current
+    return None
+
+
+def pod_events(kube: client.ApiClient, namespace: str, name: str) -> list[Any]:
+    events = client.CoreV1Api(kube).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    return list(events.items)
+
+
+def registrations_by_pod(emulator: EmulatorProcess) -> dict[str, dict[str, Any]]:
+    return {r["identity"].get("podUid"): r for r in emulator.admin.registrations(PRODUCT_CODE)}
+
+
+def gate_latency_count(op: OperatorProcess) -> float:
+    prefix = f'marketplace_metering_gate_latency_seconds_count{{product_code="{PRODUCT_CODE}"}}'
+    for line in op.metrics().splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.fixture
+def key_pem(buyer_emulator: EmulatorProcess) -> str:
+    return buyer_emulator.admin.public_key_pem(PRODUCT_CODE, 1)
+
+
+# --- Granted -------------------------------------------------------------------------------------------
+
+
+def test_deployment_pods_are_gated_registered_verified_and_released(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    service_account(kube, namespace, "buyer", BUYER_ROLE)
+    product(kube, namespace, "paid", key_pem, app="paid")
+    op = operator(namespace, buyer_emulator)
+    wait_product_ready(kube, namespace, "paid")
+
+    deployment(kube, namespace, "paid", app="paid", replicas=3, sa="buyer")
+    granted = wait_for("3 Granted pods", lambda: all_in_state(kube, namespace, "paid", 3, "Granted"))
+    running = wait_for(
+        "3 Running pods",
+        lambda: (
+            (ps := pods(kube, namespace, "paid"))
+            and all(p["status"].get("phase") == "Running" for p in ps)
+            and len(ps) == 3
+            and ps
+        ),
+    )
+    assert {p["metadata"]["uid"] for p in running} == {p["metadata"]["uid"] for p in granted}
+    for pod in granted:
+        uid = pod["metadata"]["uid"]
+        assert not gated(pod)
+        verified = verify_signature(
+            notes(pod)[ANNOTATION_SIGNATURE],
+            key_pem,
+            product_code=PRODUCT_CODE,
+            public_key_version=1,
+            nonce=uid,
+        )
+        assert verified.nonce == uid
+        assert notes(pod)[ANNOTATION_PRODUCT] == f"{namespace}/paid"
+        assert notes(pod)[ANNOTATION_REGISTERED_AT].endswith("Z")
+        # Another pod's signature must not pass for this one: the nonce binds it.
+        others = [p for p in granted if p["metadata"]["uid"] != uid]
+        with pytest.raises(SignatureError, match="nonce"):
+            verify_signature(
+                notes(others[0])[ANNOTATION_SIGNATURE],
+                key_pem,
+                product_code=PRODUCT_CODE,
+                public_key_version=1,
+                nonce=uid,
+            )
+
+    # Each pod was held by the gate (the latency histogram counts only gated pods) ...
+    assert gate_latency_count(op) == 3
+    # ... and AWS registered each pod once, under its own identity: 3 pods billed.
+    billing = buyer_emulator.admin.billing(PRODUCT_CODE)
+    assert sorted(p["podUid"] for p in billing["pods"]) == sorted(p["metadata"]["uid"] for p in granted)
+    assert all(r["calls"] == 1 for r in registrations_by_pod(buyer_emulator).values())
+
+    dep = client.AppsV1Api(kube).read_namespaced_deployment("paid", namespace)
+    wait_for(
+        "deployment summary",
+        lambda: (
+            (
+                client.AppsV1Api(kube).read_namespaced_deployment("paid", namespace).metadata.annotations
+                or {}
+            ).get(ANNOTATION_ENTITLEMENT)
+            == "Granted 3/3"
+        ),
+    )
+    dep = client.AppsV1Api(kube).read_namespaced_deployment("paid", namespace)
+    assert dep.metadata.annotations[ANNOTATION_SIGNATURE] in {notes(p)[ANNOTATION_SIGNATURE] for p in granted}
+
+    status = wait_for(
+        "status pods.registered == 3",
+        lambda: (
+            (p := read_product(kube, namespace, "paid"))["status"].get("pods", {}).get("registered") == 3
+            and p
+        ),
+    )
+    entitled = condition(status, "Entitled")
+    assert (entitled["status"], entitled["reason"]) == ("True", "Registered")
+    assert status["status"]["observedGeneration"] == status["metadata"]["generation"]
+
+
+# --- Denied --------------------------------------------------------------------------------------------
+
+
+def test_unentitled_buyer_pods_stay_gated_and_denied_across_restart(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    service_account(kube, namespace, "freeloader", UNENTITLED_ROLE)
+    product(kube, namespace, "paid", key_pem, app="paid")
+    op = operator(namespace, buyer_emulator)
+    wait_product_ready(kube, namespace, "paid")
+    deployment(kube, namespace, "paid", app="paid", replicas=2, sa="freeloader")
+
+    denied = wait_for("2 Denied pods", lambda: all_in_state(kube, namespace, "paid", 2, "Denied"))
+    for pod in denied:
+        assert gated(pod)
+        assert pod["status"].get("phase") == "Pending"
+        assert notes(pod)[REASON].startswith("CustomerNotEntitledException")
+        reasons = {e.reason for e in pod_events(kube, namespace, pod["metadata"]["name"])}
+        assert "EntitlementDenied" in reasons
+    status = wait_for(
+        "Entitled=False",
+        lambda: (
+            (p := read_product(kube, namespace, "paid"))
+            and condition(p, "Entitled").get("status") == "False"
+            and p
+        ),
+    )
+    assert condition(status, "Entitled")["reason"] == "CustomerNotEntitled"
+    assert status["status"]["pods"]["denied"] == 2
+    product_events = {e.reason for e in pod_events(kube, namespace, "paid")}
+    assert "EntitlementDenied" in product_events
+    calls_before = len(buyer_emulator.admin.events(operation="RegisterUsage"))
+    assert calls_before == 2
+
+    # A crash and restart must not turn a denial into a running pod, nor ask AWS again.
+    op.restart(kill=True).wait_ready()
+    wait_product_ready(kube, namespace, "paid")
+    time.sleep(5)
+    after = pods(kube, namespace, "paid")
+    assert len(after) == 2
+    for pod in after:
+        assert gated(pod)
+        assert notes(pod)[ANNOTATION_ENTITLEMENT] == "Denied"
+        assert pod["status"].get("phase") == "Pending"
+    assert len(buyer_emulator.admin.events(operation="RegisterUsage")) == calls_before
+
+
+# --- Throttling ----------------------------------------------------------------------------------------
+
+
+def test_throttled_registrations_are_retried_until_granted_once_per_pod(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    buyer_emulator.admin.set_fault("RegisterUsage", throttle_rate=0.5)
+    service_account(kube, namespace, "buyer", BUYER_ROLE)
+    product(kube, namespace, "paid", key_pem, app="paid")
+    operator(namespace, buyer_emulator)
+    wait_product_ready(kube, namespace, "paid")
+    deployment(kube, namespace, "paid", app="paid", replicas=10, sa="buyer")
+
+    granted = wait_for(
+        "10 Granted pods", lambda: all_in_state(kube, namespace, "paid", 10, "Granted"), timeout=150
+    )
+    throttled = buyer_emulator.admin.events(operation="RegisterUsage", error_code="ThrottlingException")
+    assert throttled, "the fault injection did not throttle anything: the test would prove nothing"
+    regs = registrations_by_pod(buyer_emulator)
+    assert sorted(regs) == sorted(p["metadata"]["uid"] for p in granted)
+    assert [r["calls"] for r in regs.values()] == [1] * 10
+    assert not any(gated(p) for p in granted)
+
+
+# --- Wrong key -----------------------------------------------------------------------------------------
+
+
+def test_signature_that_does_not_verify_never_releases_a_pod(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+) -> None:
+    wrong = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    service_account(kube, namespace, "buyer", BUYER_ROLE)
+    product(kube, namespace, "paid", wrong, app="paid")
+    operator(namespace, buyer_emulator)
+    wait_product_ready(kube, namespace, "paid")
+    created = bare_pod(kube, namespace, app="paid", sa="buyer")
+    assert gated(created)
+
+    name = created["metadata"]["name"]
+    pod = wait_for(
+        "Error annotation",
+        lambda: (
+            (
+                p := client.ApiClient().sanitize_for_serialization(
+                    client.CoreV1Api(kube).read_namespaced_pod(name, namespace)
+                )
+            )
+            and notes(p).get(ANNOTATION_ENTITLEMENT) == "Error"
+            and p
+        ),
+    )
+    assert gated(pod)
+    assert notes(pod)[REASON].startswith("InvalidSignature")
+    assert ANNOTATION_SIGNATURE not in notes(pod)
+    # AWS did register the pod; the operator refused the proof anyway.
+    assert len(registrations_by_pod(buyer_emulator)) == 1
+
+
+# --- SIGKILL mid-burst ---------------------------------------------------------------------------------
+
+
+def test_sigkill_in_the_middle_of_a_burst_loses_nothing_and_registers_at_most_twice(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    service_account(kube, namespace, "buyer", BUYER_ROLE)
+    product(kube, namespace, "paid", key_pem, app="paid")
+    op = operator(namespace, buyer_emulator)
+    wait_product_ready(kube, namespace, "paid")
+    deployment(kube, namespace, "paid", app="paid", replicas=50, sa="buyer")
+
+    wait_for(
+        "some registrations",
+        lambda: len(buyer_emulator.admin.registrations(PRODUCT_CODE)) >= 5,
+        interval=0.05,
+    )
+    op.kill()
+    partial = len(buyer_emulator.admin.registrations(PRODUCT_CODE))
+    op.start().wait_ready()
+
+    granted = wait_for(
+        "50 Granted pods", lambda: all_in_state(kube, namespace, "paid", 50, "Granted"), timeout=180
+    )
+    assert not any(gated(p) for p in granted)
+    regs = registrations_by_pod(buyer_emulator)
+    assert sorted(regs) == sorted(p["metadata"]["uid"] for p in granted)
+    assert max(r["calls"] for r in regs.values()) <= 2
+    assert partial < 50, "the kill came after the burst: nothing was interrupted"
+
+
+# --- Audit, Off, non-matching, webhook unreachable -----------------------------------------------------
+
+
+def test_audit_mode_never_holds_a_pod_but_records_the_result(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    service_account(kube, namespace, "freeloader", UNENTITLED_ROLE)
+    service_account(kube, namespace, "buyer", BUYER_ROLE)
+    product(kube, namespace, "audited", key_pem, app="audited", mode="Audit")
+    operator(namespace, buyer_emulator)
+    wait_product_ready(kube, namespace, "audited")
+    denied_pod = bare_pod(kube, namespace, app="audited", sa="freeloader")
+    granted_pod = bare_pod(kube, namespace, app="audited", sa="buyer")
+    assert not gated(denied_pod)
+    assert not gated(granted_pod)
+
+    def states() -> dict[str, str | None] | None:
+        got = {
+            p["metadata"]["name"]: notes(p).get(ANNOTATION_ENTITLEMENT)
+            for p in pods(kube, namespace, "audited")
+        }
+        return got if None not in got.values() else None
+
+    got = wait_for("both recorded", states)
+    assert got == {denied_pod["metadata"]["name"]: "Denied", granted_pod["metadata"]["name"]: "Granted"}
+    wait_for(
+        "both running",
+        lambda: all(p["status"].get("phase") == "Running" for p in pods(kube, namespace, "audited")),
+    )
+
+
+def test_off_mode_and_unselected_pods_are_left_alone(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    service_account(kube, namespace, "buyer", BUYER_ROLE)
+    product(
+        kube,
+        namespace,
+        "metered-only",
+        key_pem,
+        app="off",
+        mode="Off",
+        dimensions=[{"name": "replicas", "source": "Replicas"}],
+    )
+    product(kube, namespace, "paid", key_pem, app="paid")
+    operator(namespace, buyer_emulator)
+    wait_product_ready(kube, namespace, "paid")
+    off_pod = bare_pod(kube, namespace, app="off", sa="buyer")
+    other_pod = bare_pod(kube, namespace, app="unrelated", sa="buyer")
+    paid_pod = bare_pod(kube, namespace, app="paid", sa="buyer")
+    assert not gated(off_pod)
+    assert not gated(other_pod)
+    assert gated(paid_pod)
+
+    # The paid pod is processed; by then the others would have been too, had they been seen.
+    wait_for("paid pod granted", lambda: all_in_state(kube, namespace, "paid", 1, "Granted"))
+    wait_for(
+        "others running",
+        lambda: all(
+            p["status"].get("phase") == "Running"
+            for app in ("off", "unrelated")
+            for p in pods(kube, namespace, app)
+        ),
+    )
+    time.sleep(2)
+    for app in ("off", "unrelated"):
+        (pod,) = pods(kube, namespace, app)
+        assert not any(k.startswith(GROUP) for k in notes(pod)), notes(pod)
+    assert list(registrations_by_pod(buyer_emulator)) == [paid_pod["metadata"]["uid"]]
+
+
+def test_pod_created_while_the_webhook_was_down_is_found_registered_and_reported(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    service_account(kube, namespace, "buyer", BUYER_ROLE)
+    product(kube, namespace, "paid", key_pem, app="paid")
+    early = bare_pod(kube, namespace, app="paid", sa="buyer")  # no operator, no webhook yet
+    assert not gated(early)
+    operator(namespace, buyer_emulator)
+
+    (pod,) = wait_for("early pod registered", lambda: all_in_state(kube, namespace, "paid", 1, "Granted"))
+    assert pod["metadata"]["uid"] == early["metadata"]["uid"]
+    reasons = {e.reason for e in pod_events(kube, namespace, early["metadata"]["name"])}
+    assert "NotGated" in reasons
+    status = wait_for(
+        "condition mentions the ungated pod",
+        lambda: (
+            (p := read_product(kube, namespace, "paid"))
+            and "without the entitlement gate" in condition(p, "Entitled").get("message", "")
+            and p
+        ),
+    )
+    assert condition(status, "Entitled")["status"] == "True"
+
+
+def test_gate_written_in_the_template_works_without_the_webhook(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    service_account(kube, namespace, "buyer", BUYER_ROLE)
+    product(kube, namespace, "paid", key_pem, app="paid")
+    operator(namespace, buyer_emulator, webhook=False)
+    deployment(kube, namespace, "paid", app="paid", replicas=2, sa="buyer", gate_in_template=True)
+    granted = wait_for("2 Granted pods", lambda: all_in_state(kube, namespace, "paid", 2, "Granted"))
+    assert not any(gated(p) for p in granted)
+
+
+def test_untrusted_product_code_is_refused_with_a_condition(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    service_account(kube, namespace, "buyer", BUYER_ROLE)
+    product(kube, namespace, "free-swap", key_pem, app="paid")
+    operator(namespace, buyer_emulator, extra_args=["--trusted-product-code", "someotherpaidproduct"])
+    status = wait_for(
+        "Ready=False",
+        lambda: (
+            (p := read_product(kube, namespace, "free-swap"))
+            and condition(p, "Ready").get("status") == "False"
+            and p
+        ),
+    )
+    assert condition(status, "Ready")["reason"] == "UntrustedProductCode"
+    created = bare_pod(kube, namespace, app="paid", sa="buyer")
+    assert not gated(created)
+    time.sleep(2)
+    assert buyer_emulator.admin.registrations(PRODUCT_CODE) == []
+
+
+def test_missing_irsa_role_is_an_error_not_a_grant(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+) -> None:
+    service_account(kube, namespace, "plain", None)
+    product(kube, namespace, "paid", key_pem, app="paid")
+    operator(namespace, buyer_emulator)
+    wait_product_ready(kube, namespace, "paid")
+    created = bare_pod(kube, namespace, app="paid", sa="plain")
+    (pod,) = wait_for("Error", lambda: all_in_state(kube, namespace, "paid", 1, "Error"))
+    assert pod["metadata"]["uid"] == created["metadata"]["uid"]
+    assert gated(pod)
+    assert notes(pod)[REASON].startswith("MissingRoleArn")

@@ -1,0 +1,137 @@
+"""Fixtures: one real emulator process per test module, a local OIDC issuer, boto3 clients.
+
+Everything goes over HTTP through unmodified boto3; nothing in botocore is stubbed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from tests.emulator.harness import EmulatorProcess, TestIssuer, start_emulator, web_identity_credentials
+
+# Not a real AWS Region on purpose: the emulator must not care which Region, only that it matches.
+REGION = "local-test-1"
+BUYER = "111122223333"
+NOT_ENTITLED = "444455556666"
+ROLE = f"arn:aws:iam::{BUYER}:role/metering"
+ROLE_NO_METER = f"arn:aws:iam::{BUYER}:role/register-only"
+ROLE_NOT_ENTITLED = f"arn:aws:iam::{NOT_ENTITLED}:role/metering"
+HOURLY = "hourlyprod1"
+CUSTOM = "customprod1"
+DISABLED = "disabledprod1"
+LICENSE = f"arn:aws:license-manager::{BUYER}:license/l-0123456789"
+STATIC_KEY = "AKIAEMULATORSTATIC01"
+STATIC_SECRET = "static-secret-for-tests"
+NAMESPACE = "shop"
+NO_RETRY = Config(retries={"total_max_attempts": 1, "mode": "standard"})
+
+
+def base_config(issuer: TestIssuer) -> dict[str, Any]:
+    trust = [{"issuer": issuer.issuer, "subjects": [f"system:serviceaccount:{NAMESPACE}:*"]}]
+    return {
+        "region": REGION,
+        "issuers": [issuer.issuer_config()],
+        "roles": [
+            {"arn": ROLE, "trust": trust},
+            {"arn": ROLE_NO_METER, "trust": trust, "allowedActions": ["aws-marketplace:RegisterUsage"]},
+            {"arn": ROLE_NOT_ENTITLED, "trust": trust},
+        ],
+        "products": [
+            {
+                "productCode": HOURLY,
+                "publicKeyVersions": [1, {"version": 2, "expiresAt": "2001-01-01T00:00:00Z"}],
+                "entitledAccounts": [BUYER],
+                "hourlyPrice": 0.36,
+            },
+            {
+                "productCode": CUSTOM,
+                "dimensions": [{"name": "replicas", "price": 0.1}, "cpu"],
+                "entitledAccounts": [BUYER],
+                "customers": [
+                    {"awsAccountId": BUYER, "customerIdentifier": "cust-buyer", "licenseArn": LICENSE},
+                    {"awsAccountId": NOT_ENTITLED, "customerIdentifier": "cust-unsubscribed"},
+                ],
+            },
+            {"productCode": DISABLED, "disabled": True, "entitledAccounts": [BUYER]},
+        ],
+        "staticCredentials": [
+            {
+                "accessKeyId": STATIC_KEY,
+                "secretAccessKey": STATIC_SECRET,
+                "arn": f"arn:aws:iam::{BUYER}:user/seller",
+            }
+        ],
+        "registrationTokens": [
+            {
+                "token": "config-token-1",
+                "productCode": CUSTOM,
+                "customerAWSAccountId": BUYER,
+                "customerIdentifier": "cust-buyer",
+                "licenseArn": LICENSE,
+            },
+            {
+                "token": "config-token-expired",
+                "productCode": CUSTOM,
+                "customerAWSAccountId": BUYER,
+                "expiresAt": "2001-01-01T00:00:00Z",
+            },
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> TestIssuer:
+    return TestIssuer(tmp_path_factory.mktemp("issuer"))
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory, issuer: TestIssuer) -> Iterator[EmulatorProcess]:
+    emu = start_emulator(base_config(issuer), tmp_path_factory.mktemp("emu") / "state")
+    try:
+        yield emu
+    finally:
+        rc = emu.stop()
+        assert rc == 0, f"emulator exited with {rc}:\n{emu.log()}"
+        # A traceback in the log means some input reached an unexpected code path.
+        assert "Traceback" not in emu.log(), emu.log()
+
+
+@pytest.fixture
+def fresh_clock(emulator: EmulatorProcess) -> Iterator[None]:
+    """Tests that move the clock put it back to real time afterwards."""
+    yield
+    emulator.admin.reset_clock()
+
+
+def metering(emulator: EmulatorProcess, creds: dict[str, str], region: str = REGION) -> Any:
+    return boto3.client(
+        "meteringmarketplace", endpoint_url=emulator.url, region_name=region, config=NO_RETRY, **creds
+    )
+
+
+def static_creds() -> dict[str, str]:
+    return {"aws_access_key_id": STATIC_KEY, "aws_secret_access_key": STATIC_SECRET}
+
+
+@pytest.fixture
+def pod_creds(emulator: EmulatorProcess, issuer: TestIssuer) -> Callable[..., dict[str, str]]:
+    """IRSA credentials for a fresh pod (own uid) of service account shop/app under ``role``."""
+
+    def make(role: str = ROLE, pod_uid: str | None = None, service_account: str = "app") -> dict[str, str]:
+        uid = pod_uid or str(uuid.uuid4())
+        token = issuer.token(NAMESPACE, service_account, pod_name=f"pod-{uid[:8]}", pod_uid=uid)
+        return web_identity_credentials(emulator, role, token, region=REGION)
+
+    return make
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,285 @@
+"""Entitlement decisions, error classes and patches (domain/entitlement.py, domain/selectors.py)."""
+
+from __future__ import annotations
+
+import copy
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from metering_operator.domain import entitlement as ent
+from metering_operator.domain.entitlement import Action, Outcome
+from metering_operator.domain.product import (
+    ANNOTATION_ENTITLEMENT,
+    ANNOTATION_PRODUCT,
+    ANNOTATION_REGISTERED_AT,
+    ANNOTATION_SIGNATURE,
+    SCHEDULING_GATE,
+    EntitlementMode,
+    EntitlementState,
+    LabelSelector,
+)
+from metering_operator.domain.selectors import matches, to_query
+
+ENFORCE, AUDIT, OFF = EntitlementMode.ENFORCE, EntitlementMode.AUDIT, EntitlementMode.OFF
+G, D, P, E = (
+    EntitlementState.GRANTED,
+    EntitlementState.DENIED,
+    EntitlementState.PENDING,
+    EntitlementState.ERROR,
+)
+
+
+def pod(
+    *,
+    gated: bool = True,
+    state: str | None = None,
+    other_gates: tuple[str, ...] = (),
+    annotations: bool = True,
+    deleting: bool = False,
+    phase: str = "Pending",
+) -> dict[str, Any]:
+    gate_list = [{"name": g} for g in other_gates]
+    if gated:
+        gate_list.insert(len(gate_list) // 2, {"name": SCHEDULING_GATE})
+    meta: dict[str, Any] = {"name": "p", "namespace": "ns", "uid": "u-1", "resourceVersion": "42"}
+    if annotations:
+        meta["annotations"] = {"seller/x": "y"}
+        if state:
+            meta["annotations"][ANNOTATION_ENTITLEMENT] = state
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {"metadata": meta, "spec": {"schedulingGates": gate_list}, "status": {"phase": phase}}
+
+
+# --- patches are checked by effect (RFC 6902, the jsonpatch library kopf itself uses) ------------
+
+
+PatchTestFailed = jsonpatch.JsonPatchTestFailed
+
+
+def apply(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = jsonpatch.apply_patch(doc, ops)
+    return result
+
+
+# --- decide -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs", "action"),
+    [
+        (ENFORCE, {}, Action.REGISTER),
+        (ENFORCE, {"state": "Pending"}, Action.REGISTER),
+        (ENFORCE, {"state": "Error"}, Action.REGISTER),
+        (ENFORCE, {"state": "Granted", "gated": False}, Action.SKIP),
+        (ENFORCE, {"state": "Granted", "gated": True}, Action.RELEASE),
+        (ENFORCE, {"state": "Denied"}, Action.SKIP),
+        (ENFORCE, {"state": "Denied", "gated": False}, Action.SKIP),
+        (ENFORCE, {"deleting": True}, Action.SKIP),
+        (ENFORCE, {"phase": "Succeeded", "gated": False}, Action.SKIP),
+        (ENFORCE, {"state": "garbage"}, Action.REGISTER),
+        (AUDIT, {"gated": False}, Action.REGISTER),
+        (AUDIT, {"state": "Denied", "gated": True}, Action.RELEASE),
+        (AUDIT, {"state": "Denied", "gated": False}, Action.SKIP),
+        (AUDIT, {"state": "Granted", "gated": False}, Action.SKIP),
+        (OFF, {}, Action.SKIP),
+        (OFF, {"gated": False}, Action.SKIP),
+    ],
+)
+def test_decide(mode: EntitlementMode, kwargs: dict[str, Any], action: Action) -> None:
+    assert ent.decide(pod(**kwargs), mode).action is action
+
+
+def test_enforce_pod_without_gate_is_registered_and_flagged() -> None:
+    decision = ent.decide(pod(gated=False), ENFORCE)
+    assert decision.action is Action.REGISTER
+    assert decision.ungated
+    assert not ent.decide(pod(gated=True), ENFORCE).ungated
+    assert not ent.decide(pod(gated=False), AUDIT).ungated
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        ("CustomerNotEntitledException", Outcome.DENIED),
+        ("PlatformNotSupportedException", Outcome.DENIED),
+        ("InvalidProductCodeException", Outcome.DENIED),
+        ("InvalidRegionException", Outcome.DENIED),
+        ("InvalidPublicKeyVersionException", Outcome.DENIED),
+        ("DisabledApiException", Outcome.DENIED),
+        ("ThrottlingException", Outcome.TRANSIENT),
+        ("InternalServiceErrorException", Outcome.TRANSIENT),
+        ("AccessDenied", Outcome.ERROR),
+        ("SomethingNew", Outcome.ERROR),
+    ],
+)
+def test_classify_error(code: str, outcome: Outcome) -> None:
+    assert ent.classify_error(code) is outcome
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    rng = random.Random(7)
+    delays = [ent.backoff_delay(n, base=0.1, cap=2.0, rng=rng) for n in range(1, 12)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(1.0 <= d <= 2.0 for d in delays[6:])
+    assert len({round(d, 6) for d in delays}) == len(delays)
+    with pytest.raises(ValueError, match="attempt"):
+        ent.backoff_delay(0)
+
+
+# --- patches ----------------------------------------------------------------------------------------
+
+WHEN = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+
+def test_grant_patch_removes_only_our_gate_and_annotates() -> None:
+    before = pod(other_gates=("a/one", "b/two"), state="Pending")
+    before["metadata"]["annotations"][ent.ANNOTATION_REASON] = "Throttling"
+    after = apply(before, ent.grant_patch(before, signature="jwt", registered_at=WHEN, product_key="ns/prod"))
+    assert ent.gates(after) == ["a/one", "b/two"]
+    notes = after["metadata"]["annotations"]
+    assert notes[ANNOTATION_ENTITLEMENT] == "Granted"
+    assert notes[ANNOTATION_SIGNATURE] == "jwt"
+    assert notes[ANNOTATION_REGISTERED_AT] == "2026-03-04T05:06:07Z"
+    assert notes[ANNOTATION_PRODUCT] == "ns/prod"
+    assert ent.ANNOTATION_REASON not in notes
+    assert notes["seller/x"] == "y"
+
+
+def test_grant_patch_creates_annotations_map_when_missing() -> None:
+    before = pod(annotations=False)
+    after = apply(before, ent.grant_patch(before, signature="s", registered_at=WHEN, product_key="ns/p"))
+    assert after["metadata"]["annotations"][ANNOTATION_ENTITLEMENT] == "Granted"
+    assert ent.gates(after) == []
+
+
+def test_patch_fails_if_pod_changed_meanwhile() -> None:
+    before = pod()
+    ops = ent.grant_patch(before, signature="s", registered_at=WHEN, product_key="ns/p")
+    changed = copy.deepcopy(before)
+    changed["metadata"]["resourceVersion"] = "43"
+    with pytest.raises(PatchTestFailed):
+        apply(changed, ops)
+
+
+def test_patch_refuses_pod_without_resource_version() -> None:
+    before = pod()
+    del before["metadata"]["resourceVersion"]
+    with pytest.raises(ValueError, match="resourceVersion"):
+        ent.grant_patch(before, signature="s", registered_at=WHEN, product_key="ns/p")
+
+
+def test_denied_patch_keeps_gate() -> None:
+    before = pod()
+    after = apply(before, ent.state_patch(before, D, "CustomerNotEntitledException: no", product_key="ns/p"))
+    assert ent.is_gated(after)
+    assert ent.entitlement_state(after) is D
+    assert after["metadata"]["annotations"][ent.ANNOTATION_REASON].startswith("CustomerNotEntitled")
+
+
+def test_audit_denial_releases() -> None:
+    before = pod()
+    after = apply(
+        before, ent.state_patch(before, D, "CustomerNotEntitledException", product_key="ns/p", release=True)
+    )
+    assert not ent.is_gated(after)
+    assert ent.entitlement_state(after) is D
+
+
+def test_state_patch_refuses_granted() -> None:
+    with pytest.raises(ValueError, match="grant_patch"):
+        ent.state_patch(pod(), G, "x", product_key="ns/p")
+
+
+def test_release_patch_on_ungated_pod_only_tests() -> None:
+    ops = ent.release_patch(pod(gated=False))
+    assert [op["op"] for op in ops] == ["test"]
+
+
+def test_needs_state_write() -> None:
+    p = pod(state="Pending")
+    p["metadata"]["annotations"][ent.ANNOTATION_REASON] = "ThrottlingException"
+    assert not ent.needs_state_write(p, P, "ThrottlingException")
+    assert ent.needs_state_write(p, P, "InternalServiceErrorException")
+    assert ent.needs_state_write(p, E, "ThrottlingException")
+
+
+# --- summaries and conditions ------------------------------------------------------------------------
+
+
+def test_count_and_workload_summary() -> None:
+    assert ent.count_pods([G, G, None, P, E, D]) == ent.PodCounts(registered=2, pending=3, denied=1)
+    assert ent.workload_summary([G, G, G]) == "Granted 3/3"
+    assert ent.workload_summary([G, None, P]) == "Pending 1/3"
+    assert ent.workload_summary([G, D, None]) == "Denied 1/3"
+
+
+def test_entitled_condition_reasons() -> None:
+    c = ent.entitled_condition(
+        ENFORCE, ent.PodCounts(0, 0, 2), last_denial="CustomerNotEntitledException: nope"
+    )
+    assert (c.status, c.reason) == ("False", "CustomerNotEntitled")
+    assert "2 pod(s) denied" in c.message
+    assert "nope" in c.message
+    c = ent.entitled_condition(ENFORCE, ent.PodCounts(3, 0, 0))
+    assert (c.status, c.reason) == ("True", "Registered")
+    c = ent.entitled_condition(ENFORCE, ent.PodCounts(1, 2, 0), last_error="ThrottlingException")
+    assert (c.status, c.reason) == ("Unknown", "RegistrationFailing")
+    c = ent.entitled_condition(AUDIT, ent.PodCounts(1, 0, 0), ungated=1)
+    assert "without the entitlement gate" in c.message
+    assert ent.entitled_condition(OFF, ent.PodCounts()).reason == "EntitlementOff"
+    assert ent.entitled_condition(ENFORCE, ent.PodCounts()).reason == "NoPods"
+
+
+def test_ready_condition() -> None:
+    assert (
+        ent.ready_condition(trusted=False, product_code="x", key_error=None).reason == "UntrustedProductCode"
+    )
+    assert (
+        ent.ready_condition(trusted=True, product_code="x", key_error="bad pem").reason
+        == "PublicKeyUnavailable"
+    )
+    assert ent.ready_condition(trusted=True, product_code="x", key_error=None).status == "True"
+
+
+# --- selectors -----------------------------------------------------------------------------------------
+
+
+def test_selector_match_and_query() -> None:
+    sel = LabelSelector.model_validate(
+        {
+            "matchLabels": {"app": "web", "tier": "front"},
+            "matchExpressions": [
+                {"key": "env", "operator": "In", "values": ["prod", "dev"]},
+                {"key": "canary", "operator": "DoesNotExist"},
+                {"key": "team", "operator": "Exists"},
+                {"key": "zone", "operator": "NotIn", "values": ["x"]},
+            ],
+        }
+    )
+    good = {"app": "web", "tier": "front", "env": "prod", "team": "a"}
+    assert matches(sel, good)
+    assert not matches(sel, {**good, "canary": "1"})
+    assert not matches(sel, {**good, "env": "qa"})
+    assert not matches(sel, {**good, "zone": "x"})
+    assert not matches(sel, {k: v for k, v in good.items() if k != "team"})
+    assert not matches(sel, {**good, "app": "db"})
+    assert to_query(sel) == "app=web,tier=front,env in (dev,prod),!canary,team,zone notin (x)"
+    empty = LabelSelector()
+    assert matches(empty, None)
+    assert to_query(empty) == ""
+
+
+def test_gating_product() -> None:
+    enforce = ent.GateCandidate("ns/a", ENFORCE, trusted=True, selects=True)
+    audit = ent.GateCandidate("ns/b", AUDIT, trusted=True, selects=True)
+    untrusted = ent.GateCandidate("ns/c", ENFORCE, trusted=False, selects=True)
+    other = ent.GateCandidate("ns/d", ENFORCE, trusted=True, selects=False)
+    assert ent.gating_product(pod(gated=False), [audit, untrusted, other, enforce]) == "ns/a"
+    assert ent.gating_product(pod(gated=False), [audit, untrusted, other]) is None
+    assert ent.gating_product(pod(gated=True), [enforce]) is None
+    assert ent.gating_product(pod(gated=False, state="Granted"), [enforce]) is None

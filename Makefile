@@ -28,6 +28,7 @@ cluster-down: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: venv control-plane lint
 	$(VENV)/bin/pytest

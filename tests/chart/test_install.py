@@ -79,7 +79,12 @@ def test_install_upgrade_uninstall(
 
     # --- install ---
     values = base_values(name, namespace) | {"serviceAccount": {"roleArn": role_arn}}
-    cluster_helm.install(name, namespace, values=values)
+    notes = cluster_helm.install(name, namespace, values=values).stdout
+    # NOTES.txt: what was configured, and a warning while no product codes are trusted.
+    assert role_arn in notes
+    assert f"namespaces {namespace}" in notes
+    assert "trustedProductCodes is empty" in notes
+    assert "kubectl apply --server-side" in notes, "the CRD upgrade step"
     status = cluster_helm.status(name, namespace)
     assert status["info"]["status"] == "deployed"
     assert status["version"] == 1
@@ -124,7 +129,8 @@ def test_install_upgrade_uninstall(
         "serviceAccount": {"roleArn": new_arn},
         "trustedProductCodes": ["1fszvu527waovqeuhpkyx2b5d"],
     }
-    cluster_helm.install(name, namespace, values=values, upgrade=True)
+    notes = cluster_helm.install(name, namespace, values=values, upgrade=True).stdout
+    assert "trustedProductCodes is empty" not in notes
     assert cluster_helm.status(name, namespace)["version"] == 2
     deployment = apps.read_namespaced_deployment(name, namespace)
     assert deployment.spec.replicas == 2

@@ -487,27 +487,6 @@ def test_emulator_is_wired_to_the_operator(helm: Helm) -> None:
     assert "AWS_ENDPOINT_URL_STS" not in env_of(operator_container(helm.render()))
 
 
-def test_notes_warn_about_missing_trusted_codes_and_role(helm: Helm) -> None:
-    # NOTES.txt is not a manifest; a client-side `helm install --dry-run` prints it.
-    out = helm.run("install", "mmo", str(CHART), "--dry-run=client", "--namespace", NAMESPACE).stdout
-    assert "trustedProductCodes is empty" in out
-    assert "set serviceAccount.roleArn" in out
-    out = helm.run(
-        "install",
-        "mmo",
-        str(CHART),
-        "--dry-run=client",
-        "--namespace",
-        NAMESPACE,
-        "--set",
-        "trustedProductCodes={abc}",
-        "--set",
-        "serviceAccount.roleArn=arn:aws:iam::111122223333:role/m",
-    ).stdout
-    assert "trustedProductCodes is empty" not in out
-    assert "arn:aws:iam::111122223333:role/m" in out
-
-
 # --- bad values -------------------------------------------------------------------------------
 
 BAD_VALUES = [

@@ -289,6 +289,8 @@ def test_pod_bound_token_dies_with_its_pod(kube: client.ApiClient, namespace: st
     assert alive.user.extra["authentication.kubernetes.io/pod-uid"] == [pod.metadata.uid]
 
     core.delete_namespaced_pod("workload", namespace, grace_period_seconds=0)
+    # The API server caches a successful token authentication for about 10 s, so the rejection
+    # shows up after that, not at once.
     wait_until("the bound token to be rejected", lambda: review().authenticated is not True)
 
 

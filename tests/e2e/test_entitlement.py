@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -552,14 +553,14 @@ def test_pod_created_while_the_webhook_was_down_is_found_registered_and_reported
     reasons = {e.reason for e in pod_events(kube, namespace, early["metadata"]["name"])}
     assert "NotGated" in reasons
     status = wait_for(
-        "condition mentions the ungated pod",
+        "Entitled=True",
         lambda: (
             (p := read_product(kube, namespace, "paid"))
-            and "without the entitlement gate" in condition(p, "Entitled").get("message", "")
+            and condition(p, "Entitled").get("status") == "True"
             and p
         ),
     )
-    assert condition(status, "Entitled")["status"] == "True"
+    assert "1 pod(s) started without the entitlement gate" in condition(status, "Entitled")["message"]
 
 
 def test_gate_written_in_the_template_works_without_the_webhook(
@@ -618,3 +619,56 @@ def test_missing_irsa_role_is_an_error_not_a_grant(
     assert pod["metadata"]["uid"] == created["metadata"]["uid"]
     assert gated(pod)
     assert notes(pod)[REASON].startswith("MissingRoleArn")
+
+
+# --- Cluster scope ---------------------------------------------------------------------------------------
+
+
+def test_cluster_scope_registers_once_as_the_operator_and_releases_every_pod(
+    kube: client.ApiClient,
+    namespace: str,
+    operator: OperatorFactory,
+    buyer_emulator: EmulatorProcess,
+    key_pem: str,
+    tmp_path: Path,
+) -> None:
+    # The operator's own IRSA identity, as EKS would project it: a token for its service account.
+    service_account(kube, namespace, "operator", BUYER_ROLE)
+    token = (
+        client.CoreV1Api(kube)
+        .create_namespaced_service_account_token(
+            "operator", namespace, {"spec": {"audiences": ["sts.amazonaws.com"], "expirationSeconds": 3600}}
+        )
+        .status.token
+    )
+    token_file = tmp_path / "operator-token"
+    token_file.write_text(token + "\n")
+    identity = {"AWS_ROLE_ARN": BUYER_ROLE, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token_file)}
+    service_account(kube, namespace, "plain", None)  # pods need no IRSA role in Cluster scope
+    product(kube, namespace, "site", key_pem, app="site", scope="Cluster")
+    op = operator(namespace, buyer_emulator, extra_env=identity)
+    deployment(kube, namespace, "site", app="site", replicas=3, sa="plain")
+
+    granted = wait_for("3 Granted pods", lambda: all_in_state(kube, namespace, "site", 3, "Granted"))
+    kube_system_uid = client.CoreV1Api(kube).read_namespace("kube-system").metadata.uid
+    signatures = {notes(p)[ANNOTATION_SIGNATURE] for p in granted}
+    assert len(signatures) == 1
+    verify_signature(
+        signatures.pop(), key_pem, product_code=PRODUCT_CODE, public_key_version=1, nonce=kube_system_uid
+    )
+    assert len(buyer_emulator.admin.events(operation="RegisterUsage")) == 1
+    status = wait_for(
+        "status.registration",
+        lambda: (
+            (p := read_product(kube, namespace, "site"))["status"].get("registration", {}).get("state")
+            == "Granted"
+            and p
+        ),
+    )
+    assert status["status"]["registration"]["nonce"] == kube_system_uid
+
+    # A restart reuses the verified registration from status: no second call, new pods released.
+    op.restart(kill=True).wait_ready()
+    client.AppsV1Api(kube).patch_namespaced_deployment_scale("site", namespace, {"spec": {"replicas": 4}})
+    wait_for("4 Granted pods", lambda: all_in_state(kube, namespace, "site", 4, "Granted"))
+    assert len(buyer_emulator.admin.events(operation="RegisterUsage")) == 1

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -103,13 +102,6 @@ def emulator(tmp_path_factory: pytest.TempPathFactory, issuer: TestIssuer) -> It
         assert "Traceback" not in emu.log(), emu.log()
 
 
-@pytest.fixture
-def fresh_clock(emulator: EmulatorProcess) -> Iterator[None]:
-    """Tests that move the clock put it back to real time afterwards."""
-    yield
-    emulator.admin.reset_clock()
-
-
 def metering(emulator: EmulatorProcess, creds: dict[str, str], region: str = REGION) -> Any:
     return boto3.client(
         "meteringmarketplace", endpoint_url=emulator.url, region_name=region, config=NO_RETRY, **creds
@@ -130,8 +122,3 @@ def pod_creds(emulator: EmulatorProcess, issuer: TestIssuer) -> Callable[..., di
         return web_identity_credentials(emulator, role, token, region=REGION)
 
     return make
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    return tmp_path

@@ -7,7 +7,8 @@ adapters in ``metering_operator.aws``, e2e tests, benchmarks). The interface is 
     emu.url, emu.state_dir, emu.region, emu.env()      # endpoints for AWS_ENDPOINT_URL_*
     emu.admin.registrations(), emu.admin.advance_clock(3600), emu.admin.set_fault(...)
     emu.stop()      # SIGTERM and wait;   emu.kill()  # SIGKILL (crash)
-    emu2 = emu.restart()   # same config, same state dir, new port
+    emu2 = emu.restart()   # same config, same state dir, new port (kill=True: crash first)
+    with start_emulator(None, state_dir) as emu: ...   # stops on exit
 
 ``TestIssuer`` is a local OIDC issuer (RSA key + JWKS file) that mints Kubernetes-style
 projected service-account tokens, so the STS web-identity path can be exercised without a
@@ -275,6 +276,12 @@ class EmulatorProcess:
             self.process.kill()
             self.process.wait(10)
 
+    def __enter__(self) -> EmulatorProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def restart(self, *, kill: bool = False) -> EmulatorProcess:
         """Stop (or crash) this process and start a new one on the same config and state dir."""
         if kill:
@@ -303,7 +310,9 @@ def start_emulator(
     region: str | None = None
     if isinstance(config, dict):
         config_path = state_dir.parent / f"{state_dir.name}-config.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        # Through JSON first so Paths and datetimes in the dict become plain strings.
+        plain = json.loads(json.dumps(config, default=str))
+        config_path.write_text(yaml.safe_dump(plain, sort_keys=False))
         region = config.get("region")
     elif config is not None:
         config_path = Path(config)

@@ -14,6 +14,7 @@ import re
 import socket
 import time
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -320,8 +321,43 @@ def test_invalid_http_is_refused_without_harm(emulator: EmulatorProcess, raw: by
     assert emulator.admin.health()["ok"] is True
 
 
+@pytest.fixture
+def injected_errors(emulator: EmulatorProcess) -> Iterator[None]:
+    emulator.admin.set_fault("*", error_rate=0.3)
+    yield
+    emulator.admin.clear_faults()
+
+
+@SETTINGS
+@given(data=st.data(), operation=st.sampled_from(OPERATIONS))
+def test_only_injected_faults_answer_5xx(
+    emulator: EmulatorProcess, irsa: Credentials, injected_errors: None, data: st.DataObject, operation: str
+) -> None:
+    body = json.dumps(data.draw(mutated(_templates()[operation]))).encode()
+    headers = signed_headers(emulator, irsa, f"AWSMPMeteringService.{operation}", body, "aws-marketplace")
+    conn = http.client.HTTPConnection("127.0.0.1", emulator.port, timeout=30)
+    try:
+        conn.request("POST", "/", body=body, headers=headers)
+        response = conn.getresponse()
+        status, answer, request_id = response.status, response.read(), response.getheader("x-amzn-RequestId")
+    finally:
+        conn.close()
+    if status >= 500:
+        assert json.loads(answer)["__type"] == "InternalServiceErrorException"
+        [event] = [
+            e
+            for e in emulator.admin.events(error_code="InternalServiceErrorException")
+            if e["requestID"] == request_id
+        ]
+        assert event["injected"] is True
+    else:
+        assert_aws_error_shape(status, answer)
+
+
 def test_server_is_alive_after_fuzzing(emulator: EmulatorProcess) -> None:
     assert emulator.alive()
     assert emulator.admin.health()["ok"] is True
-    assert not emulator.admin.events(error_code="InternalServiceErrorException")
+    assert not [
+        e for e in emulator.admin.events(error_code="InternalServiceErrorException") if not e["injected"]
+    ]
     assert not emulator.admin.events(error_code="InternalFailure")

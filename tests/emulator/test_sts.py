@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.server
+import ipaddress
 import json
 import ssl
 import threading
@@ -204,7 +205,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             ),
             critical=False,
         )
@@ -220,10 +221,48 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def _client_certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A client CA and a client certificate it signed: (ca, cert, key)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client-ca")])
+    now = dt.datetime.now(dt.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "emulator")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = tmp_path / "client-ca.crt", tmp_path / "client.crt", tmp_path / "client.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
 class _JwksServer:
     """An HTTPS server serving a JWKS document that the test can change, counting fetches."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, client_ca: Path | None = None) -> None:
         self.document: dict[str, Any] = {"keys": []}
         self.fetches = 0
         outer = self
@@ -245,6 +284,9 @@ class _JwksServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.ca_file, key_file)
+        if client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(client_ca)
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}/openid/v1/jwks"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -296,3 +338,30 @@ def test_jwks_url_without_the_ca_is_an_idp_communication_error(
     with pytest.raises(ClientError) as exc:
         assume(emulator, issuer.token("ns", "app"), role)
     assert error_code(exc) == "IDPCommunicationError"
+
+
+def test_jwks_url_with_client_certificate(emulator: EmulatorProcess, tmp_path: Path) -> None:
+    client_ca, cert, key = _client_certificate(tmp_path)
+    server = _JwksServer(tmp_path, client_ca=client_ca)
+    try:
+        iss = f"https://issuer-{uuid.uuid4().hex[:8]}.test"
+        issuer = TestIssuer(tmp_path / "d", issuer=iss)
+        server.document = {"keys": [issuer.jwk()]}
+        role = f"arn:aws:iam::{BUYER}:role/mtls-issuer"
+        emulator.admin.put_role({"arn": role, "trust": [{"issuer": iss}]})
+        emulator.admin.put_issuer({"issuer": iss, "jwksUrl": server.url, "caFile": str(server.ca_file)})
+        with pytest.raises(ClientError) as exc:
+            assume(emulator, issuer.token("ns", "app"), role)
+        assert error_code(exc) == "IDPCommunicationError", "without a client certificate the fetch fails"
+        emulator.admin.put_issuer(
+            {
+                "issuer": iss,
+                "jwksUrl": server.url + "?with-cert",
+                "caFile": str(server.ca_file),
+                "clientCertFile": str(cert),
+                "clientKeyFile": str(key),
+            }
+        )
+        assert assume(emulator, issuer.token("ns", "app"), role)["Credentials"]["AccessKeyId"]
+    finally:
+        server.close()

@@ -244,3 +244,16 @@ def test_every_hour_of_usage_is_billed_exactly_once_whatever_the_outages(
             assert entry.hour in L.find(s, entry.carried_into, "replicas").carried_from
     if any(outage[:6]) and all(outage[:8]):
         assert any(e.state is S.EXPIRED for e in s.ledger)
+
+
+def test_a_late_send_result_does_not_carry_into_an_hour_that_has_ended() -> None:
+    """A transient failure recorded at H+6h on a status whose open hour is still H+5 must not
+    carry into H+5 (it is over); the next tick closes H+5 and carries into H+6."""
+    s = L.tick(first_hour(), H + timedelta(hours=5), RULES, POLICY, UID)
+    entry = L.find(s, H, "replicas")
+    late = H + timedelta(hours=6)
+    s = L.mark_transient(L.claim(s, entry, late), entry, "InternalServiceErrorException", late, POLICY, RULES)
+    assert L.find(s, H, "replicas").state is S.PENDING
+    s = L.tick(s, late, RULES, POLICY, UID)
+    assert L.find(s, H, "replicas").carried_into == late
+    assert L.find(s, H + timedelta(hours=5), "replicas").carried_from == []

@@ -342,7 +342,14 @@ def observe(status: MeteringStatus, now: datetime, samples: Mapping[str, Sample]
 def expire(
     status: MeteringStatus, now: datetime, policy: Policy, rules: Sequence[DimensionRule]
 ) -> MeteringStatus:
-    """Carry Pending entries about to leave the window into the open hour of their dimension."""
+    """Carry Pending entries about to leave the window into the open hour of their dimension.
+
+    Only into the hour that is open *at* ``now``: if status still holds an earlier open hour
+    (a send finished after the hour turned, before the next tick), the next :func:`tick` closes
+    that hour first and then carries, so usage always lands in the hour being prepared.
+    """
+    if status.open_hour is not None and status.open_hour.start < hour_start(now):
+        return status
     ledger = [
         _expire_one(e, status.open_hour, rules, "not accepted within the window")
         if e.state is LedgerState.PENDING and now >= policy.expires_at(e.hour)

@@ -282,11 +282,10 @@ async def serve(
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound_port = port
-    server = site._server  # aiohttp exposes the bound sockets only here
-    if server is not None:
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            bound_port = sockets[0].getsockname()[1]
+    for address in runner.addresses:  # the real port when 0 was asked for
+        if isinstance(address, tuple) and len(address) >= 2:
+            bound_port = int(address[1])
+            break
     display_host = f"[{host}]" if ":" in host else host
     announce(f"http://{display_host}:{bound_port}")
     stop = stop or asyncio.Event()

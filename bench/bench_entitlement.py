@@ -124,14 +124,10 @@ class ReleaseWatch:
 
 def pod_patches(api: client.ApiClient) -> float:
     """PATCH requests on pods (not subresources) the API server has served: the operator's writes."""
-    text = api.call_api(
-        "/metrics",
-        "GET",
-        response_type="str",
-        _return_http_data_only=True,
-        auth_settings=["BearerToken"],
-        _preload_content=True,
+    response = api.call_api(
+        "/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True
     )
+    text = response.data.decode()
     total = 0.0
     for family in text_string_to_metric_families(text):
         if family.name != "apiserver_request":

@@ -284,7 +284,13 @@ def cluster_emulator_config(
         role = dict(role)
         role.setdefault("trust", [{"issuer": cluster.issuer, "subjects": ["system:serviceaccount:*"]}])
         trusted_roles.append(role)
-    return {"region": region, "products": list(products), "roles": trusted_roles, "issuers": [issuer], **extra}
+    return {
+        "region": region,
+        "products": list(products),
+        "roles": trusted_roles,
+        "issuers": [issuer],
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +360,7 @@ class Operator:
 def operator_env(
     cluster: ClusterInfo, emulator: Emulator | None, extra_env: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """The operator's environment: the cluster's kubeconfig, the emulator's endpoints, no inherited identity."""
+    """The operator's environment: the cluster's kubeconfig, the emulator's endpoints, no AWS identity."""
     env = _child_env(cluster.env())
     for var in AWS_IDENTITY_VARIABLES:
         env.pop(var, None)
@@ -437,7 +443,9 @@ class Kubectl:
         self.kubeconfig = str(cluster.kubeconfig)
         self.timeout = timeout
 
-    def run(self, *args: str, stdin: str | None = None, check: bool = True, timeout: float | None = None) -> str:
+    def run(
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float | None = None
+    ) -> str:
         """Run ``kubectl ARGS``; stdout on success, StackError with stderr on failure."""
         cmd = [self.binary, "--kubeconfig", self.kubeconfig, *args]
         try:
@@ -450,7 +458,9 @@ class Kubectl:
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            raise StackError(f"kubectl {' '.join(args)}: no answer within {timeout or self.timeout:.0f}s") from None
+            raise StackError(
+                f"kubectl {' '.join(args)}: no answer within {timeout or self.timeout:.0f}s"
+            ) from None
         if check and done.returncode != 0:
             raise StackError(f"kubectl {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout

@@ -31,7 +31,8 @@ class OperatorSettings(BaseModel):
     metrics_port: int = Field(default=8080, ge=0, le=65535)
     health_port: int = Field(default=8081, ge=0, le=65535)
     operator_namespace: str = Field(
-        default="default", description="Namespace the operator runs in (leases and its own Events live there)."
+        default="default",
+        description="Namespace the operator runs in (leases and its own Events live there).",
     )
     operator_identity: str = Field(
         default="", description="This replica's identity for leader election (defaults to hostname-pid)."

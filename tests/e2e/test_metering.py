@@ -322,7 +322,7 @@ def test_two_dimensions_over_three_hours_with_scaling(world: World, operator: Op
     world.create_deployment(deployment("db-replica", 1, "silver"))
     world.wait_bound(4)
     world.set_clock(H0)
-    start_operator(operator, world.namespace, world.emulator, "a")
+    metrics_text = start_operator(operator, world.namespace, world.emulator, "a")
     world.create_product(product([REPLICAS_DIM, VCPU_DIM]))
     world.wait_observed(H0, {"replicas": "4", "vcpu": "1"})
 
@@ -368,6 +368,9 @@ def test_two_dimensions_over_three_hours_with_scaling(world: World, operator: Op
         assert {"Key": "namespace", "Value": world.namespace} in a["Tags"]
     assert records[("vcpu", H0)]["quantityIsDecimal"] is True
     assert world.metering().last_sent_hour == H0 + 2 * HOUR
+    exported = metrics_text.metrics()
+    assert f'metered_quantity_total{{dimension="replicas",product_code="{PRODUCT_CODE}"}} 14.0' in exported
+    assert f'ledger_entries{{namespace="{world.namespace}",product="db",state="Sent"}} 6.0' in exported
     condition = world.condition()
     assert condition is not None
     assert (condition["status"], condition["reason"]) == ("True", "Reporting")
@@ -445,6 +448,10 @@ def test_two_replicas_meter_each_hour_once(world: World, operator: OperatorFacto
         expected[("replicas", H0 + hour * HOUR)] = "3"
         expected[("vcpu", H0 + hour * HOUR)] = vcpu(3)
     assert_one_record_each(world, expected)
+    # Not merely deduplicated by AWS: only the leader called MeterUsage, once per dimension-hour.
+    calls = world.emulator.admin.events(operation="MeterUsage")
+    assert len(calls) == len(expected)
+    assert len({c["userIdentity"]["accessKeyId"] for c in calls}) == 1
     lease = client.CoordinationV1Api(world.apps.api_client).read_namespaced_lease(LEASE, world.namespace)
     assert lease.spec.holder_identity in ("op-a", "op-b")
 

@@ -126,6 +126,16 @@ def test_usage_allocations(client: Any, emulator: EmulatorProcess) -> None:
     assert saved["allocations"] == good
 
 
+def test_allocation_without_tags_is_the_untagged_bucket(client: Any, emulator: EmulatorProcess) -> None:
+    allocations = [
+        {"AllocatedUsageQuantity": 4, "Tags": tags(("team", "a"))},
+        {"AllocatedUsageQuantity": 3},
+    ]
+    record_id = meter(client, hours_ago=3, UsageQuantity=7, UsageAllocations=allocations)["MeteringRecordId"]
+    saved = next(r for r in emulator.admin.meter_records(CUSTOM) if r["meteringRecordId"] == record_id)
+    assert saved["allocations"] == allocations
+
+
 @pytest.mark.parametrize(
     ("quantity", "allocations", "expected"),
     [

@@ -147,8 +147,12 @@ def _check_allocations(allocations: list[dict[str, Any]], total: Decimal, decima
             allocated += Decimal(allocation["AllocatedUsageQuantityAsDecimal"])
         elif has_int:
             allocated += Decimal(int(allocation["AllocatedUsageQuantity"]))
-        tags = allocation.get("Tags") or []
-        if not 1 <= len(tags) <= 5:
+        # An allocation without Tags is the bucket of untagged usage (botocore documents that the
+        # member can be left out); a Tags list that is present must hold 1 to 5 tags.
+        tags = allocation.get("Tags")
+        if tags is None:
+            tags = []
+        elif not 1 <= len(tags) <= 5:
             raise AwsError("InvalidTagException", f"Allocation {index} must have between 1 and 5 tags.")
         keys: set[str] = set()
         for tag in tags:

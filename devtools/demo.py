@@ -66,6 +66,8 @@ IRSA_ANNOTATION = "eks.amazonaws.com/role-arn"
 
 #: The make-believe buyer: AWS's own documentation example account id.
 BUYER_ACCOUNT = "111122223333"
+#: Another documentation-style account id, not subscribed to the product (``--unentitled``).
+UNENTITLED_ACCOUNT = "444455556666"
 #: A Region name of AWS's form that no AWS Region has: only the emulator and the operator use it.
 FALLBACK_REGION = "demo-local-1"
 OPERATOR_SA = "metering-operator"
@@ -73,12 +75,18 @@ TEAM = "storefront"
 CPU_REQUEST = "250m"
 HOURLY_PRICE = 0.12
 DIMENSION_PRICES = {"replicas": 0.05, "vcpu": 0.02}
+#: The operator reads the emulator's clock every second (commands/run.py EmulatorClock).
+CLOCK_FOLLOW_SECONDS = 2.5
 
 T = TypeVar("T")
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived: stop the story, clean up, exit 130."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: stop the story, clean up, exit 130.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way (a
+    probe's retry, a client library) mistakes it for a transient failure.
+    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,9 +306,12 @@ class Demo:
         return self.product_name
 
     @property
+    def buyer_account(self) -> str:
+        return UNENTITLED_ACCOUNT if self.opts.unentitled else BUYER_ACCOUNT
+
+    @property
     def buyer_role(self) -> str:
-        account = "444455556666" if self.opts.unentitled else BUYER_ACCOUNT
-        return f"arn:aws:iam::{account}:role/{self.app}"
+        return f"arn:aws:iam::{self.buyer_account}:role/{self.app}"
 
     @property
     def operator_role(self) -> str:
@@ -415,6 +426,8 @@ class Demo:
             f"MeterUsage dimensions {', '.join(dims)}"
         )
         s.say(f"buyer          account {BUYER_ACCOUNT} entitled")
+        if self.opts.unentitled:
+            s.say(f"               but the pods' role is in account {self.buyer_account} (--unentitled)")
         s.say(f"IRSA roles     {self.buyer_role} (pods), {self.operator_role} (operator)")
         s.say(f"               trusting {issuer}, JWKS fetched from the API server")
         s.say(f"clock          set to {self.hour0:%Y-%m-%d %H:%M:%S}Z")
@@ -624,7 +637,7 @@ class Demo:
         s = self.story
         for pod in pods:
             gates = ", ".join(pod.gates_at_creation) or "(none)"
-            s.say(f"{pod.name:<40} created with schedulingGates: [{gates}]")
+            s.say(f"{pod.name:<34} created with schedulingGates: [{gates}]")
         ungated = [p.name for p in pods if GATE not in p.gates_at_creation]
         if ungated:
             raise StackError(f"pods created without the gate {GATE}: {', '.join(ungated)}")
@@ -640,17 +653,28 @@ class Demo:
             denied = [p for p in pods if p.entitlement in ("Denied", "Error")]
             if denied:
                 p = denied[0]
-                raise DeniedError(f"pod {p.name} is {p.entitlement}: {p.reason}")
+                raise DeniedError(
+                    f"pod {p.name} is {p.entitlement}: {p.reason}\n"
+                    "  (a denial is final: the pod stays behind the scheduling gate)"
+                )
             done = [p for p in pods if p.entitlement == "Granted" and p.running_at is not None]
             return pods if len(pods) == count and len(done) == count else None
 
         try:
             return self.wait(f"{count} pods Granted and Running", settled)
+        except DeniedError:
+            raise
         except StackError:
             states = ", ".join(
                 f"{p.name}: {p.entitlement or 'no annotation'}/{p.phase}" for p in watcher.current()
             )
-            raise StackError(f"timed out waiting for {count} pods Granted and Running ({states})") from None
+            hint = ""
+            if any(p.entitlement == "Granted" and p.running_at is None for p in watcher.current()):
+                logs = self.info.state_dir / "logs" if self.info else "the cluster's logs"
+                hint = f"; Granted pods not Running: is the scheduler or KWOK busy? see {logs}"
+            raise StackError(
+                f"timed out waiting for {count} pods Granted and Running ({states}){hint}"
+            ) from None
 
     def show_registered(self, pods: list[PodSeen]) -> None:
         s = self.story
@@ -660,11 +684,17 @@ class Demo:
             reg = regs.get(pod.uid)
             if reg is None:
                 raise StackError(f"the emulator has no RegisterUsage registration for pod {pod.name}")
-            role = str(reg["identity"].get("role") or reg["identity"].get("arn") or "?").rsplit("/", 1)[-1]
+            identity = reg["identity"]
+            role = str(identity.get("roleArn") or identity.get("arn") or "?").rsplit("/", 1)[-1]
+            if identity.get("podName") not in (None, pod.name):
+                raise StackError(f"pod {pod.name} registered as pod {identity.get('podName')}")
             released = (pod.released_at or pod.created_at) - pod.created_at
             running = (pod.running_at or pod.created_at) - pod.created_at
-            s.say(f"{pod.name:<40} RegisterUsage as role/{role}, nonce = pod uid {pod.uid[:8]}...")
-            s.say(f"{'':<40} Granted, gate removed +{released:.2f}s, Running +{running:.2f}s")
+            s.say(f"{pod.name:<34} STS: token bound to this pod -> role/{role}")
+            s.say(
+                f"{'':<34} RegisterUsage nonce={pod.uid[:8]}.. -> Granted: "
+                f"ungated +{released:.2f}s, Running +{running:.2f}s"
+            )
 
     def step_registered(self) -> None:
         s = self.story
@@ -723,7 +753,7 @@ class Demo:
                 "--public-key",
                 str(pem_file),
             ]
-            s.say("$ metering-operator " + " ".join(a if len(a) < 48 else "..." + a[-30:] for a in args))
+            s.say("$ metering-operator " + " ".join(short_path(a) for a in args))
             done = subprocess.run(
                 [*verify_command(), *args], capture_output=True, text=True, timeout=60, check=False
             )
@@ -748,8 +778,14 @@ class Demo:
                 if not d or not d.get("lastSampleAt") or d.get("lastValue") is None:
                     return False
                 when = datetime.fromisoformat(str(d["lastSampleAt"]).replace("Z", "+00:00"))
-                if when < after or float(d["lastValue"]) != float(value):
+                if float(d["lastValue"]) != float(value):
                     return False
+                if when < after:
+                    # The value changed before the operator's clock reached ``after``: the hour's
+                    # average would not be what the story says, so say so instead of waiting.
+                    raise StackError(
+                        f"the operator sampled {name}={value} at {when:%H:%M:%S}Z, before {after:%H:%M:%S}Z"
+                    )
             return True
 
         self.wait(f"the operator to sample {values} after {after:%H:%M:%S}Z", seen)
@@ -763,8 +799,12 @@ class Demo:
         s.say(f"open hour {self.hour0:%H:%M}Z: {dims[0]}=3, {dims[1]}={values[dims[1]]}")
         half = self.hour0 + timedelta(minutes=30)
         self.advance_clock(half)
-        self.wait_sampled(half, values)
-        s.done(f"sampled at {half:%H:%M}Z: still 3 pods")
+        s.say("the operator follows that clock (--emulator-clock-url, read every second); unchanged")
+        s.say("samples are not written to status: a gap counts as the last value (3 pods, 30 min)")
+        # Nothing observable changes while the value stays the same, so give the operator's clock
+        # (refreshed every second) time to move before the scale, which must count from 04:30.
+        time.sleep(CLOCK_FOLLOW_SECONDS)
+        s.done(f"operator clock at {half:%H:%M}Z, still 3 pods")
 
     def step_scale(self) -> None:
         s = self.story
@@ -810,7 +850,7 @@ class Demo:
         entries = self.wait(f"ledger entries for {self.hour0:%H:%M}Z to be Sent", sent)
         for e in sorted(entries, key=lambda e: str(e.get("dimension"))):
             s.say(
-                f"{self.hour0:%H:%M}Z  {e['dimension']:<9} quantity {e['quantity']:<6} {e['state']}  "
+                f"{self.hour0:%H:%M}Z  {e['dimension']:<9} quantity {e['quantity']:<8} {e['state']}  "
                 f"record {e.get('meteringRecordId')}  attempts {e.get('attempts')}"
             )
             for a in e.get("allocations") or []:
@@ -842,7 +882,7 @@ class Demo:
             hour = parse_time(d.get("hour"))
             when = f"{hour:%H:%M}Z" if hour else d.get("hour")
             s.say(
-                f"{d['dimension']:<9} {when}  quantity {d['quantity']:<6} "
+                f"{d['dimension']:<9} {when}  quantity {d['quantity']:<8} "
                 f"x ${d['unitPrice']} = ${float(d['amount']):.4f}"
             )
         total = float(bill.get("totalAmount") or 0)
@@ -932,7 +972,7 @@ class Demo:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-        print(f"  namespace {self.ns} deleted", flush=True)
+        print(f"  namespace {self.ns} deleted (finishing in the background)", flush=True)
 
     def release_cluster(self) -> None:
         if self.api is not None:
@@ -979,6 +1019,18 @@ def verify_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "metering_operator.cli"]
+
+
+def short_path(arg: str) -> str:
+    """A path argument relative to the working directory when it is below it (shorter lines)."""
+    prefix = "@" if arg.startswith("@") else ""
+    path = Path(arg[len(prefix) :])
+    if path.is_absolute():
+        try:
+            return prefix + str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return arg
+    return arg
 
 
 def cpu_cores(quantity: str) -> float:

@@ -75,6 +75,9 @@ def wait_until(
 ) -> T:
     """Poll ``probe`` until it returns something truthy; StackError naming ``what`` on timeout.
 
+    Other exceptions from ``probe`` count as "not yet" (the last is reported on timeout), except
+    StackError, which a probe raises when waiting longer cannot help.
+
     ``alive`` returns a message when a process the wait depends on has died, so a crash is
     reported at once instead of after the whole timeout.
     """
@@ -83,6 +86,8 @@ def wait_until(
     while True:
         try:
             value = probe()
+        except StackError:
+            raise  # the probe knows waiting cannot help (e.g. a pod was denied)
         except Exception as exc:  # a probe's transient failure (API server busy) is retried
             value, last_error = None, exc
         if value:

@@ -150,3 +150,24 @@ def one(objects: Iterable[dict[str, Any]], kind: str, name: str | None = None) -
         f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
     )
     return found[0]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate mapping keys (which PyYAML and Helm silently accept)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def strict_load_all(text: str) -> list[Any]:
+    return [doc for doc in yaml.load_all(text, Loader=_UniqueKeyLoader) if doc]

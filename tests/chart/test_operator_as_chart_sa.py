@@ -193,7 +193,96 @@ def test_operator_with_chart_service_account_token_grants_pods(
         # Nothing was refused along the way: no RBAC error in the operator's log.
         log = op.log()
         assert "Forbidden" not in log, log[-4000:]
-        deployment = client.AppsV1Api(kube).read_namespaced_deployment("product", product_namespace)
-        assert (deployment.metadata.annotations or {}).get(ENTITLEMENT, "").startswith("Granted")
+        # The workload summary follows the pod patches.
+        apps = client.AppsV1Api(kube)
+        deadline = time.monotonic() + 60
+        summary = ""
+        while not summary.startswith("Granted"):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"Deployment annotation {ENTITLEMENT!r} is {summary!r}:\n{op.log()[-4000:]}"
+                )
+            time.sleep(0.5)
+            annotations = apps.read_namespaced_deployment("product", product_namespace).metadata.annotations
+            summary = (annotations or {}).get(ENTITLEMENT, "")
+        assert "Forbidden" not in op.log()
     finally:
+        cluster_helm.run("uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)
+
+
+def test_operator_with_chart_service_account_token_meters_an_hour(
+    cluster: ClusterInfo,
+    cluster_helm: Helm,
+    kube: client.ApiClient,
+    namespace: str,
+    product_namespace: str,
+    metered_product_crd: dict[str, Any],  # noqa: F811
+    operator: OperatorFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Sampling, the Lease in the operator's namespace, the status ledger and MeterUsage, as the chart's SA.
+
+    2 replicas for the whole hour H0 (Average, Up) -> exactly one record of 2 for H0, marked Sent.
+    """
+    from metering_operator.domain.product import LedgerState
+    from tests.e2e.test_metering import (
+        H0,
+        HOUR,
+        KEYS,
+        PLAIN_REPLICAS_DIM,
+        World,
+        deployment,
+        metering_emulator,
+        product,
+    )
+
+    name = f"mmo-{namespace}"
+    values = {"fullnameOverride": name, "watchNamespaces": [product_namespace], "webhook": {"enabled": False}}
+    emulator = metering_emulator(cluster, tmp_path / "emulator", ["replicas"])
+    try:
+        cluster_helm.install(name, namespace, values=values)
+        kubeconfig = token_kubeconfig(cluster, kube, namespace, name, tmp_path / "chart-sa.kubeconfig")
+        world = World(kube, product_namespace, emulator)
+        # Replicas measures the desired count, so the test does not wait on the (shared) scheduler.
+        world.create_deployment(deployment("db", 2, "gold"))
+        world.set_clock(H0)
+        key, secret = KEYS["a"]
+        lease = "chart-sa-metering"
+        op = operator(
+            product_namespace,
+            emulator,
+            webhook=False,
+            extra_args=[
+                "--operator-namespace",
+                namespace,
+                "--sample-interval-seconds",
+                "1",
+                "--emulator-clock-url",
+                emulator.url,
+                "--lease-name",
+                lease,
+                "--lease-duration-seconds",
+                "3",
+            ],
+            extra_env={
+                "KUBECONFIG": str(kubeconfig),
+                "AWS_ACCESS_KEY_ID": key,
+                "AWS_SECRET_ACCESS_KEY": secret,
+            },
+        )
+        world.create_product(product([PLAIN_REPLICAS_DIM]))
+        world.wait_observed(H0, {"replicas": "2"})
+        world.set_clock(H0 + HOUR)
+        world.wait_entries(H0, LedgerState.SENT, ["replicas"])
+
+        records = world.records()
+        assert list(records) == [("replicas", H0)], records
+        (record,) = records[("replicas", H0)]
+        assert int(record["quantity"]) == 2
+        # The Lease lives in the operator's namespace, held by this process.
+        held = client.CoordinationV1Api(kube).read_namespaced_lease(lease, namespace)
+        assert held.spec.holder_identity
+        assert "Forbidden" not in op.log(), op.log()[-4000:]
+    finally:
+        emulator.stop()
         cluster_helm.run("uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)

@@ -54,7 +54,6 @@ NEEDED = [
     Access("create", "serviceaccounts", subresource="token"),
     Access("get", "configmaps"),
     Access("create", "events"),
-    Access("patch", "events"),
     *[
         Access(v, r, "apps")
         for r in ("deployments", "replicasets", "statefulsets", "daemonsets")
@@ -95,6 +94,7 @@ FORBIDDEN = [
     Access("create", "serviceaccounts"),
     Access("patch", "serviceaccounts"),
     Access("delete", "events"),
+    Access("patch", "events"),
     *[
         Access("create", r, "rbac.authorization.k8s.io", namespace=CLUSTER)
         for r in ("clusterroles", "clusterrolebindings")

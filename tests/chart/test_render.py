@@ -17,7 +17,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from tests.chart.helmcli import CHART, Helm, HelmError, by_kind, one
+from tests.chart.helmcli import CHART, Helm, HelmError, by_kind, one, strict_load_all
 
 RELEASE = "mmo"
 NAMESPACE = "metering-system"
@@ -60,6 +60,21 @@ def test_helm_lint_strict_passes(helm: Helm, set_values: tuple[str, ...]) -> Non
         args += ["--set", item]
     result = helm.run(*args)
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "set_values",
+    [
+        (),
+        ("replicas=3", "metrics.serviceMonitor.enabled=true", "webhook.certificate.source=certManager"),
+        ("watchNamespaces={a,b}", "emulator.enabled=true", "region=eu-west-1", "podLabels.team=x"),
+    ],
+    ids=["defaults", "ha-certmanager-monitor", "namespaced-emulator"],
+)
+def test_rendered_yaml_has_no_duplicate_keys(helm: Helm, set_values: tuple[str, ...]) -> None:
+    # The API server keeps the last of duplicated keys without a word; catch them here.
+    objects = strict_load_all(helm.template(set_values=set_values).stdout)
+    assert objects
 
 
 # --- defaults ---------------------------------------------------------------------------------

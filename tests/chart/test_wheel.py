@@ -201,3 +201,22 @@ def test_dockerfile_steps_build_and_install_a_working_wheel(
         [script, "run", "--help"], capture_output=True, text=True, env=final_env, cwd=tmp_path
     )
     assert run_help.returncode == 0, run_help.stderr
+    for flag in ("--namespace", "--trusted-product-code", "--region", "--webhook-cert-dir", "--health-port"):
+        assert flag in run_help.stdout, f"`run --help` of the installed wheel lacks {flag}"
+    # botocore was pruned to two service models: both clients, and the emulator's use of the
+    # Metering model, still load.
+    subprocess.run(
+        [
+            str(venv / "bin/python"),
+            "-c",
+            "import boto3; from metering_operator.emulator.validation import service_model; "
+            "[boto3.client(s, region_name='eu-west-1') for s in ('meteringmarketplace', 'sts')]; "
+            "[service_model(s).operation_names for s in ('meteringmarketplace', 'sts')]",
+        ],
+        check=True,
+        env=final_env,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file())
+    print(f"installed virtualenv: {size / 2**20:.1f} MiB")  # reported, not asserted

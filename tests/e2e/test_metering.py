@@ -368,9 +368,15 @@ def test_two_dimensions_over_three_hours_with_scaling(world: World, operator: Op
         assert {"Key": "namespace", "Value": world.namespace} in a["Tags"]
     assert records[("vcpu", H0)]["quantityIsDecimal"] is True
     assert world.metering().last_sent_hour == H0 + 2 * HOUR
-    exported = metrics_text.metrics()
+    # The gauges follow the status write that the test just saw, a moment later.
+    sent_gauge = f'ledger_entries{{namespace="{world.namespace}",product="db",state="Sent"}} 6.0'
+
+    def gauges() -> str | None:
+        text = metrics_text.metrics()
+        return text if sent_gauge in text else None
+
+    exported = wait_for("the ledger gauge", gauges)
     assert f'metered_quantity_total{{dimension="replicas",product_code="{PRODUCT_CODE}"}} 14.0' in exported
-    assert f'ledger_entries{{namespace="{world.namespace}",product="db",state="Sent"}} 6.0' in exported
     condition = world.condition()
     assert condition is not None
     assert (condition["status"], condition["reason"]) == ("True", "Reporting")

@@ -485,10 +485,12 @@ class ProductController:
         uid, name = meta["uid"], meta["name"]
         code = info.spec.product_code
         audit = info.mode is EntitlementMode.AUDIT
-        workload = self._workload(pod)
+        # The owner is looked up after the decisive write where possible: it is a summary, and a
+        # ReplicaSet GET must not sit between a pod and its gate removal.
+        workload: WorkloadRef | None = None
         if decision.action is ent.Action.RELEASE:
             self.rt.pods.write_with_retry(pod, self._release_ops)
-            return _Result(uid, None, workload=workload)
+            return _Result(uid, None, workload=self._workload(pod))
         if decision.ungated:
             self.rt.events.post(
                 object_ref(pod, "Pod", "v1"),
@@ -498,6 +500,7 @@ class ProductController:
                 f"unreachable?); registering it for {info.key} now",
             )
         attempt = 0
+        started = time.perf_counter()
         while True:
             attempt += 1
             try:
@@ -517,7 +520,7 @@ class ProductController:
             except aws_errors.MeteringError as exc:
                 reason = f"{exc.code}: {exc.message}"
                 if exc.operation == aws_errors.REGISTER_USAGE and exc.denied:
-                    return self._finish_denied(pod, info, reason, workload, audit)
+                    return self._finish_denied(pod, info, reason, audit)
                 if exc.retryable and not self._stop.is_set():
                     metrics.REGISTRATIONS.labels(code, "retried").inc()
                     pod = self._write_state(pod, info, EntitlementState.PENDING, reason, audit)
@@ -525,11 +528,11 @@ class ProductController:
                     if self._stop.wait(delay):
                         return _Result(uid, None, workload=workload)
                     continue
-                return self._finish_error(pod, info, reason, workload, audit)
+                return self._finish_error(pod, info, reason, audit)
             except RegistrationSetupError as exc:
-                return self._finish_error(pod, info, str(exc), workload, audit)
+                return self._finish_error(pod, info, str(exc), audit)
             except SignatureError as exc:
-                return self._finish_error(pod, info, f"InvalidSignature: {exc}", workload, audit)
+                return self._finish_error(pod, info, f"InvalidSignature: {exc}", audit)
             except ApiException as exc:
                 reason = f"KubernetesApi{exc.status}: {exc.reason}"
                 if (exc.status in (429,) or (exc.status or 0) >= 500) and not self._stop.is_set():
@@ -537,9 +540,10 @@ class ProductController:
                     if self._stop.wait(ent.backoff_delay(attempt, base=0.5, cap=TRANSIENT_BACKOFF_CAP)):
                         return _Result(uid, None, workload=workload)
                     continue
-                return self._finish_error(pod, info, reason, workload, audit)
+                return self._finish_error(pod, info, reason, audit)
 
         registered_at = self.rt.clock.now()
+        registered = time.perf_counter()
 
         def grant_ops(current: Mapping[str, Any]) -> list[dict[str, Any]] | None:
             if current.get("metadata", {}).get("uid") != uid:
@@ -563,12 +567,18 @@ class ProductController:
                     "Registered",
                     f"RegisterUsage granted for {info.key} ({code}); signature verified, gate removed",
                 )
-        log.info("pod %s/%s granted for %s", info.namespace, name, info.key)
-        return _Result(uid, ent.Outcome.GRANTED, workload=workload, ungated=decision.ungated)
+        log.info(
+            "pod %s/%s granted for %s (registration %.0f ms, write %.0f ms, %d attempt(s))",
+            info.namespace,
+            name,
+            info.key,
+            1000 * (registered - started),
+            1000 * (time.perf_counter() - registered),
+            attempt,
+        )
+        return _Result(uid, ent.Outcome.GRANTED, workload=self._workload(pod), ungated=decision.ungated)
 
-    def _finish_denied(
-        self, pod: dict[str, Any], info: ProductInfo, reason: str, workload: WorkloadRef | None, audit: bool
-    ) -> _Result:
+    def _finish_denied(self, pod: dict[str, Any], info: ProductInfo, reason: str, audit: bool) -> _Result:
         uid = pod["metadata"]["uid"]
         self._write_state(pod, info, EntitlementState.DENIED, reason, audit)
         metrics.REGISTRATIONS.labels(info.spec.product_code, "denied").inc()
@@ -580,11 +590,9 @@ class ProductController:
             info.ref(), "Warning", "EntitlementDenied", f"pod {pod['metadata']['name']}: {message}"
         )
         log.warning("pod %s/%s denied: %s", info.namespace, pod["metadata"]["name"], reason)
-        return _Result(uid, ent.Outcome.DENIED, reason, workload)
+        return _Result(uid, ent.Outcome.DENIED, reason, self._workload(pod))
 
-    def _finish_error(
-        self, pod: dict[str, Any], info: ProductInfo, reason: str, workload: WorkloadRef | None, audit: bool
-    ) -> _Result:
+    def _finish_error(self, pod: dict[str, Any], info: ProductInfo, reason: str, audit: bool) -> _Result:
         uid = pod["metadata"]["uid"]
         self._write_state(pod, info, EntitlementState.ERROR, reason, audit)
         metrics.REGISTRATIONS.labels(info.spec.product_code, "error").inc()
@@ -596,7 +604,7 @@ class ProductController:
             + ("" if audit else "; the pod stays gated and is retried later"),
         )
         log.warning("pod %s/%s registration error: %s", info.namespace, pod["metadata"]["name"], reason)
-        return _Result(uid, ent.Outcome.ERROR, reason, workload)
+        return _Result(uid, ent.Outcome.ERROR, reason, self._workload(pod))
 
     def _write_state(
         self, pod: dict[str, Any], info: ProductInfo, state: EntitlementState, reason: str, release: bool
@@ -665,10 +673,10 @@ class ProductController:
         token = registration.get("signature")
         nonce = registration.get("nonce")
         state = registration.get("state")
-        if state == EntitlementState.DENIED.value and nonce:
+        if state == EntitlementState.DENIED.value:
             return _ClusterRegistration(
                 EntitlementState.DENIED,
-                nonce,
+                nonce or "",
                 last_error=registration.get("lastError"),
                 attempts=int(registration.get("attempts") or 0),
             )
@@ -702,6 +710,7 @@ class ProductController:
 
     def _cluster_work(self, info: ProductInfo, previous: _ClusterRegistration | None) -> None:
         attempts = (previous.attempts if previous else 0) + 1
+        nonce = ""
         try:
             nonce = self.rt.kube_system_uid()
             verified = self.rt.registrar.register_cluster(info.product_key(), nonce)
@@ -718,8 +727,9 @@ class ProductController:
         except aws_errors.MeteringError as exc:
             reason = f"{exc.code}: {exc.message}"
             if exc.operation == aws_errors.REGISTER_USAGE and exc.denied:
+                # Recorded in status with its nonce: a restarted operator must not ask again.
                 result = _ClusterRegistration(
-                    EntitlementState.DENIED, "", attempts=attempts, last_error=reason
+                    EntitlementState.DENIED, nonce, attempts=attempts, last_error=reason
                 )
             else:
                 keep = previous if previous and previous.state is EntitlementState.GRANTED else None

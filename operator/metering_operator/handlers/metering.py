@@ -156,10 +156,10 @@ class MeteringRuntime:
         self.cycles += 1
         for _ in range(5):
             try:
-                written = self._sample_and_close(namespace, name)
-                if written is None:
+                current = self._sample_and_close(namespace, name)
+                if current is None:
                     return
-                self._send_due(namespace, name)
+                self._send_due(current)
                 return
             except Conflict:
                 continue  # someone else wrote in between: re-read and apply again
@@ -167,6 +167,7 @@ class MeteringRuntime:
                 return
 
     def _sample_and_close(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """Sample and tick; returns the object as now stored (written or just read), or None."""
         obj = self.store.read(namespace, name)
         try:
             product = MeteredProduct.from_kube(obj)
@@ -209,7 +210,7 @@ class MeteringRuntime:
             crash_point("before-ledger-write")
         written = self.store.write_status(obj, self._status(obj, plan, after, now))
         self.last_write[key] = time.monotonic()
-        self._observe_metrics(namespace, name, plan, before, after)
+        self._export_ledger(namespace, name, after)
         if new_pending:
             log.info(
                 "%s/%s: hour(s) closed, ledger entries Pending: %s",
@@ -245,8 +246,9 @@ class MeteringRuntime:
         return status
 
     # -- sending ------------------------------------------------------------------------------
-    def _send_due(self, namespace: str, name: str) -> None:
-        obj = self.store.read(namespace, name)
+    def _send_due(self, obj: dict[str, Any]) -> None:
+        """Send what is due, starting from ``obj`` as just read or written (its resourceVersion)."""
+        namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         product = MeteredProduct.from_kube(obj)
         plan = ProductPlan.of(product)
         now = self.clock.now()
@@ -361,14 +363,13 @@ class MeteringRuntime:
             now = self.clock.now()
             return self._status(obj, ProductPlan.of(product), transition(current, now), now)
 
-        self.store.update(namespace, name, apply, attempts=10)
+        written = self.store.update(namespace, name, apply, attempts=10)
+        if written is not None:
+            self._export_ledger(namespace, name, MeteredProduct.from_kube(written).status.metering)
 
     # -- observability ------------------------------------------------------------------------
-    def _observe_metrics(
-        self, namespace: str, name: str, plan: ProductPlan, before: MeteringStatus, after: MeteringStatus
-    ) -> None:
-        del plan, before
-        for state, count in ledger.counts(after).items():
+    def _export_ledger(self, namespace: str, name: str, status: MeteringStatus) -> None:
+        for state, count in ledger.counts(status).items():
             metrics.LEDGER_ENTRIES.labels(namespace, name, state.value).set(count)
 
     def _events_for_new_carries(

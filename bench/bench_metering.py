@@ -159,6 +159,10 @@ def _flip(pod: PodView) -> PodView:
 # cluster part
 
 
+def _code(product: int) -> str:
+    return f"benchproduct{product:013d}"
+
+
 def _proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
@@ -190,7 +194,7 @@ def bench_cluster(steady_seconds: float, interval: float, log: Callable[[str], N
 
     from devtools.cluster import LocalCluster
     from kubernetes import client, config
-    from tests.e2e.conftest import BUYER_ACCOUNT, PRODUCT_CODE, emulator_config, install_crd, launch_operator
+    from tests.e2e.conftest import BUYER_ACCOUNT, emulator_config, install_crd, launch_operator
     from tests.emulator.harness import start_emulator
 
     from metering_operator.domain.product import GROUP, PLURAL, VERSION
@@ -247,12 +251,15 @@ def bench_cluster(steady_seconds: float, interval: float, log: Callable[[str], N
         emulator = start_emulator(
             emulator_config(
                 info,
+                # One listing per MeteredProduct: AWS keys records by product code, caller,
+                # dimension and hour, so products sharing a code would collide.
                 products=[
                     {
-                        "productCode": PRODUCT_CODE,
+                        "productCode": _code(p),
                         "dimensions": [{"name": d[0]} for d in DIMENSIONS],
                         "entitledAccounts": [BUYER_ACCOUNT],
                     }
+                    for p in range(PRODUCTS)
                 ],
                 staticCredentials=[
                     {
@@ -292,7 +299,7 @@ def bench_cluster(steady_seconds: float, interval: float, log: Callable[[str], N
                     "kind": "MeteredProduct",
                     "metadata": {"name": f"product-{p}"},
                     "spec": {
-                        "productCode": PRODUCT_CODE,
+                        "productCode": _code(p),
                         "publicKeyVersion": 1,
                         "selector": {"matchLabels": {"app": f"product-{p}"}},
                         "entitlement": {"mode": "Off"},
@@ -358,7 +365,7 @@ def bench_cluster(steady_seconds: float, interval: float, log: Callable[[str], N
         cpu_report = _proc_cpu(pid) - cpu2
         rss_end, hwm = _proc_mem(pid)
         calls = emulator.admin.events(operation="MeterUsage")
-        records = emulator.admin.meter_records(PRODUCT_CODE)
+        records = emulator.admin.meter_records()
         metrics = operator.metrics()
         return {
             "pods_ready_s": pods_ready_s,
@@ -449,7 +456,8 @@ def report(domain: dict[str, Any], cluster: dict[str, Any] | None, command: str)
             "## Cluster (operator process, local control plane, KWOK pods, emulator)",
             "",
             f"50 MeteredProducts in {NAMESPACES} namespaces, each selecting a 40-replica Deployment "
-            f"(2,000 Ready pods, 10m CPU and 16Mi requested each), sampled every {c['interval']} s (the product default is 60 s).",
+            "(2,000 Ready pods, 10m CPU and 16Mi requested each), sampled every "
+            f"{c['interval']} s (the product default is 60 s).",
             "",
             *_table(
                 [

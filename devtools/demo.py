@@ -12,8 +12,11 @@ clock passes the hour; ``kubectl get mprod``; and what AWS would bill.
 
 Everything it starts it stops, on success, failure, Ctrl-C or SIGTERM: the operator and the
 emulator, the demo namespace and webhook configuration, and the cluster if the demo started it
-(``--keep-cluster`` keeps it). A step that does not finish within its timeout ends the demo with
-exit code 1 and says which step and why; logs stay under ``.local/demo/``.
+(``--keep-cluster`` keeps it). A step that does not finish within its timeout (``--step-timeout``)
+ends the demo with exit code 1 and says which step and why; an interrupted demo exits 130; logs
+stay under ``.local/demo/`` (``--work-dir``).
+
+Reusable orchestration (emulator, operator, kubectl) lives in :mod:`devtools.stack`.
 """
 
 from __future__ import annotations
@@ -368,6 +371,10 @@ class Demo:
         self.step_bill()
         total = time.monotonic() - self.story.t0
         print(f"\nDemo complete in {total:.0f}s. Logs: {self.opts.work_dir}", flush=True)
+        print(
+            "Next: `.venv/bin/python -m devtools.demo --unentitled` shows a buyer who is not subscribed.",
+            flush=True,
+        )
 
     def step_cluster(self) -> None:
         s = self.story
@@ -421,15 +428,16 @@ class Demo:
         self.hour0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         self.emulator.admin.set_clock(self.hour0)
         s.say(f"listening      {self.emulator.url}  (region {self.opts.region})")
+        s.say(f"product        {self.product_code}")
         s.say(
-            f"product        {self.product_code}: RegisterUsage ${HOURLY_PRICE}/pod-hour, "
-            f"MeterUsage dimensions {', '.join(dims)}"
+            f"               RegisterUsage ${HOURLY_PRICE}/pod-hour; MeterUsage dimensions {', '.join(dims)}"
         )
         s.say(f"buyer          account {BUYER_ACCOUNT} entitled")
         if self.opts.unentitled:
             s.say(f"               but the pods' role is in account {self.buyer_account} (--unentitled)")
-        s.say(f"IRSA roles     {self.buyer_role} (pods), {self.operator_role} (operator)")
-        s.say(f"               trusting {issuer}, JWKS fetched from the API server")
+        s.say(f"IRSA roles     {self.buyer_role} (the pods)")
+        s.say(f"               {self.operator_role} (the operator)")
+        s.say(f"               trusting {issuer} (JWKS fetched from the API server)")
         s.say(f"clock          set to {self.hour0:%Y-%m-%d %H:%M:%S}Z")
         s.say(f"log            {self.emulator.log_path}")
         s.done("emulator up")
@@ -485,7 +493,7 @@ class Demo:
             if exc.status == 404:
                 return
             raise
-        self.story.say(f"namespace {self.ns} left from an earlier run: deleting it first")
+        self.story.say(f"namespace {self.ns} is left from an earlier run: waiting until it is gone")
         strip_product_finalizers(self.api, self.ns)
         try:
             core.delete_namespace(self.ns)
@@ -629,7 +637,13 @@ class Demo:
             pods = watcher.current()
             return pods if len(pods) >= 3 else None
 
-        pods = self.wait("3 pods to be created", created)
+        try:
+            pods = self.wait("3 pods to be created", created)
+        except StackError as exc:
+            logs = self.info.state_dir / "logs" if self.info else "the cluster's logs"
+            raise StackError(
+                f"{exc}; kube-controller-manager creates them (is it busy with other workloads? see {logs})"
+            ) from None
         self.show_created(pods)
         s.done(f"{len(pods)} pods admitted with the gate added by the operator's webhook")
 
@@ -753,7 +767,10 @@ class Demo:
                 "--public-key",
                 str(pem_file),
             ]
-            s.say("$ metering-operator " + " ".join(short_path(a) for a in args))
+            shown = [short_path(a) for a in args]
+            s.say(f"$ metering-operator verify {shown[1]} \\")
+            s.say(f"      {' '.join(shown[2:6])} \\")
+            s.say(f"      {' '.join(shown[6:])}")
             done = subprocess.run(
                 [*verify_command(), *args], capture_output=True, text=True, timeout=60, check=False
             )
@@ -909,6 +926,8 @@ class Demo:
                 action()
             except Exception as exc:  # one failed cleanup step must not skip the others
                 print(f"  cleanup: could not {what}: {exc}", flush=True)
+        # The operator's web-identity token is a credential for the cluster: do not leave it lying around.
+        (self.opts.work_dir / "operator-token").unlink(missing_ok=True)
         for path in (self.opts.work_dir / "emulator.log", self.opts.work_dir / "operator.log"):
             if path.exists():
                 print(f"  log kept: {path}", flush=True)

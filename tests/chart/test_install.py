@@ -26,7 +26,8 @@ CRD_NAME = "meteredproducts.marketplace.metering.dev"
 T = TypeVar("T")
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
+# Generous: the cluster is shared with benchmarks that can keep the controller manager busy.
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 180.0) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = probe()

@@ -56,9 +56,10 @@ NEEDED = [
     Access("create", "events"),
     *[
         Access(v, r, "apps")
-        for r in ("deployments", "replicasets", "statefulsets", "daemonsets")
+        for r in ("deployments", "statefulsets", "daemonsets")
         for v in ("get", "list", "watch", "patch")
     ],
+    Access("get", "replicasets", "apps"),
     *[Access(v, "leases", "coordination.k8s.io", namespace=RELEASE_NS) for v in ("get", "create", "update")],
     Access("create", "events", namespace=RELEASE_NS),
     *[
@@ -89,6 +90,8 @@ FORBIDDEN = [
     Access("update", "meteredproducts", GROUP),
     *[Access(v, "deployments", "apps") for v in ("create", "update", "delete")],
     Access("patch", "deployments", "apps", "scale"),
+    Access("patch", "replicasets", "apps"),
+    Access("list", "replicasets", "apps"),
     Access("list", "configmaps"),
     Access("update", "configmaps"),
     Access("create", "serviceaccounts"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -553,3 +554,27 @@ def test_schema_covers_every_default_value(helm: Helm) -> None:
     walk(values, schema, "")
     with pytest.raises(HelmError):
         helm.template(values={"webhook": {"portt": 1}})
+
+
+def test_documented_kind_values_install_cleanly(helm: Helm, tmp_path: Path) -> None:
+    """docs/install.md's kind values pass the chart's schema and the emulator's own config model."""
+    from metering_operator.emulator.config import EmulatorConfig
+
+    text = (CHART.parents[1] / "docs" / "install.md").read_text()
+    start = text.index("cat > kind-values.yaml <<'EOF'\n") + len("cat > kind-values.yaml <<'EOF'\n")
+    values_text = text[start : text.index("\nEOF\n", start)]
+    values_file = tmp_path / "kind-values.yaml"
+    values_file.write_text(values_text)
+    objects = [
+        doc for doc in yaml.safe_load_all(helm.template(extra=["--values", str(values_file)]).stdout) if doc
+    ]
+    values = yaml.safe_load(values_text)
+    config = EmulatorConfig.model_validate(values["emulator"]["config"])
+    env = env_of(operator_container(objects))
+    assert config.region == values["region"] == env["AWS_REGION"], "operator and emulator agree on the Region"
+    assert env["AWS_ROLE_ARN"] in {role.arn for role in config.roles}
+    assert set(values["trustedProductCodes"]) <= {p.product_code for p in config.products}
+    # The docs apply the sample MeteredProduct: the emulator must know its code and dimensions.
+    sample = yaml.safe_load((CHART.parents[1] / "manifests" / "samples" / "meteredproduct.yaml").read_text())
+    product = next(p for p in config.products if p.product_code == sample["spec"]["productCode"])
+    assert {d["name"] for d in sample["spec"]["metering"]["dimensions"]} <= product.dimension_names()

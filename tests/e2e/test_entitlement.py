@@ -7,6 +7,7 @@ annotations, Deployments or Pods, a MeteredProduct) and judges the outcome from 
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from kubernetes import client
+from kubernetes import client, watch
 
 from metering_operator.domain.product import (
     ANNOTATION_ENTITLEMENT,
@@ -190,6 +191,32 @@ def all_in_state(
     if len(current) == n and all(notes(p).get(ANNOTATION_ENTITLEMENT) == state for p in current):
         return current
     return None
+
+
+class AnnotationRecorder:
+    """Records every (entitlement, reason, gated) a watch shows for the selected pods."""
+
+    def __init__(self, kube: client.ApiClient, namespace: str, selector: str) -> None:
+        self.states: list[tuple[str, str, bool]] = []
+        self._watch = watch.Watch()
+        core = client.CoreV1Api(kube)
+
+        def run() -> None:
+            try:
+                for event in self._watch.stream(core.list_namespaced_pod, namespace, label_selector=selector):
+                    pod = event["object"]
+                    notes_ = pod.metadata.annotations or {}
+                    if ANNOTATION_ENTITLEMENT in notes_:
+                        is_gated = any(g.name == SCHEDULING_GATE for g in pod.spec.scheduling_gates or [])
+                        self.states.append((notes_[ANNOTATION_ENTITLEMENT], notes_.get(REASON, ""), is_gated))
+            except Exception:  # stop() closes the stream under the reader; the states are what matter
+                return
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._watch.stop()
 
 
 def pod_events(kube: client.ApiClient, namespace: str, name: str) -> list[Any]:
@@ -366,6 +393,7 @@ def test_throttled_registrations_are_retried_until_granted_once_per_pod(
     product(kube, namespace, "paid", key_pem, app="paid")
     operator(namespace, buyer_emulator)
     wait_product_ready(kube, namespace, "paid")
+    seen = AnnotationRecorder(kube, namespace, "app=paid")
     deployment(kube, namespace, "paid", app="paid", replicas=10, sa="buyer")
 
     granted = wait_for(
@@ -377,6 +405,11 @@ def test_throttled_registrations_are_retried_until_granted_once_per_pod(
     assert sorted(regs) == sorted(p["metadata"]["uid"] for p in granted)
     assert [r["calls"] for r in regs.values()] == [1] * 10
     assert not any(gated(p) for p in granted)
+    # While retrying, the pods said so: Pending, with the throttling as the reason, still gated.
+    seen.stop()
+    pending = [(state, reason, was_gated) for state, reason, was_gated in seen.states if state == "Pending"]
+    assert pending, "no pod was ever seen Pending"
+    assert all(reason.startswith("ThrottlingException") and was_gated for _, reason, was_gated in pending)
 
 
 # --- Wrong key -----------------------------------------------------------------------------------------

@@ -202,6 +202,11 @@ class EmulatorClock(OffsetClock):
                 log.warning("cannot read the emulator clock at %s: %s", self.url, exc)
 
 
+def _drop_webhook_successes(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Webhook ") and message.endswith(" succeeded."))
+
+
 def _configure_logging(settings: Any, verbose: bool) -> None:
     import kopf
 
@@ -213,6 +218,11 @@ def _configure_logging(settings: Any, verbose: bool) -> None:
         # kopf's per-event debug lines and urllib3's connection chatter drown the operator's story.
         logging.getLogger("kopf.objects").setLevel(logging.INFO)
         logging.getLogger("urllib3").setLevel(logging.WARNING)
+        # One access line per admission request and health probe is noise at 50 pods/s, as are
+        # botocore's endpoint notice per pod client and kopf's "Webhook ... succeeded" per pod.
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        logging.getLogger("botocore").setLevel(logging.WARNING)
+        logging.getLogger("kopf.objects").addFilter(_drop_webhook_successes)
 
 
 def _webhook_server(settings: Any) -> Any:

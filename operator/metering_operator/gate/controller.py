@@ -162,7 +162,6 @@ class _ClusterRegistration:
 class _PodState:
     pod: dict[str, Any]
     workload: WorkloadRef | None = None
-    workload_known: bool = False
 
 
 Message = tuple[str, Any]
@@ -209,27 +208,34 @@ class ProductController:
         """Run until ``stopped`` (kopf's DaemonStopped or a threading.Event) is set."""
         try:
             while not stopped.is_set():
-                self._refresh_product()
-                self._drain(timeout=0.2)
-                self._retry_due()
-                self._ensure_cluster_registration()
-                self._flush()
+                try:
+                    self._refresh_product()
+                    self._drain(timeout=0.2)
+                    self._retry_due()
+                    self._ensure_cluster_registration()
+                    self._flush()
+                except Exception:
+                    # One bad object or a transient API failure must not stop gating the product.
+                    log.exception("entitlement loop of %s/%s failed; continuing", self.namespace, self.name)
+                    stopped.wait(1.0)
         finally:
             self._stop.set()
             if self._watch_stop is not None:
                 self._watch_stop.set()
 
-    def _drain(self, timeout: float) -> None:
+    def _drain(self, timeout: float, limit: int = 1000) -> None:
         try:
             message = self._queue.get(timeout=timeout)
         except queue.Empty:
             return
-        while True:
+        # Bounded, so retries and status flushes still happen under a continuous stream of events.
+        for _ in range(limit):
             self._handle(message)
             try:
                 message = self._queue.get_nowait()
             except queue.Empty:
                 return
+        self._handle(message)
 
     def _handle(self, message: Message) -> None:
         kind, payload = message
@@ -432,7 +438,7 @@ class ProductController:
         self._inflight.discard(result.uid)
         state = self._pods.get(result.uid)
         if result.workload is not None and state is not None:
-            state.workload, state.workload_known = result.workload, True
+            state.workload = result.workload
             self._dirty_workloads.add(result.workload)
         self._dirty_status = True
         outcome = result.outcome

@@ -33,8 +33,10 @@ lint: venv
 test: venv control-plane lint
 	$(VENV)/bin/pytest
 
-manifests: venv
+# The CRD and sample from the models, then the chart's CRD copy and the rendered install bundle.
+manifests: venv control-plane
 	$(VENV)/bin/metering-operator manifests --output-dir manifests
+	$(PY) -m tests.chart.sync
 
 demo: venv control-plane
 	$(PY) -m devtools.demo

@@ -272,6 +272,33 @@ def bench_cluster(steady_seconds: float, interval: float, log: Callable[[str], N
             work / "emulator",
         )
         emulator.admin.set_clock(H0)
+        operator = launch_operator(
+            info,
+            namespaces,
+            emulator,
+            work / "operator.log",
+            webhook=False,
+            extra_args=[
+                "--sample-interval-seconds",
+                str(interval),
+                "--emulator-clock-url",
+                emulator.url,
+                "--operator-namespace",
+                namespaces[0],
+                "--lease-duration-seconds",
+                "5",
+            ],
+            extra_env={"AWS_ACCESS_KEY_ID": "AKIABENCHMETERING0001", "AWS_SECRET_ACCESS_KEY": "bench"},
+        )
+        operator.wait_ready(120)
+        pid = operator.process.pid
+        # Baseline: the operator idle next to the 2,000 pods, before any product exists.
+        time.sleep(10)
+        rss_idle, _ = _proc_mem(pid)
+        cpu_idle0 = _proc_cpu(pid)
+        time.sleep(20)
+        cpu_idle = _proc_cpu(pid) - cpu_idle0
+        log(f"idle operator: RSS {rss_idle:.0f} MiB, CPU {cpu_idle:.2f} s over 20 s")
         for p in range(PRODUCTS):
             dims = []
             for name, source, aggregation, rounding, alloc in DIMENSIONS:
@@ -307,26 +334,6 @@ def bench_cluster(steady_seconds: float, interval: float, log: Callable[[str], N
                     },
                 },
             )
-        operator = launch_operator(
-            info,
-            namespaces,
-            emulator,
-            work / "operator.log",
-            webhook=False,
-            extra_args=[
-                "--sample-interval-seconds",
-                str(interval),
-                "--emulator-clock-url",
-                emulator.url,
-                "--operator-namespace",
-                namespaces[0],
-                "--lease-duration-seconds",
-                "5",
-            ],
-            extra_env={"AWS_ACCESS_KEY_ID": "AKIABENCHMETERING0001", "AWS_SECRET_ACCESS_KEY": "bench"},
-        )
-        operator.wait_ready(120)
-        pid = operator.process.pid
 
         def products() -> list[dict[str, Any]]:
             items: list[dict[str, Any]] = []
@@ -368,6 +375,8 @@ def bench_cluster(steady_seconds: float, interval: float, log: Callable[[str], N
         records = emulator.admin.meter_records()
         metrics = operator.metrics()
         return {
+            "rss_idle_mib": rss_idle,
+            "cpu_idle_s": cpu_idle,
             "pods_ready_s": pods_ready_s,
             "interval": interval,
             "sync_s": sync_s,
@@ -457,11 +466,19 @@ def report(domain: dict[str, Any], cluster: dict[str, Any] | None, command: str)
             "",
             f"50 MeteredProducts in {NAMESPACES} namespaces, each selecting a 40-replica Deployment "
             "(2,000 Ready pods, 10m CPU and 16Mi requested each), sampled every "
-            f"{c['interval']} s (the product default is 60 s).",
+            f"{c['interval']} s (the product default is 60 s). Each product has its own product code "
+            "(AWS keys records by product code, caller, dimension and hour). The operator process is "
+            "the whole `metering-operator run` (entitlement handlers included, idle here: mode Off); "
+            "the idle row is the same process before the products exist, so the difference is the "
+            "cost of metering.",
             "",
             *_table(
                 [
                     ("2,000 pods Ready (setup, not the operator)", f"{c['pods_ready_s']:.0f} s"),
+                    (
+                        "operator idle, before any MeteredProduct: RSS / CPU over 20 s",
+                        f"{c['rss_idle_mib']:.0f} MiB / {c['cpu_idle_s']:.2f} s",
+                    ),
                     (
                         "start -> all 50 products sampling (informers synced)",
                         f"{c['sync_s']:.1f} s, CPU {c['cpu_sync_s']:.2f} s",

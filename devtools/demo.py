@@ -448,6 +448,12 @@ class Demo:
         s.step("Apply: CRD, namespace, IRSA ServiceAccounts, the product's public key")
         self.prepare_namespace()
         crd: dict[str, Any] = yaml.safe_load(CRD_FILE.read_text())
+        for version in crd["spec"]["versions"]:
+            # The API server accepts only {type: object} for metadata; tolerate a generated file
+            # that carries a description there (as tests/e2e/conftest.py does).
+            meta = version.get("schema", {}).get("openAPIV3Schema", {}).get("properties", {}).get("metadata")
+            if isinstance(meta, dict):
+                meta.pop("description", None)
         for line in self.k().apply([crd]):
             s.say(line)
         self.k().run("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}", "--timeout=60s")
@@ -892,7 +898,7 @@ class Demo:
         for p in bill.get("pods") or []:
             name = p.get("podName") or names.get(p.get("podUid"), p.get("podUid"))
             s.say(
-                f"pod {name:<40} {float(p['billedSeconds']):>8.0f} s "
+                f"pod {name:<34} {float(p['billedSeconds']):>6.0f} s "
                 f"x ${p['hourlyPrice']}/h = ${float(p['amount']):.4f}"
             )
         for d in bill.get("dimensions") or []:
@@ -904,6 +910,11 @@ class Demo:
             )
         total = float(bill.get("totalAmount") or 0)
         s.say(f"total ${total:.4f}")
+        calls: dict[str, int] = {}
+        for event in self.emulator.admin.events():
+            key = str(event.get("eventName")) + (f" ({event['errorCode']})" if event.get("errorCode") else "")
+            calls[key] = calls.get(key, 0) + 1
+        s.say("AWS calls seen: " + ", ".join(f"{name} x{n}" for name, n in sorted(calls.items())))
         if not bill.get("pods") or not bill.get("dimensions"):
             raise StackError("the emulator would bill nothing: no pods or no dimension records")
         s.done(f"{len(bill['pods'])} pods, {len(bill['dimensions'])} dimension-hours")

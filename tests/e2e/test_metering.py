@@ -37,6 +37,7 @@ WAIT = 60.0
 H0 = datetime(2031, 3, 4, 10, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 LEASE = "mmo-metering-e2e"
+CLOCK_FOLLOW_SECONDS = 2.5
 KEYS = {
     "a": ("AKIAMETERINGOPERATORA", "secret-a"),
     "b": ("AKIAMETERINGOPERATORB", "secret-b"),
@@ -233,6 +234,12 @@ class World:
     def set_clock(self, when: datetime) -> None:
         self.emulator.admin.set_clock(when)
 
+    def set_clock_and_settle(self, when: datetime) -> None:
+        """Set the clock, then give the operator time to re-read it (it does so every second):
+        a scale seen before that would be stamped with the old time."""
+        self.emulator.admin.set_clock(when)
+        time.sleep(CLOCK_FOLLOW_SECONDS)
+
     def wait_observed(self, hour: datetime, values: dict[str, str]) -> None:
         """Until the operator's open hour is ``hour`` and each dimension last sampled ``values``."""
 
@@ -326,12 +333,12 @@ def test_two_dimensions_over_three_hours_with_scaling(world: World, operator: Op
     world.create_product(product([REPLICAS_DIM, VCPU_DIM]))
     world.wait_observed(H0, {"replicas": "4", "vcpu": "1"})
 
-    world.set_clock(H0 + timedelta(minutes=20))
+    world.set_clock_and_settle(H0 + timedelta(minutes=20))
     world.scale("db", 5)
     world.wait_bound(6)
     world.wait_observed(H0, {"replicas": "6", "vcpu": "1.5"})
 
-    world.set_clock(H0 + timedelta(minutes=40))
+    world.set_clock_and_settle(H0 + timedelta(minutes=40))
     world.scale("db", 2)
     world.wait_bound(3)
     world.wait_observed(H0, {"replicas": "3", "vcpu": "0.75"})
@@ -340,7 +347,7 @@ def test_two_dimensions_over_three_hours_with_scaling(world: World, operator: Op
     world.wait_entries(H0, LedgerState.SENT, ["replicas", "vcpu"])
     world.wait_observed(H0 + HOUR, {"replicas": "3"})
 
-    world.set_clock(H0 + HOUR + timedelta(minutes=30))
+    world.set_clock_and_settle(H0 + HOUR + timedelta(minutes=30))
     world.scale("db", 4)
     world.wait_bound(5)
     world.wait_observed(H0 + HOUR, {"replicas": "5", "vcpu": "1.25"})

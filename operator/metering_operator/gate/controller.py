@@ -200,6 +200,10 @@ class ProductController:
         self._cluster: _ClusterRegistration | None = None
         self._cluster_inflight = False
         self._listed = False
+        self._status_inflight = False
+        self._last_applied: dict[str, Any] | None = None
+        self._last_applied_at = 0.0
+        self._last_conditions: dict[str, Mapping[str, Any]] = {}
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -264,6 +268,12 @@ class ProductController:
             self._on_result(payload)
         elif kind == "cluster":
             self._on_cluster_result(payload)
+        elif kind == "status":
+            self._status_inflight = False
+            if not payload:
+                self._last_applied = None
+                self._last_conditions = {}
+                self._dirty_status = True
 
     # ------------------------------------------------------------------------------------------
     # product
@@ -891,31 +901,60 @@ class ProductController:
         }
         if registration is not None:
             apply_body["status"]["registration"] = registration
-        client.CustomObjectsApi(self.rt.api).patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            self.namespace,
-            PLURAL,
-            self.name,
-            apply_body,
-            field_manager=FIELD_MANAGER,
-            force=True,
-            _content_type="application/apply-patch+yaml",
-        )
+        if apply_body == self._last_applied and time.monotonic() - self._last_applied_at < 10.0:
+            return  # our previous write says exactly this; the cached body has not caught up yet
+        if self._status_inflight:
+            self._dirty_status = True
+            return
+        # Events for condition transitions, judged against what we last wrote (the cached body
+        # may lag behind our own writes).
+        events: list[tuple[Literal["Normal", "Warning"], str, str]] = []
         for spec in (ready, entitled):
-            before = get_condition(existing, spec.type)
+            before = self._last_conditions.get(spec.type) or get_condition(existing, spec.type)
             after = get_condition(conditions, spec.type)
             if condition_changed(before, after):
-                kind: Literal["Normal", "Warning"] = "Normal" if spec.status == "True" else "Warning"
-                if spec.status == "Unknown":
-                    kind = "Normal"
-                self.rt.pool.submit(
-                    self.rt.events.post,
-                    self._product_ref(body),
-                    kind,
-                    f"{spec.type}{spec.reason}"[:128],
-                    spec.message,
-                )
+                kind: Literal["Normal", "Warning"] = "Warning" if spec.status == "False" else "Normal"
+                events.append((kind, f"{spec.type}{spec.reason}"[:128], spec.message))
+        self._status_inflight = True
+        self._last_applied = apply_body
+        self._last_applied_at = time.monotonic()
+        self._last_conditions = {c["type"]: c for c in mine}
+        # The API call runs in the pool: the loop keeps dispatching pods meanwhile.
+        self.rt.pool.submit(self._apply_status, apply_body, events, self._product_ref(body))
+
+    def _apply_status(
+        self,
+        apply_body: dict[str, Any],
+        events: list[tuple[Literal["Normal", "Warning"], str, str]],
+        ref: dict[str, str],
+    ) -> None:
+        ok = True
+        try:
+            client.CustomObjectsApi(self.rt.api).patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                apply_body,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+                _preload_content=False,
+            )
+        except ApiException as exc:
+            ok = exc.status == 404  # the product is gone: nothing to retry
+            log.warning(
+                "status of %s/%s not written: %s %s", self.namespace, self.name, exc.status, exc.reason
+            )
+        except Exception:
+            ok = False
+            log.exception("status of %s/%s not written", self.namespace, self.name)
+        else:
+            for kind, reason, message in events:
+                self.rt.events.post(ref, kind, reason, message)
+        finally:
+            self._queue.put(("status", ok))
 
     def _registration_status(self) -> dict[str, Any] | None:
         cluster = self._cluster

@@ -879,6 +879,17 @@ class Demo:
             for a in e.get("allocations") or []:
                 tags = ", ".join(f"{t['key']}={t['value']}" for t in a.get("tags") or [])
                 s.say(f"{'':<17}allocation {a.get('quantity')} to {tags}")
+        assert self.emulator is not None
+        records = [
+            r
+            for r in self.emulator.admin.meter_records(self.product_code)
+            if parse_time(r.get("hour")) == self.hour0
+        ]
+        ledger_ids = sorted(str(e.get("meteringRecordId")) for e in entries)
+        aws_ids = sorted(str(r.get("meteringRecordId")) for r in records)
+        if aws_ids != ledger_ids:
+            raise StackError(f"the emulator holds records {aws_ids}, the ledger says {ledger_ids}")
+        s.say(f"the emulator holds exactly these {len(records)} records for {self.hour0:%H:%M}Z")
         s.done("hour metered exactly once per dimension")
 
     def step_kubectl_get(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from devtools.cluster import ClusterInfo, LocalCluster
@@ -50,13 +51,13 @@ def kube(cluster: ClusterInfo) -> Iterator[client.ApiClient]:
         api.close()
 
 
-@pytest.fixture
-def namespace(kube: client.ApiClient) -> Iterator[str]:
-    """A fresh namespace whose `default` ServiceAccount exists; deleted afterwards."""
+@contextmanager
+def temporary_namespace(kube: client.ApiClient, prefix: str = "t-") -> Iterator[str]:
+    """A fresh namespace whose `default` ServiceAccount exists (pods need it); deleted afterwards."""
     core = client.CoreV1Api(kube)
     ns = core.create_namespace(
         client.V1Namespace(
-            metadata=client.V1ObjectMeta(generate_name="t-", labels={"mmo.test/temporary": "true"})
+            metadata=client.V1ObjectMeta(generate_name=prefix, labels={"mmo.test/temporary": "true"})
         )
     )
     name: str = ns.metadata.name
@@ -83,3 +84,10 @@ def namespace(kube: client.ApiClient) -> Iterator[str]:
         except ApiException as err:
             if err.status != 404:
                 raise
+
+
+@pytest.fixture
+def namespace(kube: client.ApiClient) -> Iterator[str]:
+    """A fresh namespace whose `default` ServiceAccount exists; deleted afterwards."""
+    with temporary_namespace(kube) as name:
+        yield name

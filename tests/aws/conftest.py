@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 import pytest
 
-from metering_operator.aws.client import MeteringClientFactory
+from metering_operator.aws.client import MeteringClient, MeteringClientFactory
 from metering_operator.aws.irsa import WebIdentityCredentials, WebIdentityExchanger, session_name_for_pod
 from tests.emulator.harness import EmulatorProcess, TestIssuer, start_emulator
 
@@ -87,10 +87,16 @@ class AwsWorld:
         uid = pod_uid or str(uuid.uuid4())
         return self.exchanger.assume(role_arn, self.pod_token(uid), session_name=session_name_for_pod(uid))
 
-    def static_session(self) -> boto3.Session:
-        return boto3.Session(
+    def pod_client(self, role_arn: str = ENTITLED_ROLE) -> MeteringClient:
+        """A Metering client signing as a fresh pod (its own IRSA session)."""
+        return self.factory.for_credentials(self.pod_credentials(role_arn))
+
+    def static_client(self) -> MeteringClient:
+        """A Metering client with the SaaS seller's long-term keys (BatchMeterUsage, ResolveCustomer)."""
+        session = boto3.Session(
             aws_access_key_id=STATIC_KEY_ID, aws_secret_access_key=STATIC_SECRET, region_name=REGION
         )
+        return MeteringClient.create(REGION, session=session, endpoint_url=self.emulator.url)
 
 
 @pytest.fixture(scope="module")

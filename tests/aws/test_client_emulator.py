@@ -11,12 +11,13 @@ import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import jwt
 import pytest
 
 from metering_operator import metrics
-from metering_operator.aws.client import MeteringClient, MeteringClientFactory, client_config
+from metering_operator.aws.client import MeteringClientFactory, client_config
 from metering_operator.aws.errors import ErrorCategory, MeteringError
 from metering_operator.aws.irsa import IrsaCredentialCache, WebIdentityExchanger, pod_metering_client
 from metering_operator.aws.models import (
@@ -59,6 +60,17 @@ def latency_count(operation: str) -> float:
 def closed_hour(world: AwsWorld) -> datetime:
     """The last full hour by the emulator's clock (what the operator would report)."""
     return hour_start(world.emulator.admin.clock()) - timedelta(hours=1)
+
+
+def cpu_request(world: AwsWorld, **changes: Any) -> MeterUsageRequest:
+    """MeterUsage of 1 cpu for the last closed hour, with ``changes`` applied (and validated)."""
+    fields: dict[str, Any] = {
+        "product_code": CUSTOM_PRODUCT,
+        "timestamp": closed_hour(world),
+        "usage_dimension": "cpu",
+        "usage_quantity": 1,
+    }
+    return MeterUsageRequest(**(fields | changes))
 
 
 # -- STS web identity -----------------------------------------------------------------------------
@@ -195,7 +207,7 @@ def test_register_usage_through_cache_and_factory_helper(world: AwsWorld) -> Non
 
 
 def test_unentitled_account_is_denied(world: AwsWorld) -> None:
-    client = world.factory.for_credentials(world.pod_credentials(UNENTITLED_ROLE))
+    client = world.pod_client(UNENTITLED_ROLE)
     with pytest.raises(MeteringError) as info:
         client.register_usage(RegisterUsageRequest(product_code=HOURLY_PRODUCT, public_key_version=1))
     assert info.value.code == "CustomerNotEntitledException"
@@ -204,7 +216,7 @@ def test_unentitled_account_is_denied(world: AwsWorld) -> None:
 
 
 def test_static_keys_are_not_a_platform_for_register_usage(world: AwsWorld) -> None:
-    client = MeteringClient.create(REGION, session=world.static_session(), endpoint_url=world.emulator.url)
+    client = world.static_client()
     with pytest.raises(MeteringError) as info:
         client.register_usage(RegisterUsageRequest(product_code=HOURLY_PRODUCT, public_key_version=1))
     assert info.value.code == "PlatformNotSupportedException"
@@ -219,7 +231,7 @@ def test_static_keys_are_not_a_platform_for_register_usage(world: AwsWorld) -> N
     ],
 )
 def test_register_usage_final_answers(world: AwsWorld, product: str, version: int, code: str) -> None:
-    client = world.factory.for_credentials(world.pod_credentials())
+    client = world.pod_client()
     with pytest.raises(MeteringError) as info:
         client.register_usage(RegisterUsageRequest(product_code=product, public_key_version=version))
     assert (info.value.code, info.value.category) == (code, ErrorCategory.DENIED)
@@ -234,7 +246,7 @@ def test_wrong_region_is_denied(world: AwsWorld) -> None:
 
 
 def test_throttled_register_usage_is_retryable_and_not_retried_by_botocore(world: AwsWorld) -> None:
-    client = world.factory.for_credentials(world.pod_credentials())
+    client = world.pod_client()
     world.emulator.admin.set_fault("RegisterUsage", fail_with="ThrottlingException")
     events_before = len(world.emulator.admin.events(operation="RegisterUsage"))
     metric_before = error_count("RegisterUsage", "ThrottlingException")
@@ -283,7 +295,7 @@ class _UnusedKeys:
 
 
 def test_meter_usage_happy_path_replay_and_duplicate(world: AwsWorld) -> None:
-    client = world.factory.for_credentials(world.pod_credentials())
+    client = world.pod_client()
     hour = closed_hour(world)
     request = MeterUsageRequest(
         product_code=CUSTOM_PRODUCT, timestamp=hour, usage_dimension="replicas", usage_quantity=17
@@ -311,7 +323,7 @@ def test_meter_usage_happy_path_replay_and_duplicate(world: AwsWorld) -> None:
 
 
 def test_meter_usage_decimal_and_allocations_are_accepted(world: AwsWorld) -> None:
-    client = world.factory.for_credentials(world.pod_credentials())
+    client = world.pod_client()
     request = MeterUsageRequest.model_validate(
         {
             "ProductCode": CUSTOM_PRODUCT,
@@ -328,14 +340,10 @@ def test_meter_usage_decimal_and_allocations_are_accepted(world: AwsWorld) -> No
 
 
 def test_meter_usage_outside_the_window_is_out_of_window(world: AwsWorld) -> None:
-    client = world.factory.for_credentials(world.pod_credentials())
+    client = world.pod_client()
     stale = hour_start(world.emulator.admin.clock()) - timedelta(hours=7)
     with pytest.raises(MeteringError) as info:
-        client.meter_usage(
-            MeterUsageRequest(
-                product_code=CUSTOM_PRODUCT, timestamp=stale, usage_dimension="cpu", usage_quantity=1
-            )
-        )
+        client.meter_usage(cpu_request(world, timestamp=stale))
     assert (info.value.code, info.value.category) == (
         "TimestampOutOfBoundsException",
         ErrorCategory.OUT_OF_WINDOW,
@@ -343,22 +351,15 @@ def test_meter_usage_outside_the_window_is_out_of_window(world: AwsWorld) -> Non
 
 
 def test_meter_usage_unknown_dimension_is_denied(world: AwsWorld) -> None:
-    client = world.factory.for_credentials(world.pod_credentials())
+    client = world.pod_client()
     with pytest.raises(MeteringError) as info:
-        client.meter_usage(
-            MeterUsageRequest(
-                product_code=CUSTOM_PRODUCT,
-                timestamp=closed_hour(world),
-                usage_dimension="gpus",
-                usage_quantity=1,
-            )
-        )
+        client.meter_usage(cpu_request(world, usage_dimension="gpus"))
     assert (info.value.code, info.value.category) == ("InvalidUsageDimensionException", ErrorCategory.DENIED)
 
 
 def test_meter_usage_server_side_allocation_check_is_a_caller_bug(world: AwsWorld) -> None:
     # model_copy(update=...) skips our own validation, to prove the server's answer is classified too.
-    client = world.factory.for_credentials(world.pod_credentials())
+    client = world.pod_client()
     request = MeterUsageRequest.model_validate(
         {
             "ProductCode": CUSTOM_PRODUCT,
@@ -377,53 +378,30 @@ def test_meter_usage_server_side_allocation_check_is_a_caller_bug(world: AwsWorl
     )
 
 
-def test_meter_usage_throttled_is_retryable(world: AwsWorld) -> None:
-    client = world.factory.for_credentials(world.pod_credentials())
-    world.emulator.admin.set_fault("MeterUsage", throttle_rate=1.0)
-    before = error_count("MeterUsage", "ThrottlingException")
+@pytest.mark.parametrize(
+    ("fault", "code", "status"),
+    [
+        ({"throttle_rate": 1.0}, "ThrottlingException", 400),
+        ({"fail_with": "InternalServiceErrorException"}, "InternalServiceErrorException", 500),
+    ],
+)
+def test_meter_usage_transient_errors_are_retryable_and_counted(
+    world: AwsWorld, fault: dict[str, Any], code: str, status: int
+) -> None:
+    client = world.pod_client()
+    world.emulator.admin.set_fault("MeterUsage", **fault)
+    before = error_count("MeterUsage", code)
     with pytest.raises(MeteringError) as info:
-        client.meter_usage(
-            MeterUsageRequest(
-                product_code=CUSTOM_PRODUCT,
-                timestamp=closed_hour(world),
-                usage_dimension="cpu",
-                usage_quantity=1,
-            )
-        )
-    assert info.value.code == "ThrottlingException"
+        client.meter_usage(cpu_request(world))
+    assert (info.value.code, info.value.http_status) == (code, status)
     assert info.value.retryable
-    assert error_count("MeterUsage", "ThrottlingException") == before + 1
-
-
-def test_meter_usage_internal_error_is_retryable(world: AwsWorld) -> None:
-    client = world.factory.for_credentials(world.pod_credentials())
-    world.emulator.admin.set_fault("MeterUsage", fail_with="InternalServiceErrorException")
-    with pytest.raises(MeteringError) as info:
-        client.meter_usage(
-            MeterUsageRequest(
-                product_code=CUSTOM_PRODUCT,
-                timestamp=closed_hour(world),
-                usage_dimension="cpu",
-                usage_quantity=1,
-            )
-        )
-    assert info.value.code == "InternalServiceErrorException"
-    assert info.value.http_status == 500
-    assert info.value.retryable
+    assert error_count("MeterUsage", code) == before + 1
 
 
 def test_meter_usage_dry_run_is_a_result_not_an_error(world: AwsWorld) -> None:
-    client = world.factory.for_credentials(world.pod_credentials())
+    client = world.pod_client()
     before = len(world.emulator.admin.meter_records(CUSTOM_PRODUCT))
-    result = client.meter_usage(
-        MeterUsageRequest(
-            product_code=CUSTOM_PRODUCT,
-            timestamp=closed_hour(world),
-            usage_dimension="cpu",
-            usage_quantity=5,
-            dry_run=True,
-        )
-    )
+    result = client.meter_usage(cpu_request(world, usage_quantity=5, dry_run=True))
     assert result.dry_run is True
     assert result.metering_record_id is None
     assert len(world.emulator.admin.meter_records(CUSTOM_PRODUCT)) == before
@@ -455,7 +433,7 @@ def test_operator_identity_from_the_default_chain(world: AwsWorld, monkeypatch: 
 
 
 def test_resolve_customer_then_batch_meter(world: AwsWorld) -> None:
-    client = MeteringClient.create(REGION, session=world.static_session(), endpoint_url=world.emulator.url)
+    client = world.static_client()
     token = world.emulator.admin.mint_registration_token(SAAS_PRODUCT, SAAS_CUSTOMER)
     customer = client.resolve_customer(ResolveCustomerRequest(registration_token=token))
     assert customer.customer_aws_account_id == SAAS_CUSTOMER
@@ -488,14 +466,14 @@ def test_resolve_customer_then_batch_meter(world: AwsWorld) -> None:
 
 
 def test_resolve_customer_bad_token_is_denied(world: AwsWorld) -> None:
-    client = MeteringClient.create(REGION, session=world.static_session(), endpoint_url=world.emulator.url)
+    client = world.static_client()
     with pytest.raises(MeteringError) as info:
         client.resolve_customer(ResolveCustomerRequest(registration_token="not-a-token"))
     assert (info.value.code, info.value.category) == ("InvalidTokenException", ErrorCategory.DENIED)
 
 
 def test_batch_meter_usage_out_of_window_rejects_the_batch(world: AwsWorld) -> None:
-    client = MeteringClient.create(REGION, session=world.static_session(), endpoint_url=world.emulator.url)
+    client = world.static_client()
     stale = hour_start(world.emulator.admin.clock()) - timedelta(hours=30)
     with pytest.raises(MeteringError) as info:
         client.batch_meter_usage(

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from devtools.cluster import ClusterInfo
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from tests.chart.helmcli import Helm
 from tests.chart.test_rbac import token_kubeconfig
+from tests.conftest import temporary_namespace
 from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importing them)
     BUYER_ROLE,
     PRODUCT_CODE,
@@ -44,24 +44,8 @@ ENTITLEMENT = "marketplace.metering.dev/entitlement"
 
 @pytest.fixture
 def product_namespace(kube: client.ApiClient) -> Iterator[str]:
-    core = client.CoreV1Api(kube)
-    ns = core.create_namespace(
-        client.V1Namespace(
-            metadata=client.V1ObjectMeta(generate_name="t-product-", labels={"mmo.test/temporary": "true"})
-        )
-    )
-    name: str = ns.metadata.name
-    deadline = time.monotonic() + 60
-    while True:  # the product's pods need the namespace's `default` ServiceAccount machinery
-        try:
-            core.read_namespaced_service_account("default", name)
-            break
-        except ApiException as err:
-            if err.status != 404 or time.monotonic() > deadline:
-                raise
-        time.sleep(0.2)
-    yield name
-    core.delete_namespace(name, propagation_policy="Background")
+    with temporary_namespace(kube, "t-product-") as name:
+        yield name
 
 
 def product_objects(namespace: str, public_key_pem: str) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from tests.chart.helmcli import Helm
+from tests.conftest import temporary_namespace
 
 pytestmark = pytest.mark.cluster
 
@@ -198,14 +199,8 @@ def token_kubeconfig(
 
 @pytest.fixture
 def other_namespace(kube: client.ApiClient) -> Iterator[str]:
-    core = client.CoreV1Api(kube)
-    ns = core.create_namespace(
-        client.V1Namespace(
-            metadata=client.V1ObjectMeta(generate_name="t-other-", labels={"mmo.test/temporary": "true"})
-        )
-    )
-    yield ns.metadata.name
-    core.delete_namespace(ns.metadata.name)
+    with temporary_namespace(kube, "t-other-") as name:
+        yield name
 
 
 def install(helm: Helm, name: str, namespace: str, values: dict[str, Any]) -> None:

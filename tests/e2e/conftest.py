@@ -64,12 +64,6 @@ def metered_product_crd(kube: client.ApiClient) -> dict[str, Any]:
 
 def install_crd(kube: client.ApiClient) -> dict[str, Any]:
     body: dict[str, Any] = yaml.safe_load(CRD_FILE.read_text())
-    for version in body["spec"]["versions"]:
-        # The API server accepts only {type: object} for metadata (a description is refused);
-        # tolerate a generated file that still carries one (the CRD's own tests judge the file).
-        meta = version.get("schema", {}).get("openAPIV3Schema", {}).get("properties", {}).get("metadata")
-        if isinstance(meta, dict):
-            meta.pop("description", None)
     ext = client.ApiextensionsV1Api(kube)
     try:
         ext.create_custom_resource_definition(body=body)

@@ -298,35 +298,15 @@ def test_kubectl_and_helm_binaries_work_against_the_cluster(cluster: ClusterInfo
     versions = pinned_versions()
     env = {**os.environ, **cluster.env()}
 
-    out = subprocess.run(
-        [bin_path("kubectl"), "version", "-o", "json"], env=env, check=True, capture_output=True, text=True
-    ).stdout
-    reported = json.loads(out)
+    def run(tool: str, *args: str) -> str:
+        return subprocess.run(
+            [bin_path(tool), *args], env=env, check=True, capture_output=True, text=True
+        ).stdout
+
+    reported = json.loads(run("kubectl", "version", "-o", "json"))
     assert reported["clientVersion"]["gitVersion"] == versions["k8s"]
     assert reported["serverVersion"]["gitVersion"] == versions["k8s"]
-
-    nodes = subprocess.run(
-        [bin_path("kubectl"), "get", "nodes", "-o", "name"],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
+    nodes = run("kubectl", "get", "nodes", "-o", "name").split()
     assert {f"node/{n}" for n in cluster.nodes} <= set(nodes)
-
-    helm_version = subprocess.run(
-        [bin_path("helm"), "version", "--template", "{{.Version}}"],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    assert helm_version == versions["helm"]
-    releases = subprocess.run(
-        [bin_path("helm"), "list", "--all-namespaces", "-o", "json"],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert isinstance(json.loads(releases), list)
+    assert run("helm", "version", "--template", "{{.Version}}").strip() == versions["helm"]
+    assert isinstance(json.loads(run("helm", "list", "--all-namespaces", "-o", "json")), list)

@@ -143,6 +143,7 @@ def test_demo_tells_the_whole_story_and_cleans_up(
     assert re.search(r"replicas\s+quantity 4\s+Sent\s+record \S+", sent), sent
     assert re.search(r"vcpu\s+quantity 1\.25(0*)\s+Sent\s+record \S+", sent), sent
     assert f"allocation 4 to namespace={run.namespace}, team=storefront" in sent
+    assert "the emulator holds exactly these 2 records" in sent
 
     table = run.step_text(13)
     assert re.search(r"NAME\s+PRODUCT\s+MODE\s+ENTITLED\s+LAST METERED HOUR\s+READY\s+AGE", table), table

@@ -5,13 +5,16 @@ Everything goes over HTTP through unmodified boto3; nothing in botocore is stubb
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from tests.emulator.harness import EmulatorProcess, TestIssuer, start_emulator, web_identity_credentials
 
@@ -81,6 +84,7 @@ def base_config(issuer: TestIssuer) -> dict[str, Any]:
                 "customerAWSAccountId": BUYER,
                 "expiresAt": "2001-01-01T00:00:00Z",
             },
+            {"token": "config-token-disabled", "productCode": DISABLED, "customerAWSAccountId": BUYER},
         ],
     }
 
@@ -110,6 +114,22 @@ def metering(emulator: EmulatorProcess, creds: dict[str, str], region: str = REG
 
 def static_creds() -> dict[str, str]:
     return {"aws_access_key_id": STATIC_KEY, "aws_secret_access_key": STATIC_SECRET}
+
+
+def code_of(exc: pytest.ExceptionInfo[ClientError]) -> str:
+    """The AWS error code boto3 parsed from the answer."""
+    return str(exc.value.response["Error"]["Code"])
+
+
+@contextmanager
+def clock_fixed_at(emulator: EmulatorProcess, now: dt.datetime) -> Iterator[None]:
+    """The emulator's clock at ``now`` (so hours and windows are predictable), and no faults left after."""
+    emulator.admin.set_clock(now)
+    try:
+        yield
+    finally:
+        emulator.admin.reset_clock()
+        emulator.admin.clear_faults()
 
 
 @pytest.fixture

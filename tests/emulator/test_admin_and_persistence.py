@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -198,3 +201,51 @@ def test_example_config_is_valid_and_serves_its_products(tmp_path: Path) -> None
         assert emu.admin.public_key_pem(codes[0], 2).startswith("-----BEGIN PUBLIC KEY-----")
     finally:
         assert emu.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/clock", b'{"advanceSeconds": NaN}'),
+        ("POST", "/clock", b'{"advanceSeconds": 1e20}'),
+        ("POST", "/clock", b'{"advanceSeconds": true}'),
+        ("POST", "/clock", b'{"now": "9999-12-31T23:00:00Z"}'),
+        ("POST", "/clock", b'{"now": "1900-01-01T00:00:00Z"}'),
+        ("POST", "/clock", b'{"now": "2031-01-01T00:00:00"}'),
+        (
+            "POST",
+            "/registration-tokens",
+            b'{"productCode": "p", "customerAWSAccountId": "1", "expiresInSeconds": 1e300}',
+        ),
+        ("POST", "/faults", b'{"operation": "MeterUsage", "latencyMs": Infinity}'),
+        ("GET", "/events?since=99999999999999999999999", None),
+        ("POST", "/products", b"[1, 2]"),
+    ],
+)
+def test_admin_input_that_would_break_the_emulator_is_refused(
+    emulator: EmulatorProcess, method: str, path: str, body: bytes | None
+) -> None:
+    """Each of these once answered 500 or left the clock unusable for every later AWS call."""
+    request = urllib.request.Request(emulator.admin.base + path, data=body, method=method)
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(request, timeout=10)
+    assert exc.value.code == 400
+    assert json.loads(exc.value.read())["error"]
+    clock = emulator.admin.clock()
+    assert abs(clock - dt.datetime.now(dt.UTC)) < dt.timedelta(days=1), "the clock was left alone"
+    assert emulator.admin.events(operation="no-such-operation") == []
+
+
+def test_static_credentials_added_at_run_time_sign_requests(emulator: EmulatorProcess) -> None:
+    key = f"AKIARUNTIME{uuid.uuid4().hex[:9].upper()}"
+    keys = {"aws_access_key_id": key, "aws_secret_access_key": "runtime-secret"}
+    with pytest.raises(ClientError) as exc:
+        metering(emulator, keys).resolve_customer(RegistrationToken="config-token-1")
+    assert exc.value.response["Error"]["Code"] == "UnrecognizedClientException"
+    emulator.admin.put_static_credentials(
+        {"accessKeyId": key, "secretAccessKey": "runtime-secret", "arn": f"arn:aws:iam::{BUYER}:user/ci"}
+    )
+    resolved = metering(emulator, keys).resolve_customer(RegistrationToken="config-token-1")
+    assert resolved["CustomerAWSAccountId"] == BUYER
+    [event] = emulator.admin.events(operation="ResolveCustomer")[-1:]
+    assert event["userIdentity"]["arn"] == f"arn:aws:iam::{BUYER}:user/ci"

@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.emulator.conftest import BUYER, CUSTOM, DISABLED, LICENSE, NOT_ENTITLED, metering, static_creds
+from tests.emulator.conftest import (
+    BUYER,
+    CUSTOM,
+    DISABLED,
+    LICENSE,
+    NOT_ENTITLED,
+    clock_fixed_at,
+    code_of,
+    metering,
+    static_creds,
+)
 from tests.emulator.harness import EmulatorProcess
 
 NOW = dt.datetime(2031, 5, 20, 12, 30, tzinfo=dt.UTC)
@@ -17,19 +27,13 @@ NOW = dt.datetime(2031, 5, 20, 12, 30, tzinfo=dt.UTC)
 
 @pytest.fixture(autouse=True)
 def fixed_clock(emulator: EmulatorProcess) -> Iterator[None]:
-    emulator.admin.set_clock(NOW)
-    yield
-    emulator.admin.reset_clock()
-    emulator.admin.clear_faults()
+    with clock_fixed_at(emulator, NOW):
+        yield
 
 
 @pytest.fixture
 def client(emulator: EmulatorProcess) -> Any:
     return metering(emulator, static_creds())
-
-
-def code_of(exc: pytest.ExceptionInfo[ClientError]) -> str:
-    return str(exc.value.response["Error"]["Code"])
 
 
 def record(
@@ -185,6 +189,8 @@ def test_resolve_errors(client: Any, emulator: EmulatorProcess) -> None:
     disabled = emulator.admin.mint_registration_token(DISABLED, BUYER)
     with pytest.raises(client.exceptions.DisabledApiException):
         client.resolve_customer(RegistrationToken=disabled)
+    with pytest.raises(client.exceptions.DisabledApiException):
+        client.resolve_customer(RegistrationToken="config-token-disabled")
     emulator.admin.set_fault("ResolveCustomer", throttle_rate=1.0)
     with pytest.raises(client.exceptions.ThrottlingException):
         client.resolve_customer(RegistrationToken="config-token-1")

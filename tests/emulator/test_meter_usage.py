@@ -16,6 +16,8 @@ from tests.emulator.conftest import (
     HOURLY,
     ROLE_NO_METER,
     ROLE_NOT_ENTITLED,
+    clock_fixed_at,
+    code_of,
     metering,
     static_creds,
 )
@@ -28,18 +30,13 @@ NOW = dt.datetime(2031, 3, 14, 15, 30, tzinfo=dt.UTC)
 
 @pytest.fixture(autouse=True)
 def fixed_clock(emulator: EmulatorProcess) -> Iterator[None]:
-    emulator.admin.set_clock(NOW)
-    yield
-    emulator.admin.reset_clock()
+    with clock_fixed_at(emulator, NOW):
+        yield
 
 
 @pytest.fixture
 def client(emulator: EmulatorProcess, pod_creds: PodCreds) -> Any:
     return metering(emulator, pod_creds())
-
-
-def code_of(exc: pytest.ExceptionInfo[ClientError]) -> str:
-    return str(exc.value.response["Error"]["Code"])
 
 
 def meter(client: Any, hours_ago: float = 1, dimension: str = "replicas", **kwargs: Any) -> dict[str, Any]:

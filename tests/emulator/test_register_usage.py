@@ -16,16 +16,13 @@ from tests.emulator.conftest import (
     DISABLED,
     HOURLY,
     ROLE_NOT_ENTITLED,
+    code_of,
     metering,
     static_creds,
 )
 from tests.emulator.harness import EmulatorProcess, TestIssuer
 
 PodCreds = Callable[..., dict[str, str]]
-
-
-def code_of(exc: pytest.ExceptionInfo[ClientError]) -> str:
-    return str(exc.value.response["Error"]["Code"])
 
 
 def test_signature_is_a_ps256_jwt_verifiable_with_the_exported_key(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
 import pytest
 
+from metering_operator.aws.client import MeteringClient, MeteringClientFactory
+from metering_operator.aws.irsa import WebIdentityExchanger
 from metering_operator.aws.region import RegionError, resolve_region
 
 
@@ -59,3 +62,16 @@ def test_non_region_names_are_refused_with_their_source(bad: str) -> None:
         resolve_region(None, environ={"AWS_REGION": bad})
     with pytest.raises(RegionError, match="--region"):
         resolve_region(bad, environ={})
+
+
+@pytest.mark.parametrize(
+    ("build", "purpose"),
+    [
+        (lambda: MeteringClient.create(""), "the Metering client"),
+        (lambda: MeteringClientFactory(""), "the Metering client factory"),
+        (lambda: WebIdentityExchanger(""), "STS"),
+    ],
+)
+def test_every_client_refuses_to_start_without_a_region(build: Callable[[], object], purpose: str) -> None:
+    with pytest.raises(RegionError, match=f"a Region is required for {purpose};"):
+        build()

@@ -34,6 +34,7 @@ from metering_operator.aws.models import (
     ResolveCustomerRequest,
     ResolveCustomerResult,
 )
+from metering_operator.aws.region import require_region
 
 SERVICE_NAME = "meteringmarketplace"
 USER_AGENT = "marketplace-metering-operator"
@@ -102,8 +103,7 @@ class MeteringClient:
         operator's own IRSA identity in a cluster). ``endpoint_url`` None lets boto3 apply
         ``AWS_ENDPOINT_URL_MARKETPLACE_METERING`` / ``AWS_ENDPOINT_URL``.
         """
-        if not region:
-            raise ValueError("a Region is required; resolve it with metering_operator.aws.region")
+        require_region(region, "the Metering client")
         session = session or boto3.Session()
         boto_client = session.client(
             SERVICE_NAME, region_name=region, endpoint_url=endpoint_url, config=config or client_config()
@@ -192,9 +192,7 @@ class MeteringClientFactory:
         session: boto3.Session | None = None,
         config: Config | None = None,
     ) -> None:
-        if not region:
-            raise ValueError("a Region is required; resolve it with metering_operator.aws.region")
-        self.region = region
+        self.region = require_region(region, "the Metering client factory")
         self.endpoint_url = endpoint_url
         self._session = session or boto3.Session()
         self._config = config or client_config()

@@ -28,6 +28,7 @@ from botocore.config import Config
 
 from metering_operator.aws import errors
 from metering_operator.aws.client import MeteringClient, MeteringClientFactory, call_aws, client_config
+from metering_operator.aws.region import require_region
 from metering_operator.domain.clock import Clock, ensure_utc
 
 ROLE_ARN_ANNOTATION = "eks.amazonaws.com/role-arn"
@@ -104,8 +105,7 @@ class WebIdentityExchanger:
         session: boto3.Session | None = None,
         config: Config | None = None,
     ) -> None:
-        if not region:
-            raise ValueError("a Region is required for STS; resolve it with metering_operator.aws.region")
+        require_region(region, "STS")
         unsigned = Config(signature_version=UNSIGNED)
         self._sts: Any = (session or boto3.Session()).client(
             "sts",

@@ -28,6 +28,15 @@ class _HasRegion(Protocol):
     def region_name(self) -> str | None: ...
 
 
+def require_region(region: str | None, purpose: str) -> str:
+    """``region``, or a :class:`RegionError` saying what needed one (there is never a default)."""
+    if not region:
+        raise RegionError(
+            f"a Region is required for {purpose}; resolve it with metering_operator.aws.region.resolve_region"
+        )
+    return region
+
+
 def validate_region(region: str, source: str) -> str:
     candidate = region.strip()
     if not _REGION_RE.match(candidate):

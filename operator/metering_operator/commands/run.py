@@ -312,7 +312,7 @@ def main(args: argparse.Namespace) -> int:
     def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.admission.server = server
         settings.admission.managed = None  # the chart (cluster) or _webhook_server (local) owns it
-        settings.execution.max_workers = 64  # each product's daemon holds a thread
+        settings.execution.max_workers = 16  # sync handlers only; product loops run in their own threads
         settings.posting.level = logging.WARNING
         settings.persistence.finalizer = "marketplace.metering.dev/operator"
 

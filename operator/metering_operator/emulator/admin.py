@@ -19,9 +19,12 @@ from pydantic import ValidationError
 
 from metering_operator.emulator.config import OPERATIONS, ConfigError, Fault
 from metering_operator.emulator.context import EmulatorContext
+from metering_operator.emulator.validation import strict_json
 
 PREFIX = "/_emulator"
 MINUTE = 60.0
+# A century: far beyond any test's needs, and keeps every computed time inside datetime's range.
+MAX_SECONDS = 100 * 366 * 86400.0
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -38,14 +41,20 @@ def _bad(message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _iso_fields(rows: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
+    """The rows with their epoch-second ``keys`` written as ISO 8601 UTC."""
+    for row in rows:
+        for key in keys:
+            row[key] = _iso(row[key])
+    return rows
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
     try:
-        raw = await request.read()
-        data = json.loads(raw) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": "body must be a JSON object"}), content_type="application/json"
-        ) from None
+        data = strict_json(raw) if raw.strip() else {}
+    except (ValueError, RecursionError):
+        data = None
     if not isinstance(data, dict):
         raise web.HTTPBadRequest(
             text=json.dumps({"error": "body must be a JSON object"}), content_type="application/json"
@@ -53,8 +62,70 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    """``value`` as a float within [low, high], or HTTP 400 naming ``name`` and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"{name} must be a number from {low:g} to {high:g}"}),
+            content_type="application/json",
+        )
+    return float(value)
+
+
 def _pydantic_message(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def _pod_bill(ctx: EmulatorContext, reg: dict[str, Any], now: float) -> dict[str, Any]:
+    """Hourly pricing: a registered pod is billed per second until deregistered, 1 minute minimum."""
+    product = ctx.config.product(reg["productCode"])
+    price = product.hourly_price if product else 0.0
+    end = reg["deregisteredAt"] if reg["deregisteredAt"] is not None else now
+    seconds = max(0.0, end - reg["firstAt"])
+    billed = max(MINUTE, seconds)
+    identity = reg["identity"]
+    return {
+        "productCode": reg["productCode"],
+        "callerKey": reg["callerKey"],
+        "podUid": identity.get("podUid"),
+        "podName": identity.get("podName"),
+        "namespace": identity.get("namespace"),
+        "account": identity.get("accountId"),
+        "registeredAt": _iso(reg["firstAt"]),
+        "endedAt": _iso(reg["deregisteredAt"]),
+        "seconds": round(seconds, 3),
+        "billedSeconds": round(billed, 3),
+        "hourlyPrice": price,
+        "amount": round(billed / 3600 * price, 6),
+    }
+
+
+def _dimension_bills(ctx: EmulatorContext, product_code: str | None) -> list[dict[str, Any]]:
+    """Custom dimensions: the quantities of every (product, dimension, hour, source), priced."""
+    grouped: dict[tuple[str, str, float, str], list[Decimal]] = defaultdict(list)
+    for rec in ctx.state.meter_records(product_code):
+        grouped[(rec.product_code, rec.dimension, rec.hour, "MeterUsage")].append(Decimal(rec.quantity))
+    for row in ctx.state.batch_records(product_code):
+        key = (row["productCode"], row["dimension"], row["hour"], f"BatchMeterUsage:{row['customer']}")
+        grouped[key].append(Decimal(row["quantity"]))
+    bills = []
+    for (code, dimension, hour, source), quantities in sorted(grouped.items()):
+        product = ctx.config.product(code)
+        price = next((d.price for d in product.dimensions if d.name == dimension), 0.0) if product else 0.0
+        total = sum(quantities, Decimal(0))
+        bills.append(
+            {
+                "productCode": code,
+                "dimension": dimension,
+                "hour": _iso(hour),
+                "source": source,
+                "records": len(quantities),
+                "quantity": str(total),
+                "unitPrice": price,
+                "amount": float(round(total * Decimal(str(price)), 6)),
+            }
+        )
+    return bills
 
 
 def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
@@ -65,10 +136,7 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
 
     async def registrations(request: web.Request) -> web.Response:
         rows = state.registrations(request.query.get("productCode"))
-        for row in rows:
-            for key in ("firstAt", "lastAt", "deregisteredAt"):
-                row[key] = _iso(row[key])
-        return _ok({"registrations": rows})
+        return _ok({"registrations": _iso_fields(rows, "firstAt", "lastAt", "deregisteredAt")})
 
     async def meter_records(request: web.Request) -> web.Response:
         records = [
@@ -93,65 +161,14 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
 
     async def batch_records(request: web.Request) -> web.Response:
         rows = state.batch_records(request.query.get("productCode"))
-        for row in rows:
-            for key in ("hour", "timestamp", "createdAt"):
-                row[key] = _iso(row[key])
-        return _ok({"records": rows})
+        return _ok({"records": _iso_fields(rows, "hour", "timestamp", "createdAt")})
 
     async def billing(request: web.Request) -> web.Response:
         code = request.query.get("productCode")
         now = ctx.clock.timestamp()
-        pods = []
-        for reg in state.registrations(code):
-            product = ctx.config.product(reg["productCode"])
-            price = product.hourly_price if product else 0.0
-            end = reg["deregisteredAt"] if reg["deregisteredAt"] is not None else now
-            seconds = max(0.0, end - reg["firstAt"])
-            billed = max(MINUTE, seconds)  # per second, one minute minimum
-            identity = reg["identity"]
-            pods.append(
-                {
-                    "productCode": reg["productCode"],
-                    "callerKey": reg["callerKey"],
-                    "podUid": identity.get("podUid"),
-                    "podName": identity.get("podName"),
-                    "namespace": identity.get("namespace"),
-                    "account": identity.get("accountId"),
-                    "registeredAt": _iso(reg["firstAt"]),
-                    "endedAt": _iso(reg["deregisteredAt"]),
-                    "seconds": round(seconds, 3),
-                    "billedSeconds": round(billed, 3),
-                    "hourlyPrice": price,
-                    "amount": round(billed / 3600 * price, 6),
-                }
-            )
-        grouped: dict[tuple[str, str, float, str], list[Decimal]] = defaultdict(list)
-        for rec in state.meter_records(code):
-            grouped[(rec.product_code, rec.dimension, rec.hour, "MeterUsage")].append(Decimal(rec.quantity))
-        for row in state.batch_records(code):
-            key = (row["productCode"], row["dimension"], row["hour"], f"BatchMeterUsage:{row['customer']}")
-            grouped[key].append(Decimal(row["quantity"]))
-        dimensions = []
-        for (product_code, dimension, hour, source), quantities in sorted(grouped.items()):
-            product = ctx.config.product(product_code)
-            price = (
-                next((d.price for d in product.dimensions if d.name == dimension), 0.0) if product else 0.0
-            )
-            total = sum(quantities, Decimal(0))
-            dimensions.append(
-                {
-                    "productCode": product_code,
-                    "dimension": dimension,
-                    "hour": _iso(hour),
-                    "source": source,
-                    "records": len(quantities),
-                    "quantity": str(total),
-                    "unitPrice": price,
-                    "amount": float(round(total * Decimal(str(price)), 6)),
-                }
-            )
-        amounts = [float(entry["amount"]) for entry in (*pods, *dimensions)]
-        total_amount = round(sum(amounts), 6)
+        pods = [_pod_bill(ctx, reg, now) for reg in state.registrations(code)]
+        dimensions = _dimension_bills(ctx, code)
+        total_amount = round(sum(float(entry["amount"]) for entry in (*pods, *dimensions)), 6)
         return _ok({"now": _iso(now), "pods": pods, "dimensions": dimensions, "totalAmount": total_amount})
 
     async def deregister(request: web.Request) -> web.Response:
@@ -171,14 +188,13 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
             limit = int(request.query.get("limit", "1000000"))
         except ValueError:
             return _bad("since and limit must be integers")
+        if not (0 <= since < 2**63 and 0 <= limit < 2**63):  # SQLite integers are 64-bit
+            return _bad("since and limit must be from 0 to 2**63-1")
         rows = state.events(request.query.get("operation"), request.query.get("errorCode"), since, limit)
         return _ok({"events": rows})
 
     async def credentials(_: web.Request) -> web.Response:
-        rows = state.all_credentials()
-        for row in rows:
-            row["expiration"] = _iso(row["expiration"])
-        return _ok({"credentials": rows})
+        return _ok({"credentials": _iso_fields(state.all_credentials(), "expiration")})
 
     async def get_faults(_: web.Request) -> web.Response:
         return _ok({"faults": ctx.faults.effective()})
@@ -211,10 +227,9 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
                 when = datetime.fromisoformat(str(body["now"]).replace("Z", "+00:00"))
                 ctx.clock.set(when)
             elif "advanceSeconds" in body:
-                seconds = body["advanceSeconds"]
-                if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-                    return _bad("advanceSeconds must be a number")
-                ctx.clock.advance(float(seconds))
+                ctx.clock.advance(
+                    _number(body["advanceSeconds"], "advanceSeconds", -MAX_SECONDS, MAX_SECONDS)
+                )
             else:
                 return _bad("give one of now (ISO 8601 with zone), advanceSeconds, real")
         except ValueError as exc:
@@ -248,11 +263,9 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
         account = body.get("customerAWSAccountId")
         if not isinstance(product, str) or not isinstance(account, str) or not account.isdigit():
             return _bad("productCode and customerAWSAccountId (digits) are required")
-        expires_in = body.get("expiresInSeconds", 3600)
-        if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)):
-            return _bad("expiresInSeconds must be a number")
+        expires_in = _number(body.get("expiresInSeconds", 3600), "expiresInSeconds", 0, MAX_SECONDS)
         token = secrets.token_urlsafe(24)
-        expires_at = ctx.clock.timestamp() + float(expires_in)
+        expires_at = ctx.clock.timestamp() + expires_in
         state.add_registration_token(
             token,
             {

@@ -15,6 +15,11 @@ from datetime import UTC, datetime
 from metering_operator.emulator.state import State
 
 _KEY = "clock_offset_seconds"
+# Python's datetime cannot go past year 9999, and every window and hour computed from the clock
+# must stay representable: an admin call that would move the clock outside these bounds is
+# refused instead of breaking every later request.
+EARLIEST = datetime(1970, 1, 2, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 class SettableClock:
@@ -33,6 +38,11 @@ class SettableClock:
         return self._offset
 
     def _store(self, offset: float) -> None:
+        now = time.time() + offset
+        if not EARLIEST.timestamp() <= now <= LATEST.timestamp():  # also refuses NaN
+            raise ValueError(
+                f"the emulator clock must stay between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC)"
+            )
         self._offset = offset
         self._state.set_kv(_KEY, offset)
 

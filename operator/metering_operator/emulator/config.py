@@ -29,6 +29,17 @@ OPERATIONS = (
 )
 
 
+# The config sections the admin API can add entries to at run time, each with its key member:
+# a runtime entry replaces the file's entry with the same key.
+OVERLAY_KEYS = {
+    "products": "productCode",
+    "roles": "arn",
+    "issuers": "issuer",
+    "staticCredentials": "accessKeyId",
+    "registrationTokens": "token",
+}
+
+
 class ConfigError(ValueError):
     """The configuration file is unreadable or invalid; the message says where and why."""
 
@@ -247,14 +258,7 @@ class EmulatorConfig(_Model):
     def merged(self, overlay: dict[str, list[dict[str, Any]]]) -> EmulatorConfig:
         """This config with runtime additions (admin API) replacing entries of the same key."""
         data = self.model_dump(by_alias=True, mode="json")
-        keys = {
-            "products": "productCode",
-            "roles": "arn",
-            "issuers": "issuer",
-            "staticCredentials": "accessKeyId",
-            "registrationTokens": "token",
-        }
-        for section, key in keys.items():
+        for section, key in OVERLAY_KEYS.items():
             for entry in overlay.get(section, []):
                 data[section] = [e for e in data[section] if e.get(key) != entry.get(key)] + [entry]
         return EmulatorConfig.model_validate(data)

@@ -7,20 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from metering_operator.emulator.clock import SettableClock
-from metering_operator.emulator.config import EmulatorConfig, load_config
+from metering_operator.emulator.config import OVERLAY_KEYS, EmulatorConfig, load_config
 from metering_operator.emulator.faults import Faults
 from metering_operator.emulator.keys import KeyStore
 from metering_operator.emulator.state import State
 from metering_operator.emulator.sts import JwksResolver
 
 _OVERLAY_KEY = "config_overlay"
-OVERLAY_KEYS = {
-    "products": "productCode",
-    "roles": "arn",
-    "issuers": "issuer",
-    "staticCredentials": "accessKeyId",
-    "registrationTokens": "token",
-}
 
 
 class EmulatorContext:

@@ -62,20 +62,22 @@ class Caller:
 def authenticate(
     config: EmulatorConfig,
     state: State,
+    incoming: sigv4.IncomingRequest,
     *,
-    method: str,
-    path_qs: str,
-    headers: Any,
-    body: bytes,
     dialect: str,
     unknown_key_error: AwsError | None = None,
 ) -> Caller:
-    """Verify the request's SigV4 signature and return the caller, or raise the AWS error."""
+    """Verify the request's SigV4 signature and return the caller, or raise the AWS error.
+
+    ``unknown_key_error`` replaces the usual unknown-key answer (RegisterUsage tells callers
+    without an IRSA session that their platform is not supported).
+    """
     codes = sigv4.CODES[dialect]
-    auth = sigv4.parse_authorization(headers, dialect)
+    auth = sigv4.parse_authorization(incoming.headers, dialect)
+    sigv4.check_freshness(auth, dialect)
     static = next((c for c in config.static_credentials if c.access_key_id == auth.access_key_id), None)
     if static is not None:
-        sigv4.verify(auth, static.secret_access_key, method, path_qs, headers, body, dialect)
+        sigv4.verify(auth, static.secret_access_key, incoming, dialect)
         return Caller(
             kind="IAMUser",
             access_key_id=auth.access_key_id,
@@ -85,15 +87,11 @@ def authenticate(
             allowed_actions=tuple(static.allowed_actions),
         )
     row = state.credentials(auth.access_key_id)
-    if row is None:
+    if row is None or auth.security_token != row["session_token"]:
         raise unknown_key_error or AwsError(
             codes["unknown_key"], "The security token included in the request is invalid."
         )
-    if auth.security_token != row["session_token"]:
-        raise unknown_key_error or AwsError(
-            codes["unknown_key"], "The security token included in the request is invalid."
-        )
-    sigv4.verify(auth, row["secret_access_key"], method, path_qs, headers, body, dialect)
+    sigv4.verify(auth, row["secret_access_key"], incoming, dialect)
     if row["expiration"] <= time.time():
         raise AwsError(codes["expired"], "The security token included in the request is expired", 403)
     identity: dict[str, Any] = json.loads(row["identity"])

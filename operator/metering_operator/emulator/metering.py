@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -185,6 +186,35 @@ def _request_hash(body: dict[str, Any]) -> str:
 # -- MeterUsage ------------------------------------------------------------------------------
 
 
+def _answer_for_client_token(
+    ctx: EmulatorContext, caller: Caller, token: str, request_hash: str
+) -> dict[str, Any] | None:
+    """The stored answer for a reused ClientToken, or None for a new one."""
+    seen = ctx.state.client_token(caller.account, token)
+    if seen is None:
+        return None
+    if seen["request_hash"] != request_hash:
+        raise AwsError(
+            "IdempotencyConflictException",
+            "The ClientToken was already used with different request parameters.",
+        )
+    stored: dict[str, Any] = json.loads(seen["response"])
+    return stored
+
+
+def _check_meter_entitlement(ctx: EmulatorContext, caller: Caller, product: Product, now: float) -> None:
+    # For custom-metered products the first MeterUsage of a caller is the entitlement check;
+    # once it passed, that caller is never refused on it again (like RegisterUsage).
+    if not product.dimensions or ctx.state.meter_entitled(product.product_code, caller.key):
+        return
+    if caller.account not in product.entitled_accounts:
+        raise AwsError(
+            "CustomerNotEntitledException",
+            f"Customer {caller.account} is not entitled to product {product.product_code}.",
+        )
+    ctx.state.add_meter_entitlement(product.product_code, caller.key, now)
+
+
 def meter_usage(ctx: EmulatorContext, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
     if body.get("DryRun"):
         if caller.allowed("aws-marketplace:MeterUsage"):
@@ -221,23 +251,10 @@ def meter_usage(ctx: EmulatorContext, caller: Caller, body: dict[str, Any]) -> d
     token = body.get("ClientToken")
     request_hash = _request_hash(body)
     if token is not None:
-        seen = ctx.state.client_token(caller.account, token)
-        if seen is not None:
-            if seen["request_hash"] != request_hash:
-                raise AwsError(
-                    "IdempotencyConflictException",
-                    "The ClientToken was already used with different request parameters.",
-                )
-            stored: dict[str, Any] = json.loads(seen["response"])
-            return stored
-    if product.dimensions and not ctx.state.meter_entitled(product.product_code, caller.key):
-        # For custom-metered products the first MeterUsage of a caller is the entitlement check.
-        if caller.account not in product.entitled_accounts:
-            raise AwsError(
-                "CustomerNotEntitledException",
-                f"Customer {caller.account} is not entitled to product {product.product_code}.",
-            )
-        ctx.state.add_meter_entitlement(product.product_code, caller.key, now)
+        answered = _answer_for_client_token(ctx, caller, token, request_hash)
+        if answered is not None:
+            return answered
+    _check_meter_entitlement(ctx, caller, product, now)
     hour = _hour(timestamp)
     existing = ctx.state.meter_record(product.product_code, caller.key, dimension, hour)
     if existing is not None:
@@ -291,6 +308,110 @@ def _product_for_license(ctx: EmulatorContext, license_arn: str) -> Product:
     raise AwsError("InvalidLicenseException", f"License {license_arn} is not valid.")
 
 
+@dataclass(frozen=True)
+class _PlannedRecord:
+    """A usage record that passed the whole-batch checks, resolved to its product and customer."""
+
+    record: dict[str, Any]
+    product: Product
+    account: str
+    license_arn: str  # "" when the record has none (part of the dedup key)
+    quantity: Decimal
+    decimal: bool
+    timestamp: float
+
+
+def _plan_record(
+    ctx: EmulatorContext, index: int, record: dict[str, Any], request_product: Product | None, now: float
+) -> _PlannedRecord:
+    """Check one record; any failure rejects the whole batch, as AWS does."""
+    timestamp = to_epoch(record["Timestamp"], f"usageRecords.{index}.member.timestamp")
+    if not _batch_timestamp_ok(timestamp, now):
+        raise AwsError(
+            "TimestampOutOfBoundsException",
+            f"Record {index}: timestamp {_iso(timestamp)} is outside the accepted window.",
+        )
+    has_id = record.get("CustomerIdentifier") is not None
+    if has_id == (record.get("CustomerAWSAccountId") is not None):
+        raise AwsError(
+            "ValidationException",
+            f"Record {index}: specify exactly one of CustomerIdentifier or CustomerAWSAccountId.",
+        )
+    license_arn = record.get("LicenseArn")
+    if request_product is not None:
+        product = request_product
+    elif license_arn is not None:
+        product = _product_for_license(ctx, license_arn)
+    else:
+        raise AwsError(
+            "ValidationException", f"Record {index}: ProductCode is required when a record has no LicenseArn."
+        )
+    if record["Dimension"] not in product.dimension_names():
+        raise AwsError(
+            "InvalidUsageDimensionException",
+            f"Record {index}: dimension {record['Dimension']} is not defined "
+            f"for product {product.product_code}.",
+        )
+    if has_id:
+        customer = next(
+            (c for c in product.customers if c.customer_identifier == record["CustomerIdentifier"]), None
+        )
+        if customer is None:
+            raise AwsError(
+                "InvalidCustomerIdentifierException",
+                f"Record {index}: customer {record['CustomerIdentifier']} does not exist.",
+            )
+        account = customer.aws_account_id
+    else:
+        account = record["CustomerAWSAccountId"]
+    if license_arn is not None and not any(
+        c.license_arn == license_arn and c.aws_account_id == account for c in product.customers
+    ):
+        raise AwsError(
+            "InvalidLicenseException", f"Record {index}: license {license_arn} does not match the customer."
+        )
+    quantity, decimal = _quantity(record, "Quantity", "QuantityAsDecimal")
+    if record.get("UsageAllocations") is not None:
+        _check_allocations(record["UsageAllocations"], quantity, decimal)
+    return _PlannedRecord(record, product, account, license_arn or "", quantity, decimal, timestamp)
+
+
+def _store_record(
+    ctx: EmulatorContext, caller: Caller, planned: _PlannedRecord, now: float
+) -> dict[str, Any]:
+    """The record's result: kept once per (product, customer, license, dimension, hour)."""
+    record, product = planned.record, planned.product
+    if planned.account not in product.entitled_accounts:
+        return {"UsageRecord": record, "Status": "CustomerNotSubscribed"}
+    hour = _hour(planned.timestamp)
+    existing = ctx.state.batch_record(
+        product.product_code, planned.account, planned.license_arn, record["Dimension"], hour
+    )
+    if existing is not None:
+        if Decimal(existing["quantity"]) != planned.quantity:
+            return {"UsageRecord": record, "Status": "DuplicateRecord"}
+        return {"UsageRecord": record, "MeteringRecordId": existing["record_id"], "Status": "Success"}
+    record_id = str(uuid.uuid4())
+    allocations = record.get("UsageAllocations")
+    ctx.state.add_batch_record(
+        {
+            "record_id": record_id,
+            "product_code": product.product_code,
+            "customer_key": planned.account,
+            "license_arn": planned.license_arn,
+            "dimension": record["Dimension"],
+            "hour": hour,
+            "quantity": str(planned.quantity),
+            "decimal": int(planned.decimal),
+            "allocations": json.dumps(allocations) if allocations else None,
+            "timestamp": planned.timestamp,
+            "created_at": now,
+            "caller": json.dumps(caller.describe()),
+        }
+    )
+    return {"UsageRecord": record, "MeteringRecordId": record_id, "Status": "Success"}
+
+
 def batch_meter_usage(ctx: EmulatorContext, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
     _require_action(caller, "aws-marketplace:BatchMeterUsage")
     code = body.get("ProductCode")
@@ -300,103 +421,17 @@ def batch_meter_usage(ctx: EmulatorContext, caller: Caller, body: dict[str, Any]
             "DisabledApiException", f"The API is disabled for product {request_product.product_code}."
         )
     now = ctx.clock.timestamp()
-    records: list[dict[str, Any]] = body["UsageRecords"]
-    # Whole-request checks first: one bad record rejects the batch.
-    planned: list[tuple[dict[str, Any], Product, str, str, Decimal, bool, float]] = []
-    for index, record in enumerate(records, start=1):
-        timestamp = to_epoch(record["Timestamp"], f"usageRecords.{index}.member.timestamp")
-        if not _batch_timestamp_ok(timestamp, now):
-            raise AwsError(
-                "TimestampOutOfBoundsException",
-                f"Record {index}: timestamp {_iso(timestamp)} is outside the accepted window.",
-            )
-        has_id = record.get("CustomerIdentifier") is not None
-        has_account = record.get("CustomerAWSAccountId") is not None
-        if has_id == has_account:
-            raise AwsError(
-                "ValidationException",
-                f"Record {index}: specify exactly one of CustomerIdentifier or CustomerAWSAccountId.",
-            )
-        license_arn = record.get("LicenseArn")
-        if request_product is not None:
-            product = request_product
-        elif license_arn is not None:
-            product = _product_for_license(ctx, license_arn)
-        else:
-            raise AwsError(
-                "ValidationException",
-                f"Record {index}: ProductCode is required when a record has no LicenseArn.",
-            )
-        if record["Dimension"] not in product.dimension_names():
-            raise AwsError(
-                "InvalidUsageDimensionException",
-                f"Record {index}: dimension {record['Dimension']} is not defined "
-                f"for product {product.product_code}.",
-            )
-        if has_id:
-            customer = next(
-                (c for c in product.customers if c.customer_identifier == record["CustomerIdentifier"]), None
-            )
-            if customer is None:
-                raise AwsError(
-                    "InvalidCustomerIdentifierException",
-                    f"Record {index}: customer {record['CustomerIdentifier']} does not exist.",
-                )
-            account = customer.aws_account_id
-        else:
-            account = record["CustomerAWSAccountId"]
-        if license_arn is not None and not any(
-            c.license_arn == license_arn and c.aws_account_id == account for c in product.customers
-        ):
-            raise AwsError(
-                "InvalidLicenseException",
-                f"Record {index}: license {license_arn} does not match the customer.",
-            )
-        quantity, decimal = _quantity(record, "Quantity", "QuantityAsDecimal")
-        if record.get("UsageAllocations") is not None:
-            _check_allocations(record["UsageAllocations"], quantity, decimal)
-        planned.append((record, product, account, license_arn or "", quantity, decimal, timestamp))
+    planned = [
+        _plan_record(ctx, index, record, request_product, now)
+        for index, record in enumerate(body["UsageRecords"], start=1)
+    ]
     results: list[dict[str, Any]] = []
     unprocessed: list[dict[str, Any]] = []
-    for record, product, account, license_arn, quantity, decimal, timestamp in planned:
+    for entry in planned:
         if ctx.faults.unprocessed("BatchMeterUsage"):
-            unprocessed.append(record)
-            continue
-        if account not in product.entitled_accounts:
-            results.append({"UsageRecord": record, "Status": "CustomerNotSubscribed"})
-            continue
-        hour = _hour(timestamp)
-        existing = ctx.state.batch_record(
-            product.product_code, account, license_arn, record["Dimension"], hour
-        )
-        if existing is not None:
-            if Decimal(existing["quantity"]) == quantity:
-                results.append(
-                    {"UsageRecord": record, "MeteringRecordId": existing["record_id"], "Status": "Success"}
-                )
-            else:
-                results.append({"UsageRecord": record, "Status": "DuplicateRecord"})
-            continue
-        record_id = str(uuid.uuid4())
-        ctx.state.add_batch_record(
-            {
-                "record_id": record_id,
-                "product_code": product.product_code,
-                "customer_key": account,
-                "license_arn": license_arn,
-                "dimension": record["Dimension"],
-                "hour": hour,
-                "quantity": str(quantity),
-                "decimal": int(decimal),
-                "allocations": json.dumps(record["UsageAllocations"])
-                if record.get("UsageAllocations")
-                else None,
-                "timestamp": timestamp,
-                "created_at": now,
-                "caller": json.dumps(caller.describe()),
-            }
-        )
-        results.append({"UsageRecord": record, "MeteringRecordId": record_id, "Status": "Success"})
+            unprocessed.append(entry.record)
+        else:
+            results.append(_store_record(ctx, caller, entry, now))
     return {"Results": results, "UnprocessedRecords": unprocessed}
 
 

@@ -31,6 +31,7 @@ from metering_operator.emulator import admin, metering, sts, validation
 from metering_operator.emulator.context import EmulatorContext
 from metering_operator.emulator.errors import AwsError, json_error, xml_error
 from metering_operator.emulator.identity import Caller, authenticate
+from metering_operator.emulator.sigv4 import IncomingRequest
 
 log = logging.getLogger("metering_operator.emulator")
 
@@ -47,17 +48,17 @@ JSON_OPERATIONS: dict[str, Handler] = {
 CONTEXT_KEY: web.AppKey[EmulatorContext] = web.AppKey("context", EmulatorContext)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _parse_json(raw: bytes) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        return validation.strict_json(raw)
+    except (ValueError, RecursionError):
         raise AwsError("SerializationException", "The request body is not valid JSON.") from None
+
+
+def _incoming(request: web.Request, raw: bytes) -> IncomingRequest:
+    return IncomingRequest(request.method, request.raw_path, request.headers, raw)
 
 
 def _product_of(body: Any) -> str | None:
@@ -116,10 +117,7 @@ class AwsFrontend:
             caller = authenticate(
                 self.ctx.config,
                 self.ctx.state,
-                method=request.method,
-                path_qs=request.raw_path,
-                headers=request.headers,
-                body=raw,
+                _incoming(request, raw),
                 dialect="json",
                 unknown_key_error=unknown_key,
             )
@@ -169,13 +167,7 @@ class AwsFrontend:
                 )
             elif action == "GetCallerIdentity":
                 caller = authenticate(
-                    self.ctx.config,
-                    self.ctx.state,
-                    method=request.method,
-                    path_qs=request.raw_path,
-                    headers=request.headers,
-                    body=raw,
-                    dialect="query",
+                    self.ctx.config, self.ctx.state, _incoming(request, raw), dialect="query"
                 )
                 await self.ctx.faults.apply(action)
                 user_id = caller.info.get("assumedRoleId") or (

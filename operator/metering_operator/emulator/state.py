@@ -190,13 +190,16 @@ class State:
             params.append(product_code)
         return self.db.execute(sql, params).rowcount
 
-    def registrations(self, product_code: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM registrations"
+    def _rows(self, table: str, product_code: str | None, order_by: str) -> list[sqlite3.Row]:
+        """All rows of ``table`` (one product's, when given), oldest first."""
+        sql = f"SELECT * FROM {table}"  # table and order are constants of this module
         params: tuple[Any, ...] = ()
         if product_code:
             sql += " WHERE product_code = ?"
             params = (product_code,)
-        rows = self.db.execute(sql + " ORDER BY first_at, rowid", params).fetchall()
+        return self.db.execute(f"{sql} ORDER BY {order_by}, rowid", params).fetchall()
+
+    def registrations(self, product_code: str | None = None) -> list[dict[str, Any]]:
         return [
             {
                 "productCode": r["product_code"],
@@ -209,7 +212,7 @@ class State:
                 "deregisteredAt": r["deregistered_at"],
                 "identity": json.loads(r["identity"]),
             }
-            for r in rows
+            for r in self._rows("registrations", product_code, "first_at")
         ]
 
     # -- MeterUsage ------------------------------------------------------------------------
@@ -254,12 +257,7 @@ class State:
         )
 
     def meter_records(self, product_code: str | None = None) -> list[MeterRecord]:
-        sql = "SELECT * FROM meter_records"
-        params: tuple[Any, ...] = ()
-        if product_code:
-            sql += " WHERE product_code = ?"
-            params = (product_code,)
-        return [_meter_record(r) for r in self.db.execute(sql + " ORDER BY created_at, rowid", params)]
+        return [_meter_record(r) for r in self._rows("meter_records", product_code, "created_at")]
 
     def client_token(self, scope: str, token: str) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.db.execute(
@@ -293,30 +291,23 @@ class State:
         )
 
     def batch_records(self, product_code: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM batch_records"
-        params: tuple[Any, ...] = ()
-        if product_code:
-            sql += " WHERE product_code = ?"
-            params = (product_code,)
-        out = []
-        for r in self.db.execute(sql + " ORDER BY created_at, rowid", params):
-            out.append(
-                {
-                    "meteringRecordId": r["record_id"],
-                    "productCode": r["product_code"],
-                    "customer": r["customer_key"],
-                    "licenseArn": r["license_arn"] or None,
-                    "dimension": r["dimension"],
-                    "hour": r["hour"],
-                    "quantity": r["quantity"],
-                    "decimal": bool(r["decimal"]),
-                    "allocations": json.loads(r["allocations"]) if r["allocations"] else None,
-                    "timestamp": r["timestamp"],
-                    "createdAt": r["created_at"],
-                    "caller": json.loads(r["caller"]),
-                }
-            )
-        return out
+        return [
+            {
+                "meteringRecordId": r["record_id"],
+                "productCode": r["product_code"],
+                "customer": r["customer_key"],
+                "licenseArn": r["license_arn"] or None,
+                "dimension": r["dimension"],
+                "hour": r["hour"],
+                "quantity": r["quantity"],
+                "decimal": bool(r["decimal"]),
+                "allocations": json.loads(r["allocations"]) if r["allocations"] else None,
+                "timestamp": r["timestamp"],
+                "createdAt": r["created_at"],
+                "caller": json.loads(r["caller"]),
+            }
+            for r in self._rows("batch_records", product_code, "created_at")
+        ]
 
     # -- registration tokens ---------------------------------------------------------------
     def add_registration_token(self, token: str, data: dict[str, Any]) -> None:

@@ -135,6 +135,14 @@ def _parse_jwks(raw: bytes) -> list[dict[str, Any]]:
     return [k for k in keys if isinstance(k, dict)]
 
 
+def _expiry(exp: Any) -> str:
+    """A token's ``exp`` for a message; an absurd value (only its issuer can sign one) as it is."""
+    try:
+        return f"{datetime.fromtimestamp(float(exp), UTC):%Y-%m-%dT%H:%M:%SZ}"
+    except (TypeError, ValueError, OverflowError, OSError):
+        return repr(exp)
+
+
 async def verify_web_identity(
     config: EmulatorConfig, resolver: JwksResolver, raw_token: str
 ) -> dict[str, Any]:
@@ -168,11 +176,10 @@ async def verify_web_identity(
             )
             break
         except jwt.ExpiredSignatureError:
-            exp = datetime.fromtimestamp(float(unverified.get("exp", 0)), UTC)
             raise AwsError(
                 "ExpiredTokenException",
                 f"Token expired: current date/time {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} "
-                f"must be before the expiration date/time {exp:%Y-%m-%dT%H:%M:%SZ}",
+                f"must be before the expiration date/time {_expiry(unverified.get('exp'))}",
             ) from None
         except jwt.InvalidSignatureError:
             continue
@@ -215,15 +222,21 @@ async def assume_role_with_web_identity(
             )
     claims = await verify_web_identity(config, resolver, params["WebIdentityToken"])
     role = config.role(params["RoleArn"])
-    denied = AwsError("AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity", 403)
-    if role is None:
-        raise denied
     sub = str(claims["sub"])
+    # AWS's message is the same for both causes; the emulator adds which one, since finding it
+    # out is the whole point of testing an IRSA setup locally.
+    denied = "Not authorized to perform sts:AssumeRoleWithWebIdentity"
+    if role is None:
+        raise AwsError("AccessDenied", f"{denied} (emulator: role {params['RoleArn']} is not configured)")
     trusted = any(
         t.issuer == claims["iss"] and any(fnmatch.fnmatchcase(sub, p) for p in t.subjects) for t in role.trust
     )
     if not trusted:
-        raise denied
+        raise AwsError(
+            "AccessDenied",
+            f"{denied} (emulator: no trust statement of role {role.arn} allows issuer {claims['iss']} "
+            f"and subject {sub})",
+        )
     if duration > role.max_session_seconds:
         raise AwsError(
             "ValidationError",

@@ -8,6 +8,7 @@ counts) are left to the operation logic, so e.g. six tags give ``InvalidTagExcep
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from datetime import datetime
@@ -40,6 +41,18 @@ def validate(service: str, operation: str, body: Any, exempt: frozenset[str] = f
         n = len(ctx.errors)
         shown = "; ".join(ctx.errors[:_MAX_REPORTED])
         raise AwsError("ValidationException", f"{n} validation error{'s' if n > 1 else ''} detected: {shown}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def strict_json(raw: bytes) -> Any:
+    """Parse JSON as AWS does: NaN and Infinity (which Python's json accepts) are refused.
+
+    Raises ``ValueError`` (also for bad UTF-8) or ``RecursionError`` (absurd nesting).
+    """
+    return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
 
 
 def _lower_first(name: str) -> str:

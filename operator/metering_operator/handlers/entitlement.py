@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -88,13 +89,27 @@ def gate_products(namespace: str | None, name: str, spec: Any, memo: Any, **_: A
     return {namespace or "": (f"{namespace}/{name}", parsed.entitlement.mode, trusted, parsed.selector)}
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="entitlement-gate", cancellation_timeout=10.0)
-def gate_daemon(
+@kopf.daemon(GROUP, VERSION, PLURAL, id="entitlement-gate", cancellation_timeout=15.0)
+async def gate_daemon(
     namespace: str | None, name: str, body: Any, memo: Any, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
-    """Runs the product's controller in this (kopf-owned) thread until the product goes away."""
+    """Runs the product's controller in a thread of its own until the product goes away.
+
+    An async daemon owning a dedicated thread, rather than a sync daemon: kopf runs sync daemons
+    in its bounded executor, which would cap how many products one operator can serve.
+    """
     runtime: GateRuntime = memo.gate_runtime
-    ProductController(runtime, namespace or "", name, lambda: body).run(stopped)
+    controller = ProductController(runtime, namespace or "", name, lambda: body)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=controller.run, args=(stop,), name=f"gate-{namespace}-{name}", daemon=True
+    )
+    thread.start()
+    try:
+        await stopped.wait()
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 10.0)
 
 
 @kopf.on.cleanup()

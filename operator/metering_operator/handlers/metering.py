@@ -47,7 +47,7 @@ from metering_operator.aws.errors import ErrorCategory, MeteringError
 from metering_operator.aws.models import MeterUsageRequest, Tag, UsageAllocation
 from metering_operator.domain import ledger
 from metering_operator.domain.aggregation import Aggregation, Rounding
-from metering_operator.domain.clock import Clock, SystemClock
+from metering_operator.domain.clock import Clock, SystemClock, hour_start
 from metering_operator.domain.conditions import get_condition, set_condition
 from metering_operator.domain.product import GROUP, PLURAL, VERSION, MeteredProduct, MeteringStatus
 from metering_operator.domain.sampling import Source, TagRule, measure
@@ -196,7 +196,10 @@ class MeteringRuntime:
         uid = product.metadata.uid or f"{namespace}/{name}"
         before = product.status.metering
         after = ledger.tick(before, now, plan.rules, self.policy, uid)
-        after = ledger.observe(after, now, samples) if samples else after
+        # After the emulator clock was set back, the open hour lies ahead of ``now``: hold
+        # samples until time catches up rather than record them in the wrong hour.
+        if samples and after.open_hour is not None and after.open_hour.start == hour_start(now):
+            after = ledger.observe(after, now, samples)
         after = ledger.prune(after, self.policy)
         ledger_changed = after.ledger != before.ledger
         new_pending = {(e.hour, e.dimension) for e in after.ledger} - {

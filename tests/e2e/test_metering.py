@@ -592,3 +592,33 @@ def test_dry_run_checks_permissions_and_bills_nothing(world: World, operator: Op
     assert condition is not None
     assert condition["reason"] == "DryRun"
     assert world.metering().last_sent_hour is None
+
+
+def test_a_second_product_with_the_same_code_is_refused_not_double_sent(
+    world: World, operator: OperatorFactory
+) -> None:
+    constant_product(world)
+    start_operator(operator, world.namespace, world.emulator, "a")
+    world.wait_observed(H0, {"replicas": "2"})
+    time.sleep(1.1)  # creationTimestamp has second resolution: make the copy clearly younger
+    copy = product([PLAIN_REPLICAS_DIM, VCPU_DIM])
+    copy["metadata"]["name"] = "db-copy"
+    world.create_product(copy)
+
+    def refused() -> dict[str, Any] | None:
+        obj = world.custom.get_namespaced_custom_object(GROUP, VERSION, world.namespace, PLURAL, "db-copy")
+        for c in (obj.get("status") or {}).get("conditions") or []:
+            if c["type"] == "Metering" and c["reason"] == "DuplicateProductCode":
+                return dict(c)
+        return None
+
+    condition = wait_for("db-copy to be refused", refused)
+    assert condition["status"] == "False"
+    assert f"{world.namespace}/db" in condition["message"]
+    world.set_clock(H0 + HOUR)
+    world.wait_entries(H0, LedgerState.SENT, ["replicas", "vcpu"])
+    assert_one_record_each(world, {("replicas", H0): "2", ("vcpu", H0): vcpu(2)})
+    copy_status = world.custom.get_namespaced_custom_object(
+        GROUP, VERSION, world.namespace, PLURAL, "db-copy"
+    )
+    assert not ((copy_status.get("status") or {}).get("metering") or {}).get("ledger")

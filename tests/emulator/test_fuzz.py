@@ -361,3 +361,74 @@ def test_server_is_alive_after_fuzzing(emulator: EmulatorProcess) -> None:
         e for e in emulator.admin.events(error_code="InternalServiceErrorException") if not e["injected"]
     ]
     assert not emulator.admin.events(error_code="InternalFailure")
+
+
+ADMIN_POSTS = [
+    "/clock",
+    "/faults",
+    "/products",
+    "/roles",
+    "/issuers",
+    "/static-credentials",
+    "/registration-tokens",
+    "/deregistrations",
+]
+ADMIN_FIELDS = [
+    "now",
+    "advanceSeconds",
+    "real",
+    "operation",
+    "throttleRate",
+    "errorRate",
+    "latencyMs",
+    "failWith",
+    "productCode",
+    "publicKeyVersions",
+    "dimensions",
+    "arn",
+    "trust",
+    "issuer",
+    "jwksFile",
+    "accessKeyId",
+    "secretAccessKey",
+    "customerAWSAccountId",
+    "expiresInSeconds",
+    "podUid",
+]
+admin_numbers = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e308, -1e308, 2**63, 0.5]),
+)
+
+
+@SETTINGS
+@given(
+    path=st.sampled_from(ADMIN_POSTS),
+    body=st.one_of(
+        st.dictionaries(st.sampled_from(ADMIN_FIELDS), st.one_of(json_values, admin_numbers), max_size=5).map(
+            lambda d: json.dumps(d).encode()
+        ),
+        st.sampled_from([b'{"advanceSeconds": NaN}', b'{"expiresInSeconds": Infinity}', b"[]", b"{"]),
+        st.binary(max_size=100),
+    ),
+    query=st.dictionaries(
+        st.sampled_from(["since", "limit", "operation", "productCode"]), st.text(max_size=30)
+    ),
+)
+def test_admin_api_junk_never_breaks_the_emulator(
+    emulator: EmulatorProcess, path: str, body: bytes, query: dict[str, str]
+) -> None:
+    """The admin API is for tests, but a bad call there must not break the AWS side for the rest."""
+    try:
+        status, answer = send(
+            emulator, "POST", "/_emulator" + path, body, {"Content-Type": "application/json"}
+        )
+        assert status < 500, answer[:300]
+        listing = "/_emulator/events?" + urllib.parse.urlencode(query)
+        status, answer = send(emulator, "GET", listing, b"", {})
+        assert status < 500, answer[:300]
+    finally:
+        emulator.admin.reset_clock()
+        emulator.admin.clear_faults()
+    assert emulator.admin.health()["ok"] is True

@@ -57,116 +57,117 @@ ASSUME_ROLE_WITH_WEB_IDENTITY = "AssumeRoleWithWebIdentity"
 
 METERING_OPERATIONS: Final = (REGISTER_USAGE, METER_USAGE, BATCH_METER_USAGE, RESOLVE_CUSTOMER)
 
-R = ErrorCategory.RETRYABLE
-D = ErrorCategory.DENIED
-B = ErrorCategory.CALLER_BUG
-W = ErrorCategory.OUT_OF_WINDOW
+# One-letter names keep the tables below readable as tables; module-private on purpose.
+_R = ErrorCategory.RETRYABLE
+_D = ErrorCategory.DENIED
+_B = ErrorCategory.CALLER_BUG
+_W = ErrorCategory.OUT_OF_WINDOW
 
 # Per operation, the wire code of every error shape botocore models for it (checked by
 # tests/unit/test_aws_errors.py).
 CLASSIFICATION: Final[Mapping[str, Mapping[str, ErrorCategory]]] = {
     REGISTER_USAGE: {
-        "ThrottlingException": R,
-        "InternalServiceErrorException": R,
+        "ThrottlingException": _R,
+        "InternalServiceErrorException": _R,
         # The final entitlement answers the operator must remember per pod.
-        "CustomerNotEntitledException": D,
-        "PlatformNotSupportedException": D,
-        "InvalidProductCodeException": D,
-        "InvalidRegionException": D,
-        "InvalidPublicKeyVersionException": D,
-        "DisabledApiException": D,
+        "CustomerNotEntitledException": _D,
+        "PlatformNotSupportedException": _D,
+        "InvalidProductCodeException": _D,
+        "InvalidRegionException": _D,
+        "InvalidPublicKeyVersionException": _D,
+        "DisabledApiException": _D,
     },
     METER_USAGE: {
-        "ThrottlingException": R,
-        "InternalServiceErrorException": R,
+        "ThrottlingException": _R,
+        "InternalServiceErrorException": _R,
         # For custom-metered products the first MeterUsage is the entitlement check.
-        "CustomerNotEntitledException": D,
-        "InvalidProductCodeException": D,
-        "InvalidEndpointRegionException": D,
+        "CustomerNotEntitledException": _D,
+        "InvalidProductCodeException": _D,
+        "InvalidEndpointRegionException": _D,
         # The listing has no such dimension: only the seller changing the listing fixes that.
-        "InvalidUsageDimensionException": D,
+        "InvalidUsageDimensionException": _D,
         # Never "fixed" by resending another quantity: that would bill twice or lie.
-        "DuplicateRequestException": B,
-        "IdempotencyConflictException": B,
-        "InvalidUsageAllocationsException": B,
-        "InvalidTagException": B,
-        "TimestampOutOfBoundsException": W,
+        "DuplicateRequestException": _B,
+        "IdempotencyConflictException": _B,
+        "InvalidUsageAllocationsException": _B,
+        "InvalidTagException": _B,
+        "TimestampOutOfBoundsException": _W,
     },
     BATCH_METER_USAGE: {
-        "ThrottlingException": R,
-        "InternalServiceErrorException": R,
-        "InvalidProductCodeException": D,
-        "InvalidUsageDimensionException": D,
-        "InvalidCustomerIdentifierException": D,
-        "InvalidLicenseException": D,
-        "DisabledApiException": D,
-        "InvalidUsageAllocationsException": B,
-        "InvalidTagException": B,
+        "ThrottlingException": _R,
+        "InternalServiceErrorException": _R,
+        "InvalidProductCodeException": _D,
+        "InvalidUsageDimensionException": _D,
+        "InvalidCustomerIdentifierException": _D,
+        "InvalidLicenseException": _D,
+        "DisabledApiException": _D,
+        "InvalidUsageAllocationsException": _B,
+        "InvalidTagException": _B,
         # One record outside the window rejects the whole batch.
-        "TimestampOutOfBoundsException": W,
+        "TimestampOutOfBoundsException": _W,
     },
     RESOLVE_CUSTOMER: {
-        "ThrottlingException": R,
-        "InternalServiceErrorException": R,
+        "ThrottlingException": _R,
+        "InternalServiceErrorException": _R,
         # A registration token is single-use and short-lived: a bad one is final for that token.
-        "InvalidTokenException": D,
-        "ExpiredTokenException": D,
-        "DisabledApiException": D,
+        "InvalidTokenException": _D,
+        "ExpiredTokenException": _D,
+        "DisabledApiException": _D,
     },
     # STS speaks the query protocol: its wire codes are the shapes' ``error.code`` traits
     # ("InvalidIdentityToken"), not the shape names ("InvalidIdentityTokenException").
     ASSUME_ROLE_WITH_WEB_IDENTITY: {
-        "IDPCommunicationError": R,
+        "IDPCommunicationError": _R,
         # The projected token expired before the exchange: mint a new one and try again.
-        "ExpiredTokenException": R,
+        "ExpiredTokenException": _R,
         # Issuer not registered, bad signature or audience, trust policy refusing the subject:
         # configuration of the cluster's OIDC provider or the role, not an entitlement answer.
-        "InvalidIdentityToken": B,
-        "IDPRejectedClaim": B,
-        "MalformedPolicyDocument": B,
-        "PackedPolicyTooLarge": B,
-        "RegionDisabledException": D,
+        "InvalidIdentityToken": _B,
+        "IDPRejectedClaim": _B,
+        "MalformedPolicyDocument": _B,
+        "PackedPolicyTooLarge": _B,
+        "RegionDisabledException": _D,
     },
 }
 
 # Codes any operation can get although the model does not list them.
 COMMON: Final[Mapping[str, ErrorCategory]] = {
-    "Throttling": R,
-    "ThrottlingException": R,
-    "ThrottledException": R,
-    "RequestThrottled": R,
-    "RequestThrottledException": R,
-    "TooManyRequestsException": R,
-    "ServiceUnavailable": R,
-    "ServiceUnavailableException": R,
-    "InternalFailure": R,
-    "InternalError": R,
-    "InternalServiceErrorException": R,
-    "RequestTimeout": R,
-    "RequestTimeoutException": R,
-    "ValidationException": B,
-    "ValidationError": B,  # the query-protocol (STS) spelling
-    "RequestEntityTooLargeException": B,
-    "SerializationException": B,
-    "UnknownOperationException": B,
-    "InvalidParameterException": B,
-    "MissingParameter": B,
-    "MissingAuthenticationToken": B,
-    "MissingAuthenticationTokenException": B,
-    "IncompleteSignature": B,
-    "IncompleteSignatureException": B,
-    "InvalidSignatureException": B,
-    "SignatureDoesNotMatch": B,
-    "InvalidClientTokenId": B,
-    "UnrecognizedClientException": B,
+    "Throttling": _R,
+    "ThrottlingException": _R,
+    "ThrottledException": _R,
+    "RequestThrottled": _R,
+    "RequestThrottledException": _R,
+    "TooManyRequestsException": _R,
+    "ServiceUnavailable": _R,
+    "ServiceUnavailableException": _R,
+    "InternalFailure": _R,
+    "InternalError": _R,
+    "InternalServiceErrorException": _R,
+    "RequestTimeout": _R,
+    "RequestTimeoutException": _R,
+    "ValidationException": _B,
+    "ValidationError": _B,  # the query-protocol (STS) spelling
+    "RequestEntityTooLargeException": _B,
+    "SerializationException": _B,
+    "UnknownOperationException": _B,
+    "InvalidParameterException": _B,
+    "MissingParameter": _B,
+    "MissingAuthenticationToken": _B,
+    "MissingAuthenticationTokenException": _B,
+    "IncompleteSignature": _B,
+    "IncompleteSignatureException": _B,
+    "InvalidSignatureException": _B,
+    "SignatureDoesNotMatch": _B,
+    "InvalidClientTokenId": _B,
+    "UnrecognizedClientException": _B,
     # Temporary credentials expired: refresh them (the IRSA cache does) and retry.
-    "ExpiredToken": R,
-    "RequestExpired": R,
+    "ExpiredToken": _R,
+    "RequestExpired": _R,
     # Missing IAM permission (sellers often forget aws-marketplace:MeterUsage): setup, not entitlement.
-    "AccessDenied": B,
-    "AccessDeniedException": B,
-    "UnauthorizedException": B,
-    "UnauthorizedOperation": B,
+    "AccessDenied": _B,
+    "AccessDeniedException": _B,
+    "UnauthorizedException": _B,
+    "UnauthorizedOperation": _B,
 }
 
 # Codes this module assigns to errors raised before or without an HTTP answer.
@@ -184,10 +185,10 @@ def classify_code(operation: str, code: str, http_status: int | None = None) -> 
     if code in COMMON:
         return COMMON[code]
     if http_status is not None and http_status >= 500:
-        return R
+        return _R
     if http_status == 429:
-        return R
-    return B
+        return _R
+    return _B
 
 
 class MeteringError(Exception):
@@ -267,14 +268,14 @@ def from_exception(operation: str, exc: BaseException) -> MeteringError:
             request_id=metadata.get("RequestId"),
         )
     if isinstance(exc, ParamValidationError):
-        return MeteringError(PARAM_VALIDATION, str(exc), operation, B)
+        return MeteringError(PARAM_VALIDATION, str(exc), operation, _B)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return MeteringError(NO_CREDENTIALS, str(exc), operation, B)
+        return MeteringError(NO_CREDENTIALS, str(exc), operation, _B)
     if isinstance(exc, NoRegionError):
-        return MeteringError(NO_REGION, str(exc), operation, B)
+        return MeteringError(NO_REGION, str(exc), operation, _B)
     if isinstance(exc, BotoConnectionError | HTTPClientError):
         # Endpoint unreachable, connection reset, connect/read timeouts, proxy errors.
-        return MeteringError(type(exc).__name__, str(exc), operation, R)
+        return MeteringError(type(exc).__name__, str(exc), operation, _R)
     if isinstance(exc, BotoCoreError):
-        return MeteringError(type(exc).__name__, str(exc), operation, B)
+        return MeteringError(type(exc).__name__, str(exc), operation, _B)
     raise TypeError(f"not a boto3 error: {exc!r}") from exc

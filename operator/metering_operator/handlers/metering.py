@@ -63,6 +63,7 @@ CRASH_ENV = "MMO_CRASH_AT"
 CRASH_MARKER_ENV = "MMO_CRASH_MARKER"
 CRASH_STEPS = ("before-ledger-write", "after-ledger-write", "after-call")
 HEARTBEAT_SECONDS = 300.0
+OWNERS_REFRESH_SECONDS = 30.0
 DEFAULT_INTERVAL = 60.0
 # Codes that resending can never fix: the entry is Rejected. Other caller-side errors (missing
 # IAM permission, bad credentials) are fixable by the seller without losing hours: retried.
@@ -148,6 +149,22 @@ class MeteringRuntime:
     policy: ledger.Policy
     last_write: dict[str, float] = field(default_factory=dict)
     cycles: int = 0
+    _owners: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _owners_read: float = -1e9
+
+    def owner_of(self, product_code: str) -> tuple[str, str] | None:
+        """Which MeteredProduct meters ``product_code`` (the oldest one with dimensions).
+
+        AWS keeps one record per product code, caller, dimension and hour: a second product with
+        the same code would collide with the first (DuplicateRequest, or worse an identical
+        quantity answered with the first one's record). Until usage of such products is merged,
+        only the oldest meters and the others say why.
+        """
+        stale = time.monotonic() - self._owners_read > OWNERS_REFRESH_SECONDS
+        if stale or product_code not in self._owners:
+            self._owners = metering_owners(self.store.list_products(self.settings.namespaces))
+            self._owners_read = time.monotonic()
+        return self._owners.get(product_code)
 
     # -- one cycle ----------------------------------------------------------------------------
     def cycle(self, namespace: str, name: str) -> None:
@@ -181,6 +198,10 @@ class MeteringRuntime:
         if trusted and product.spec.product_code not in trusted:
             return None  # the entitlement side refuses it with a condition; never meter it
         now = self.clock.now()
+        owner = self.owner_of(product.spec.product_code)
+        if owner is not None and owner != (namespace, name):
+            self._refuse_duplicate(obj, plan, owner, now)
+            return None
         try:
             pods = self.index.pods(namespace, product.spec.selector)
             workloads = self.index.workloads(namespace) if Source.REPLICAS in plan.sources.values() else []
@@ -247,6 +268,30 @@ class MeteringRuntime:
             now,
         )
         return status
+
+    def _refuse_duplicate(
+        self, obj: dict[str, Any], plan: ProductPlan, owner: tuple[str, str], now: datetime
+    ) -> None:
+        message = (
+            f"product code {plan.product.spec.product_code} is already metered by MeteredProduct "
+            f"{owner[0]}/{owner[1]}; AWS keeps one record per product code, dimension and hour, so "
+            "this one is not metered"
+        )
+        status = dict(obj.get("status") or {})
+        before = get_condition(status.get("conditions"), "Metering")
+        if before and (before.get("reason"), before.get("message")) == ("DuplicateProductCode", message):
+            return
+        status["conditions"] = set_condition(
+            status.get("conditions"),
+            "Metering",
+            "False",
+            "DuplicateProductCode",
+            message,
+            int(obj["metadata"].get("generation") or 0),
+            now,
+        )
+        self.store.write_status(obj, status)
+        self.events.post(_ref(plan.product), "Warning", "DuplicateProductCode", message)
 
     # -- sending ------------------------------------------------------------------------------
     def _send_due(self, obj: dict[str, Any]) -> None:
@@ -394,6 +439,25 @@ class MeteringRuntime:
                     f"{entry.dimension} for the hour {entry.hour.isoformat()} (quantity "
                     f"{entry.quantity}) was not accepted in time: {entry.last_error}",
                 )
+
+
+def metering_owners(products: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Product code -> (namespace, name) of the oldest MeteredProduct with dimensions using it."""
+    candidates: dict[str, tuple[str, str, str]] = {}
+    for item in products:
+        meta = item.get("metadata") or {}
+        spec = item.get("spec") or {}
+        if meta.get("deletionTimestamp") or not (spec.get("metering") or {}).get("dimensions"):
+            continue
+        code = str(spec.get("productCode") or "")
+        key = (
+            str(meta.get("creationTimestamp") or ""),
+            str(meta.get("namespace") or ""),
+            str(meta.get("name")),
+        )
+        if code and (code not in candidates or key < candidates[code]):
+            candidates[code] = key
+    return {code: (key[1], key[2]) for code, key in candidates.items()}
 
 
 def _values_changed(before: MeteringStatus, after: MeteringStatus) -> bool:

@@ -50,6 +50,19 @@ class StatusStore:
             raise
         return obj
 
+    def list_products(self, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+        """MeteredProducts in ``namespaces`` (all namespaces when empty)."""
+        if not namespaces:
+            result = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+            return list(result.get("items") or [])
+        items: list[dict[str, Any]] = []
+        for namespace in namespaces:
+            items.extend(
+                self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL).get("items")
+                or []
+            )
+        return items
+
     def write_status(self, obj: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
         """Replace ``obj``'s status, only if ``obj``'s resourceVersion is still current."""
         meta = obj["metadata"]

@@ -41,6 +41,7 @@ manifests: venv control-plane
 demo: venv control-plane
 	$(PY) -m devtools.demo
 
+# Rewrites bench/results/*.md; see bench/README.md for each benchmark on its own.
 bench: venv control-plane
 	$(PY) -m bench
 

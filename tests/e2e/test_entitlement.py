@@ -324,6 +324,9 @@ def test_deployment_pods_are_gated_registered_verified_and_released(
     )
     entitled = condition(status, "Entitled")
     assert (entitled["status"], entitled["reason"]) == ("True", "Registered")
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "Configured")
+    assert condition(status, "Metering") == {}  # entitlement only: nothing else has a say
     assert status["status"]["observedGeneration"] == status["metadata"]["generation"]
 
 

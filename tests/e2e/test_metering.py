@@ -224,9 +224,9 @@ class World:
     def metering(self) -> MeteringStatus:
         return MeteringStatus.model_validate((self.product().get("status") or {}).get("metering") or {})
 
-    def condition(self) -> dict[str, Any] | None:
+    def condition(self, type_: str = "Metering") -> dict[str, Any] | None:
         for c in (self.product().get("status") or {}).get("conditions") or []:
-            if c.get("type") == "Metering":
+            if c.get("type") == type_:
                 return dict(c)
         return None
 
@@ -387,6 +387,9 @@ def test_two_dimensions_over_three_hours_with_scaling(world: World, operator: Op
     condition = world.condition()
     assert condition is not None
     assert (condition["status"], condition["reason"]) == ("True", "Reporting")
+    ready = world.condition("Ready")
+    assert ready is not None
+    assert (ready["status"], ready["reason"]) == ("True", "Configured")  # entitlement Off: metering decides
 
 
 def constant_product(world: World, replicas: int = 2) -> None:
@@ -485,6 +488,9 @@ def test_three_hour_outage_is_sent_late_within_the_window(world: World, operator
     condition = world.condition()
     assert condition is not None
     assert (condition["status"], condition["reason"]) == ("False", "SendFailing")
+    ready = world.condition("Ready")
+    assert ready is not None
+    assert ready["status"] == "True"  # an outage is not a configuration fault
     assert world.records() == {}
     world.emulator.admin.clear_faults()
     # past every backoff (at most 5 minutes), still well inside H0's 6-hour window
@@ -560,6 +566,14 @@ def test_unknown_dimension_is_rejected_and_named_while_others_continue(
     condition = wait_for("the Metering condition to name vcpu", names_vcpu)
     assert (condition["status"], condition["reason"]) == ("False", "DimensionRejected")
     assert "InvalidUsageDimensionException" in condition["message"]
+    # Ready follows: the product does not work as configured. Written by the entitlement side
+    # (its only writer), after it sees the Metering condition.
+    ready = wait_for(
+        "Ready=False/DimensionRejected",
+        lambda: (c := world.condition("Ready")) and c["status"] == "False" and c,
+    )
+    assert ready["reason"] == "DimensionRejected"
+    assert "vcpu" in ready["message"]
     events = wait_for(
         "a MeteringRejected event",
         lambda: [

@@ -115,6 +115,8 @@ def test_modelled_errors(
     with pytest.raises(ClientError) as exc:
         client.register_usage(**kwargs)
     assert code_of(exc) == expected
+    if expected == "InvalidPublicKeyVersionException":
+        assert "configured versions: 1, 2" in exc.value.response["Error"]["Message"]
     if expected != "ValidationException":
         assert getattr(client.exceptions, expected) is type(exc.value), "boto3 maps it to the modelled class"
 

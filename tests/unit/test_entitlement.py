@@ -235,17 +235,6 @@ def test_entitled_condition_reasons() -> None:
     assert ent.entitled_condition(ENFORCE, ent.PodCounts()).reason == "NoPods"
 
 
-def test_ready_condition() -> None:
-    assert (
-        ent.ready_condition(trusted=False, product_code="x", key_error=None).reason == "UntrustedProductCode"
-    )
-    assert (
-        ent.ready_condition(trusted=True, product_code="x", key_error="bad pem").reason
-        == "PublicKeyUnavailable"
-    )
-    assert ent.ready_condition(trusted=True, product_code="x", key_error=None).status == "True"
-
-
 # --- selectors -----------------------------------------------------------------------------------------
 
 

@@ -14,25 +14,17 @@ runtime reach the handlers through kopf's ``memo``:
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import json
 import logging
 import os
 import socket
 import sys
 import tempfile
-import threading
-import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from metering_operator.domain.clock import Clock, OffsetClock, SystemClock
+from metering_operator.domain.clock import Clock, SystemClock
 
 log = logging.getLogger("metering_operator.run")
-
-METERING_HANDLERS = "metering_operator.handlers.metering"
 
 
 def _env_list(name: str) -> list[str]:
@@ -172,36 +164,6 @@ def build_settings(args: argparse.Namespace) -> Any:
     )
 
 
-class EmulatorClock(OffsetClock):
-    """System time plus the emulator's offset, refreshed from its admin API every second."""
-
-    def __init__(self, url: str, interval: float = 1.0) -> None:
-        super().__init__()
-        base = url.rstrip("/")
-        if base.endswith("/_emulator/clock"):
-            self.url = base
-        elif base.endswith("/_emulator"):
-            self.url = base + "/clock"
-        else:
-            self.url = base + "/_emulator/clock"
-        self.interval = interval
-        self.refresh()
-        threading.Thread(target=self._follow, name="emulator-clock", daemon=True).start()
-
-    def refresh(self) -> None:
-        with urllib.request.urlopen(self.url, timeout=5) as response:
-            now = datetime.fromisoformat(json.loads(response.read())["now"])
-        self.offset = now - datetime.now(UTC)
-
-    def _follow(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(self.interval):
-            try:
-                self.refresh()
-            except Exception as exc:  # a transient emulator hiccup must not stop the clock
-                log.warning("cannot read the emulator clock at %s: %s", self.url, exc)
-
-
 def _drop_webhook_successes(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return not (message.startswith("Webhook ") and message.endswith(" succeeded."))
@@ -229,8 +191,8 @@ def _webhook_server(settings: Any) -> Any:
     """kopf's WebhookServer with our certificates; in local mode also writes the configuration."""
     import kopf
 
-    from metering_operator.handlers.entitlement import new_api_client
     from metering_operator.kube import webhook
+    from metering_operator.kube.apiclient import new_api_client
 
     host = webhook.url_host(settings.webhook_url) if settings.webhook_url else None
     if settings.webhook_cert_dir:
@@ -245,7 +207,7 @@ def _webhook_server(settings: Any) -> Any:
     if settings.webhook_url:
         if ca_pem is None:
             raise ValueError("--webhook-url with --webhook-cert-dir needs a ca.crt in that directory")
-        api = new_api_client()
+        api = new_api_client(pool_size=1)
         try:
             webhook.apply_webhook_configuration(
                 api,
@@ -285,20 +247,18 @@ def main(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from metering_operator import metrics
-    from metering_operator.handlers import entitlement
+    from metering_operator.handlers import entitlement, metering  # noqa: F401
 
     _configure_logging(settings, args.verbose)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
-    clock: Clock = (
-        EmulatorClock(settings.emulator_clock_url) if settings.emulator_clock_url else SystemClock()
-    )
+    clock: Clock = SystemClock()
+    if settings.emulator_clock_url:
+        from metering_operator.emulator_clock import EmulatorClock
 
-    entitlement.register(settings)
-    if importlib.util.find_spec(METERING_HANDLERS) is not None:
-        importlib.import_module(METERING_HANDLERS)
-    else:
-        log.warning("%s not found: hourly metering is not available in this build", METERING_HANDLERS)
+        clock = EmulatorClock(settings.emulator_clock_url)
+
+    entitlement.register(settings)  # the metering handlers register themselves on import
 
     server = None
     if settings.webhook_enabled:

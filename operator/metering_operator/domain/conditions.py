@@ -11,12 +11,13 @@ layer sits on top. Two rules from the Kubernetes API conventions are enforced he
 
 Public API (kept stable; the metering handlers use it too):
 ``make_condition``, ``set_condition``, ``get_condition``, ``is_true``, ``condition_changed``,
-``status_patch``, ``format_time``.
+``status_patch``, ``format_time``, ``ConditionSpec``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypedDict
 
@@ -37,6 +38,16 @@ class Condition(TypedDict):
     message: str
     observedGeneration: int
     lastTransitionTime: str
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """A condition's verdict before it is stamped with a generation and a time."""
+
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str
 
 
 def format_time(when: datetime) -> str:

@@ -23,7 +23,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from metering_operator.domain.conditions import ConditionStatus, format_time
+from metering_operator.domain.conditions import ConditionSpec, format_time
 from metering_operator.domain.product import (
     ANNOTATION_ENTITLEMENT,
     ANNOTATION_PRODUCT,
@@ -292,29 +292,6 @@ def workload_summary(states: Sequence[EntitlementState | None]) -> str:
     if counts.registered == total:
         return f"Granted {total}/{total}"
     return f"Pending {counts.registered}/{total}"
-
-
-@dataclass(frozen=True)
-class ConditionSpec:
-    type: str
-    status: ConditionStatus
-    reason: str
-    message: str
-
-
-def ready_condition(*, trusted: bool, product_code: str, key_error: str | None) -> ConditionSpec:
-    """Ready: is the product usable at all (trusted code, public key readable)."""
-    if not trusted:
-        return ConditionSpec(
-            "Ready",
-            "False",
-            "UntrustedProductCode",
-            f"product code {product_code!r} is not in the operator's trusted product codes; "
-            "its pods are neither gated nor registered",
-        )
-    if key_error:
-        return ConditionSpec("Ready", "False", "PublicKeyUnavailable", key_error)
-    return ConditionSpec("Ready", "True", "Configured", "product is trusted and its public key loads")
 
 
 def entitled_condition(

@@ -81,7 +81,12 @@ def register_usage(ctx: EmulatorContext, caller: Caller, body: dict[str, Any]) -
     version = int(body["PublicKeyVersion"])
     key_version = product.key_version(version)
     if key_version is None:
-        raise AwsError("InvalidPublicKeyVersionException", f"Public key version {version} is invalid.")
+        known = ", ".join(str(k.version) for k in product.public_key_versions) or "none"
+        raise AwsError(
+            "InvalidPublicKeyVersionException",
+            f"Public key version {version} is invalid for product {product.product_code} "
+            f"(configured versions: {known}).",
+        )
     now = ctx.clock.timestamp()
     nonce = body.get("Nonce")
     existing = ctx.state.registration(product.product_code, caller.key)

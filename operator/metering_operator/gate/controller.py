@@ -37,7 +37,13 @@ from metering_operator import metrics
 from metering_operator.aws import errors as aws_errors
 from metering_operator.domain import entitlement as ent
 from metering_operator.domain.clock import Clock
-from metering_operator.domain.conditions import condition_changed, get_condition, set_condition, status_patch
+from metering_operator.domain.conditions import (
+    ConditionSpec,
+    condition_changed,
+    get_condition,
+    set_condition,
+    status_patch,
+)
 from metering_operator.domain.product import (
     ANNOTATION_ENTITLEMENT,
     ANNOTATION_REGISTERED_AT,
@@ -53,11 +59,13 @@ from metering_operator.domain.product import (
     EntitlementState,
     MeteredProductSpec,
 )
+from metering_operator.domain.readiness import metering_rejects, ready_condition
 from metering_operator.domain.selectors import to_query
 from metering_operator.domain.signature import SignatureError, VerifiedSignature, load_public_key
 from metering_operator.gate.registrar import ProductKey, Registrar, RegistrationSetupError
 from metering_operator.kube.events import EventPoster
-from metering_operator.kube.pods import PodApi, PodGone, WatchExpired, WorkloadRef, object_ref
+from metering_operator.kube.pods import PodApi, PodGone, WorkloadRef, object_ref
+from metering_operator.kube.watch import WatchExpired, WatchStream
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +204,7 @@ class ProductController:
         self._key_loaded_at = 0.0
         self._watch_token = 0
         self._watch_stop: threading.Event | None = None
+        self._watch_stream: WatchStream | None = None
         self._stop = threading.Event()
         self._cluster: _ClusterRegistration | None = None
         self._cluster_inflight = False
@@ -204,6 +213,7 @@ class ProductController:
         self._last_applied: dict[str, Any] | None = None
         self._last_applied_at = 0.0
         self._last_conditions: dict[str, Mapping[str, Any]] = {}
+        self._metering_verdict: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -214,6 +224,7 @@ class ProductController:
             while not stopped.is_set():
                 try:
                     self._refresh_product()
+                    self._notice_metering()
                     self._drain(timeout=0.2)
                     self._retry_due()
                     self._ensure_cluster_registration()
@@ -224,8 +235,14 @@ class ProductController:
                     stopped.wait(1.0)
         finally:
             self._stop.set()
-            if self._watch_stop is not None:
-                self._watch_stop.set()
+            self._stop_watch()
+
+    def _stop_watch(self) -> None:
+        """End the pod watch now: its blocked read is cut short, so the thread exits at once."""
+        if self._watch_stop is not None:
+            self._watch_stop.set()
+        if self._watch_stream is not None:
+            self._watch_stream.close()
 
     def _drain(self, timeout: float, limit: int = 1000) -> None:
         try:
@@ -320,6 +337,20 @@ class ProductController:
         elif previous.public_key is None and public_key is not None:
             self._reconcile_all()
 
+    def _notice_metering(self) -> None:
+        """Ready also judges the Metering condition (the metering side writes it): re-judge when
+        its verdict changes. Only a rejecting Metering condition matters, so the hourly
+        "reported through ..." message does not cause a status write here."""
+        metering = get_condition((self._body().get("status") or {}).get("conditions"), "Metering")
+        verdict = (
+            (metering.get("reason"), metering.get("message"))
+            if metering and metering_rejects(metering)
+            else None
+        )
+        if verdict != self._metering_verdict:
+            self._metering_verdict = verdict
+            self._dirty_status = True
+
     def _load_key(self, spec: MeteredProductSpec) -> tuple[RSAPublicKey | None, str | None]:
         source = spec.public_key
         if source is None:
@@ -346,28 +377,28 @@ class ProductController:
     # pod watch (its own thread; talks to the loop through the queue)
 
     def _restart_watch(self, info: ProductInfo) -> None:
-        if self._watch_stop is not None:
-            self._watch_stop.set()
+        self._stop_watch()
         self._watch_token += 1
         self._listed = False
         stop = threading.Event()
-        self._watch_stop = stop
+        stream = WatchStream()
+        self._watch_stop, self._watch_stream = stop, stream
         thread = threading.Thread(
             target=self._watch_loop,
-            args=(info.selector, self._watch_token, stop),
+            args=(info.selector, self._watch_token, stop, stream),
             name=f"watch-{self.namespace}-{self.name}",
             daemon=True,
         )
         thread.start()
 
-    def _watch_loop(self, selector: str, token: int, stop: threading.Event) -> None:
+    def _watch_loop(self, selector: str, token: int, stop: threading.Event, stream: WatchStream) -> None:
         while not stop.is_set():
             try:
                 items, rv = self.rt.pods.list(self.namespace, selector)
                 self._queue.put(("list", (token, items)))
                 while not stop.is_set():
                     for event_type, obj in self.rt.pods.watch(
-                        self.namespace, selector, rv, WATCH_TIMEOUT_SECONDS
+                        self.namespace, selector, rv, WATCH_TIMEOUT_SECONDS, stream
                     ):
                         rv = obj.get("metadata", {}).get("resourceVersion") or rv
                         if event_type == "BOOKMARK":
@@ -855,19 +886,21 @@ class ProductController:
         now = self.rt.clock.now()
         existing = current.get("conditions") or []
         if info is None:
-            ready = ent.ConditionSpec(
-                "Ready", "False", "InvalidSpec", "the spec does not parse; see the operator log"
-            )
-            entitled = ent.ConditionSpec("Entitled", "Unknown", "InvalidSpec", "the spec does not parse")
+            ready = ready_condition(spec_error="the spec does not parse; see the operator log")
+            entitled = ConditionSpec("Entitled", "Unknown", "InvalidSpec", "the spec does not parse")
             counts = ent.PodCounts()
         else:
-            ready = ent.ready_condition(
-                trusted=info.trusted, product_code=info.spec.product_code, key_error=info.key_error
+            ready = ready_condition(
+                trusted=info.trusted,
+                product_code=info.spec.product_code,
+                key_error=info.key_error,
+                meters=bool(info.spec.metering.dimensions),
+                metering=get_condition(existing, "Metering"),
             )
             counts = ent.count_pods(self._states())
             ungated = sum(1 for uid in self._ungated if uid in self._pods)
             if not info.trusted:
-                entitled = ent.ConditionSpec("Entitled", "False", "UntrustedProductCode", ready.message)
+                entitled = ConditionSpec("Entitled", "False", "UntrustedProductCode", ready.message)
             else:
                 entitled = ent.entitled_condition(
                     info.mode,

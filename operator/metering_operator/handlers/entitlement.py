@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
-from kubernetes import client, config
 
 from metering_operator.domain import entitlement as ent
 from metering_operator.domain.clock import Clock, SystemClock
@@ -36,6 +35,7 @@ from metering_operator.domain.product import (
 from metering_operator.domain.selectors import matches
 from metering_operator.gate.controller import GateRuntime, ProductController
 from metering_operator.gate.registrar import Registrar
+from metering_operator.kube.apiclient import new_api_client
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.pods import PodApi
 from metering_operator.kube.webhook import HANDLER_ID
@@ -47,19 +47,8 @@ log = logging.getLogger(__name__)
 WORKERS = 32
 
 
-def new_api_client(pool_size: int = WORKERS + 8) -> client.ApiClient:
-    """An ApiClient from the in-cluster config or the kubeconfig, with a pool for our workers."""
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)
-    configuration.connection_pool_maxsize = pool_size
-    return client.ApiClient(configuration)
-
-
 def build_runtime(settings: OperatorSettings, clock: Clock | None = None) -> GateRuntime:
-    api = new_api_client()
+    api = new_api_client(pool_size=WORKERS + 8)
     pods = PodApi(api)
     clock = clock or SystemClock()
     return GateRuntime(

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import kopf
-from kubernetes import client, config
 
 from metering_operator import metrics
 from metering_operator.aws.client import MeteringClient
@@ -51,6 +50,7 @@ from metering_operator.domain.clock import Clock, SystemClock, hour_start
 from metering_operator.domain.conditions import get_condition, set_condition
 from metering_operator.domain.product import GROUP, PLURAL, VERSION, MeteredProduct, MeteringStatus
 from metering_operator.domain.sampling import Source, TagRule, measure
+from metering_operator.kube.apiclient import new_api_client
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.leader import LeaseElector
 from metering_operator.kube.observed import NotSynced, ObservedIndex
@@ -93,16 +93,6 @@ def crash_point(step: str) -> None:
     log.critical("test hook %s=%s: killing the process now", CRASH_ENV, step)
     logging.shutdown()
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _new_api_client(pool_size: int = 32) -> client.ApiClient:
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)
-    configuration.connection_pool_maxsize = pool_size
-    return client.ApiClient(configuration)
 
 
 @dataclass
@@ -166,6 +156,14 @@ class MeteringRuntime:
             self._owners_read = time.monotonic()
         return self._owners.get(product_code)
 
+    def release(self, namespace: str, name: str) -> None:
+        """The product was deleted or stopped metering: drop its informers, gauges and state."""
+        key = f"{namespace}/{name}"
+        self.index.release(key)
+        self.last_write.pop(key, None)
+        for state in ledger.LedgerState:
+            metrics.LEDGER_ENTRIES.remove(namespace, name, state.value)  # absent labels: no-op
+
     # -- one cycle ----------------------------------------------------------------------------
     def cycle(self, namespace: str, name: str) -> None:
         if not self.elector.is_leader():
@@ -185,6 +183,7 @@ class MeteringRuntime:
 
     def _sample_and_close(self, namespace: str, name: str) -> dict[str, Any] | None:
         """Sample and tick; returns the object as now stored (written or just read), or None."""
+        key = f"{namespace}/{name}"
         obj = self.store.read(namespace, name)
         try:
             product = MeteredProduct.from_kube(obj)
@@ -203,8 +202,10 @@ class MeteringRuntime:
             self._refuse_duplicate(obj, plan, owner, now)
             return None
         try:
-            pods = self.index.pods(namespace, product.spec.selector)
-            workloads = self.index.workloads(namespace) if Source.REPLICAS in plan.sources.values() else []
+            pods = self.index.pods(key, namespace, product.spec.selector)
+            workloads = (
+                self.index.workloads(key, namespace) if Source.REPLICAS in plan.sources.values() else []
+            )
         except NotSynced as exc:
             log.warning("%s/%s: %s; sampling skipped", namespace, name, exc)
             pods, workloads = [], []
@@ -226,7 +227,6 @@ class MeteringRuntime:
         new_pending = {(e.hour, e.dimension) for e in after.ledger} - {
             (e.hour, e.dimension) for e in before.ledger
         }
-        key = f"{namespace}/{name}"
         heartbeat_due = time.monotonic() - self.last_write.get(key, 0.0) >= HEARTBEAT_SECONDS
         if not (ledger_changed or _values_changed(before, after) or heartbeat_due):
             return obj
@@ -519,7 +519,7 @@ _runtime: MeteringRuntime | None = None
 
 
 def build_runtime(settings: OperatorSettings, clock: Clock) -> MeteringRuntime:
-    api = _new_api_client()
+    api = new_api_client(pool_size=32)
     elector = LeaseElector(
         api,
         settings.operator_namespace,
@@ -568,12 +568,16 @@ async def meter_product(
     rt = await asyncio.to_thread(runtime, memo)
     # Spread products over the interval so 50 of them do not sample in the same instant.
     await stopped.wait(random.uniform(0, min(interval_for(rt.settings, spec), 5.0)))
-    while not stopped:
-        try:
-            await asyncio.to_thread(rt.cycle, namespace, name)
-        except Exception:
-            log.exception("%s/%s: metering cycle failed; retrying next interval", namespace, name)
-        await stopped.wait(interval_for(rt.settings, spec))
+    try:
+        while not stopped:
+            try:
+                await asyncio.to_thread(rt.cycle, namespace, name)
+            except Exception:
+                log.exception("%s/%s: metering cycle failed; retrying next interval", namespace, name)
+            await stopped.wait(interval_for(rt.settings, spec))
+    finally:
+        # Deleted, or no dimensions any more: its watches must not outlive it.
+        await asyncio.to_thread(rt.release, namespace, name)
 
 
 @kopf.on.cleanup()

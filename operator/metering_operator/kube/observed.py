@@ -13,7 +13,10 @@ An informer is the classic list-then-watch loop (resume from the last resourceVe
 on 410 Gone) running in a daemon thread, keeping only the compact
 :class:`~metering_operator.domain.sampling.PodView` / ``WorkloadView`` per object, built from the
 raw JSON (``_preload_content=False``) so no heavy client model objects are created.
-Informers are shared and reference-counted by the products that use them.
+Informers are shared by the products that use them: each call names the product (its
+``namespace/name``), and :meth:`ObservedIndex.release` -- called when the product is deleted or
+stops metering -- stops every informer no other product uses, cutting its blocked watch short
+(:class:`~metering_operator.kube.watch.WatchStream`), so its thread and connection end at once.
 """
 
 from __future__ import annotations
@@ -21,17 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
 from metering_operator.domain.product import LabelSelector
 from metering_operator.domain.sampling import PodView, WorkloadView, pod_view, workload_view
 from metering_operator.domain.selectors import to_query
+from metering_operator.kube.watch import WatchExpired, WatchStream
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
@@ -60,17 +61,22 @@ class Informer(Generic[V]):
         self._items: dict[str, V] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._stream = WatchStream()
         self.synced = threading.Event()
-        self.users = 0
         self.relists = 0
         self.events = 0
-        self._thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._stream.close()
+
+    def size(self) -> int:
+        with self._lock:
+            return len(self._items)
 
     def snapshot(self, timeout: float = SYNC_TIMEOUT_SECONDS) -> list[V]:
         if not self.synced.wait(timeout):
@@ -84,6 +90,8 @@ class Informer(Generic[V]):
                 version = self._list()
                 while not self._stop.is_set() and version:
                     version = self._watch(version)
+            except WatchExpired:
+                continue  # too old: start over from a fresh list
             except Exception as exc:  # network trouble, API server restart: back off and relist
                 log.warning("informer %s: %s; relisting", self.name, exc)
                 self._stop.wait(1.0)
@@ -99,60 +107,47 @@ class Informer(Generic[V]):
         return str(data["metadata"]["resourceVersion"])
 
     def _watch(self, since: str) -> str:
-        """Follow changes from ``since``; returns the version to resume from, "" to relist."""
+        """Follow changes from ``since``; returns the version to resume from, "" when stopped."""
         version = since
-        response = self._list_fn(
-            **self._kwargs,
-            watch=True,
-            resource_version=since,
-            allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_TIMEOUT_SECONDS,
-            _preload_content=False,
-            _request_timeout=WATCH_TIMEOUT_SECONDS + 30,
-        )
-        try:
-            for line in iter_resp_lines(response):
-                if self._stop.is_set():
-                    return ""
-                event = json.loads(line)
-                kind = event.get("type")
-                obj = event.get("object") or {}
-                if kind == "ERROR":
-                    if obj.get("code") == 410:  # too old: start over from a fresh list
-                        return ""
-                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                meta = obj.get("metadata") or {}
-                version = str(meta.get("resourceVersion") or version)
-                if kind == "BOOKMARK":
-                    continue
-                self.events += 1
-                uid = str(meta.get("uid") or "")
-                with self._lock:
-                    if kind == "DELETED":
-                        self._items.pop(uid, None)
-                    else:
-                        self._items[uid] = self._view(obj)
-        finally:
-            response.release_conn()
-        return version
+        for kind, obj in self._stream.events(
+            self._list_fn, WATCH_TIMEOUT_SECONDS, **self._kwargs, resource_version=since
+        ):
+            meta = obj.get("metadata") or {}
+            version = str(meta.get("resourceVersion") or version)
+            if kind == "BOOKMARK":
+                continue
+            self.events += 1
+            uid = str(meta.get("uid") or "")
+            with self._lock:
+                if kind == "DELETED":
+                    self._items.pop(uid, None)
+                else:
+                    self._items[uid] = self._view(obj)
+        return "" if self._stop.is_set() else version
 
 
 class ObservedIndex:
-    """Shared informers for the products' namespaces and selectors."""
+    """Shared informers for the products' namespaces and selectors, released with the products."""
 
     def __init__(self, api: client.ApiClient) -> None:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self._lock = threading.Lock()
-        self._pods: dict[tuple[str, str], Informer[PodView]] = {}
-        self._workloads: dict[tuple[str, str], Informer[WorkloadView]] = {}
+        # key -> (informer, the products using it)
+        self._pods: dict[tuple[str, str], tuple[Informer[PodView], set[str]]] = {}
+        self._workloads: dict[tuple[str, str], tuple[Informer[WorkloadView], set[str]]] = {}
 
-    def _pod_informer(self, namespace: str, selector: LabelSelector) -> Informer[PodView]:
+    def pods(
+        self, product: str, namespace: str, selector: LabelSelector, timeout: float = SYNC_TIMEOUT_SECONDS
+    ) -> list[PodView]:
+        """The pods ``selector`` selects in ``namespace``, on behalf of ``product``."""
         query = to_query(selector)
         key = (namespace, query)
         with self._lock:
-            informer = self._pods.get(key)
-            if informer is None:
+            # A product uses one pod selector: a changed selector releases the old informer.
+            self._drop_user(self._pods, product, keep=key)
+            entry = self._pods.get(key)
+            if entry is None:
                 kwargs: dict[str, Any] = {"namespace": namespace}
                 if query:
                     kwargs["label_selector"] = query
@@ -160,68 +155,74 @@ class ObservedIndex:
                     f"pods/{namespace}/{query}", self.core.list_namespaced_pod, kwargs, pod_view
                 )
                 informer.start()
-                self._pods[key] = informer
-            return informer
+                entry = self._pods[key] = (informer, set())
+            entry[1].add(product)
+        return entry[0].snapshot(timeout)
 
-    def _workload_informers(self, namespace: str) -> list[Informer[WorkloadView]]:
+    def workloads(
+        self, product: str, namespace: str, timeout: float = SYNC_TIMEOUT_SECONDS
+    ) -> list[WorkloadView]:
+        """Deployments, StatefulSets and DaemonSets of ``namespace``, on behalf of ``product``."""
         kinds: dict[str, Callable[..., Any]] = {
             "Deployment": self.apps.list_namespaced_deployment,
             "StatefulSet": self.apps.list_namespaced_stateful_set,
             "DaemonSet": self.apps.list_namespaced_daemon_set,
         }
-        result = []
+        informers: list[Informer[WorkloadView]] = []
         with self._lock:
             for kind, list_fn in kinds.items():
                 key = (namespace, kind)
-                informer = self._workloads.get(key)
-                if informer is None:
-                    informer = Informer(
+                entry = self._workloads.get(key)
+                if entry is None:
+                    informer: Informer[WorkloadView] = Informer(
                         f"{kind}/{namespace}",
                         list_fn,
                         {"namespace": namespace},
                         lambda obj, kind=kind: workload_view(obj, kind),  # type: ignore[misc]
                     )
                     informer.start()
-                    self._workloads[key] = informer
-                result.append(informer)
-        return result
-
-    def pods(
-        self, namespace: str, selector: LabelSelector, timeout: float = SYNC_TIMEOUT_SECONDS
-    ) -> list[PodView]:
-        return self._pod_informer(namespace, selector).snapshot(timeout)
-
-    def workloads(self, namespace: str, timeout: float = SYNC_TIMEOUT_SECONDS) -> list[WorkloadView]:
+                    entry = self._workloads[key] = (informer, set())
+                entry[1].add(product)
+                informers.append(entry[0])
         views: list[WorkloadView] = []
-        for informer in self._workload_informers(namespace):
+        for informer in informers:
             views.extend(informer.snapshot(timeout))
         return views
 
-    def forget(self, namespace: str, selector: LabelSelector, namespace_in_use: bool) -> None:
-        """Stop the product's pod informer (and the namespace's workload ones if unused)."""
+    def release(self, product: str) -> None:
+        """``product`` no longer samples: stop the informers nobody else uses."""
         with self._lock:
-            informer = self._pods.pop((namespace, to_query(selector)), None)
-            if informer is not None:
+            self._drop_user(self._pods, product)
+            self._drop_user(self._workloads, product)
+
+    @staticmethod
+    def _drop_user(
+        registry: dict[tuple[str, str], tuple[Informer[Any], set[str]]],
+        product: str,
+        keep: tuple[str, str] | None = None,
+    ) -> None:
+        for key in [k for k, (_, users) in registry.items() if product in users and k != keep]:
+            informer, users = registry[key]
+            users.discard(product)
+            if not users:
+                del registry[key]
                 informer.stop()
-            if not namespace_in_use:
-                for key in [k for k in self._workloads if k[0] == namespace]:
-                    self._workloads.pop(key).stop()
+
+    def _informers(self) -> list[Informer[Any]]:
+        with self._lock:
+            return [entry[0] for entry in self._pods.values()] + [
+                entry[0] for entry in self._workloads.values()
+            ]
+
+    def threads(self) -> list[threading.Thread]:
+        """The running informers' threads (tests prove a released informer's thread ends)."""
+        return [i.thread for i in self._informers()]
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            informers: list[Informer[Any]] = [*self._pods.values(), *self._workloads.values()]
+        informers = self._informers()
         return {
             "informers": len(informers),
-            "objects": sum(len(i._items) for i in informers),
+            "objects": sum(i.size() for i in informers),
             "events": sum(i.events for i in informers),
             "relists": sum(i.relists for i in informers),
         }
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -18,7 +18,9 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from kubernetes.watch.watch import iter_resp_lines
+
+from metering_operator.kube.watch import WatchExpired as WatchExpired  # re-exported for callers
+from metering_operator.kube.watch import WatchStream
 
 JsonPatch = list[dict[str, Any]]
 
@@ -28,10 +30,6 @@ WORKLOAD_KINDS = {"Deployment": "apps/v1", "StatefulSet": "apps/v1", "DaemonSet"
 
 class PodGone(Exception):
     """The pod was deleted while we were working on it."""
-
-
-class WatchExpired(Exception):
-    """The watch's resourceVersion is too old (HTTP 410): list again."""
 
 
 @dataclass(frozen=True)
@@ -77,32 +75,24 @@ class PodApi:
                 return items, str(data.get("metadata", {}).get("resourceVersion", ""))
 
     def watch(
-        self, namespace: str, selector: str, resource_version: str, timeout_seconds: int
+        self,
+        namespace: str,
+        selector: str,
+        resource_version: str,
+        timeout_seconds: int,
+        stream: WatchStream | None = None,
     ) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Watch events (type, object) after ``resource_version``; BOOKMARKs update the version only."""
-        response = self.core.list_namespaced_pod(
-            namespace,
+        """Watch events (type, object) after ``resource_version``, BOOKMARKs included.
+
+        Pass a ``stream`` to be able to end the watch from another thread (``stream.close()``).
+        """
+        return (stream or WatchStream()).events(
+            self.core.list_namespaced_pod,
+            timeout_seconds,
+            namespace=namespace,
             label_selector=selector,
-            watch=True,
             resource_version=resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=timeout_seconds,
-            _preload_content=False,
-            # The server ends the watch after timeout_seconds; the read timeout is only a safety net.
-            _request_timeout=(10, timeout_seconds + 30),
         )
-        try:
-            for line in iter_resp_lines(response):
-                event = json.loads(line)
-                kind = event.get("type", "")
-                obj = event.get("object") or {}
-                if kind == "ERROR":
-                    if obj.get("code") == 410:
-                        raise WatchExpired(obj.get("message", "resource version too old"))
-                    raise ApiException(status=obj.get("code", 500), reason=obj.get("message"))
-                yield kind, obj
-        finally:
-            response.release_conn()
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         try:

@@ -1,0 +1,30 @@
+"""`python -m bench` (`make bench`): run every benchmark and rewrite its results file.
+
+Each benchmark also runs on its own (see bench/README.md); this only saves typing the three
+commands. Benchmarks start or join the local cluster themselves.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHMARKS: tuple[tuple[str, ...], ...] = (
+    ("bench.bench_emulator", "--output", "bench/results/emulator.md"),
+    ("bench.bench_entitlement", "--output", "bench/results/entitlement.md"),
+    ("bench.bench_metering", "--cluster", "--output", "bench/results/metering.md"),
+)
+
+
+def main() -> int:
+    for module, *args in BENCHMARKS:
+        print(f"== {module} {' '.join(args)}", flush=True)
+        result = subprocess.run([sys.executable, "-m", module, *args], check=False)
+        if result.returncode != 0:
+            print(f"{module} failed with exit code {result.returncode}", file=sys.stderr)
+            return result.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

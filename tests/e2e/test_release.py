@@ -1,0 +1,194 @@
+"""Per-product watches end with the product, and Ready judges the Metering condition.
+
+Focused tests of the operator's own Kubernetes machinery against the real API server, in this
+process (so its threads can be counted): the metering informers
+(:class:`~metering_operator.kube.observed.ObservedIndex`) and the entitlement gate's
+:class:`~metering_operator.gate.controller.ProductController`. A watch blocks in a socket read
+for up to its server-side timeout (60 s for the gate, 240 s for the informers); each test gives
+a released thread :data:`RELEASE_SECONDS`, far less, so a stop flag that is merely checked
+between events would fail them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from metering_operator.domain.clock import SystemClock
+from metering_operator.domain.product import GROUP, PLURAL, VERSION, LabelSelector
+from metering_operator.gate.controller import GateRuntime, ProductController
+from metering_operator.gate.registrar import Registrar
+from metering_operator.kube.events import EventPoster
+from metering_operator.kube.observed import ObservedIndex
+from metering_operator.kube.pods import PodApi
+from tests.e2e.conftest import PRODUCT_CODE, TEST_REGION
+
+pytestmark = pytest.mark.cluster
+
+RELEASE_SECONDS = 5.0
+WAIT = 30.0
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def all_ended(threads: list[threading.Thread]) -> bool:
+    return not any(t.is_alive() for t in threads)
+
+
+# --- metering informers --------------------------------------------------------------------------------
+
+
+def test_informers_end_with_the_last_product_that_uses_them(kube: client.ApiClient, namespace: str) -> None:
+    index = ObservedIndex(kube)
+    db = LabelSelector(match_labels={"app": "db"})
+    a, b = f"{namespace}/a", f"{namespace}/b"
+    assert index.pods(a, namespace, db) == []
+    assert index.pods(b, namespace, db) == []  # same selector: shared, not a second informer
+    assert index.workloads(a, namespace) == []
+    pod_thread, *workload_threads = index.threads()
+    assert len(workload_threads) == 3  # Deployments, StatefulSets, DaemonSets
+    assert all(t.is_alive() for t in index.threads())
+    assert index.stats()["informers"] == 4
+
+    index.release(a)  # b still samples the pods; nobody needs the workloads any more
+    wait_for("the workload informers' threads to end", lambda: all_ended(workload_threads), RELEASE_SECONDS)
+    assert index.threads() == [pod_thread]
+    assert pod_thread.is_alive()
+
+    # b's selector changes: its old pod informer goes, a new one comes
+    index.pods(b, namespace, LabelSelector(match_labels={"app": "web"}))
+    wait_for("the old pod informer's thread to end", lambda: not pod_thread.is_alive(), RELEASE_SECONDS)
+    remaining = index.threads()
+    assert len(remaining) == 1
+
+    index.release(b)
+    wait_for("every informer thread to end", lambda: all_ended(remaining), RELEASE_SECONDS)
+    assert index.stats() == {"informers": 0, "objects": 0, "events": 0, "relists": 0}
+    index.release(b)  # releasing twice is harmless
+
+
+# --- the gate's product controller ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def gate_runtime(kube: client.ApiClient) -> Iterator[GateRuntime]:
+    pods = PodApi(kube)
+    clock = SystemClock()
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-gate")
+    # Entitlement mode Off below: the registrar is never called, so no AWS endpoint is needed.
+    yield GateRuntime(
+        api=kube,
+        pods=pods,
+        events=EventPoster(kube),
+        registrar=Registrar(kube, pods, TEST_REGION, clock),
+        pool=pool,
+        clock=clock,
+        trusted_product_codes=frozenset(),
+    )
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def metered_only_product(kube: client.ApiClient, namespace: str) -> None:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "MeteredProduct",
+        "metadata": {"name": "db"},
+        "spec": {
+            "productCode": PRODUCT_CODE,
+            "publicKeyVersion": 1,
+            "selector": {"matchLabels": {"app": "db"}},
+            "entitlement": {"mode": "Off"},
+            "metering": {
+                "dimensions": [
+                    {"name": "vcpu", "source": "CPURequests", "aggregation": "Maximum", "rounding": "Up"}
+                ]
+            },
+        },
+    }
+    client.CustomObjectsApi(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def conditions(kube: client.ApiClient, namespace: str) -> dict[str, dict[str, Any]]:
+    obj = client.CustomObjectsApi(kube).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "db")
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def ready_is(kube: client.ApiClient, namespace: str, status: str, reason: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        ready = conditions(kube, namespace).get("Ready") or {}
+        return (ready.get("status"), ready.get("reason")) == (status, reason)
+
+    return probe
+
+
+def write_metering_condition(kube: client.ApiClient, namespace: str, status: str, reason: str) -> None:
+    """What the metering side writes (it owns this condition; the gate only reads it)."""
+    custom = client.CustomObjectsApi(kube)
+    obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "db")
+    current = (obj.get("status") or {}).get("conditions") or []
+    others = [c for c in current if c["type"] != "Metering"]
+    metering = {
+        "type": "Metering",
+        "status": status,
+        "reason": reason,
+        "message": f"dimension vcpu: {reason}",
+        "observedGeneration": obj["metadata"]["generation"],
+        "lastTransitionTime": "2031-03-04T10:00:00Z",
+    }
+    obj["status"] = {**(obj.get("status") or {}), "conditions": [*others, metering]}
+    custom.replace_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "db", obj)
+
+
+def test_gate_ready_follows_metering_and_its_watch_ends_with_the_product(
+    kube: client.ApiClient,
+    namespace: str,
+    metered_product_crd: dict[str, Any],
+    gate_runtime: GateRuntime,
+) -> None:
+    metered_only_product(kube, namespace)
+
+    def body() -> dict[str, Any]:  # kopf hands the controller a live body; a fresh read is one
+        obj: dict[str, Any] = client.CustomObjectsApi(kube).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "db"
+        )
+        return obj
+
+    controller = ProductController(gate_runtime, namespace, "db", body)
+    stop = threading.Event()
+    loop = threading.Thread(target=controller.run, args=(stop,), name="test-gate-loop", daemon=True)
+    loop.start()
+    watch: list[threading.Thread] = []
+    try:
+        # Metering-only product (entitlement Off, no public key): Ready from configuration.
+        wait_for("Ready=True/Configured", ready_is(kube, namespace, "True", "Configured"))
+        watch.extend(t for t in threading.enumerate() if t.name == f"watch-{namespace}-db")
+        assert len(watch) == 1
+        assert watch[0].is_alive()
+
+        write_metering_condition(kube, namespace, "False", "DimensionRejected")
+        wait_for("Ready=False/DimensionRejected", ready_is(kube, namespace, "False", "DimensionRejected"))
+        assert "vcpu" in conditions(kube, namespace)["Ready"]["message"]
+        write_metering_condition(kube, namespace, "False", "SendFailing")  # transient: still Ready
+        wait_for("Ready=True again", ready_is(kube, namespace, "True", "Configured"))
+        assert conditions(kube, namespace)["Metering"]["reason"] == "SendFailing"  # left alone
+    finally:
+        client.CustomObjectsApi(kube).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "db")
+        stop.set()  # what kopf does when the product is deleted
+        loop.join(RELEASE_SECONDS)
+    assert not loop.is_alive()
+    wait_for("the pod watch thread to end", lambda: all_ended(watch), RELEASE_SECONDS)

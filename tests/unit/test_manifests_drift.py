@@ -56,7 +56,7 @@ def test_sample_file_is_the_sample_and_valid() -> None:
     text = (COMMITTED / manifests.SAMPLE_PATH).read_text()
     # Documented: field descriptions appear as comments above the fields.
     assert "# The AWS Marketplace product code of the listing." in text
-    assert "# What is measured over the selected pods" in text
+    assert "# What is measured over the selected workloads and pods" in text
 
 
 def test_invalid_sample_is_never_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

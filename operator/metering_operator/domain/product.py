@@ -479,8 +479,9 @@ class Dimension(_SpecModel):
         "UsageDimension): letters, digits and _ . : -, starting with a letter or digit.",
     )
     source: DimensionSource = Field(
-        description="What is measured over the selected pods: Replicas (pods that exist, not "
-        "terminating), ReadyPods (pods with condition Ready), CPURequests (sum of container CPU "
+        description="What is measured over the selected workloads and pods: Replicas (desired "
+        "replicas of the Deployments, StatefulSets and DaemonSets whose pod template the selector "
+        "matches, plus selected pods no workload owns), ReadyPods (pods with condition Ready), CPURequests (sum of container CPU "
         "requests, in cores), MemoryRequestsGiB (sum of container memory requests, in GiB).",
     )
     aggregation: Aggregation = Field(
@@ -759,7 +760,8 @@ class MeteringStatus(_StatusModel):
         json_schema_extra=_list_map("hour", "dimension"),
     )
     last_sent_hour: Hour | None = Field(
-        default=None, description="The latest hour whose records are all Sent."
+        default=None,
+        description="The latest hour with a Sent record and no Pending record (printer column).",
     )
 
 

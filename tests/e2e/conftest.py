@@ -50,6 +50,27 @@ BUYER_ROLE = f"arn:aws:iam::{BUYER_ACCOUNT}:role/buyer-product"
 UNENTITLED_ROLE = f"arn:aws:iam::{OTHER_ACCOUNT}:role/unentitled-product"
 
 
+#: How long a test waits for the operator to get somewhere (a bound, never a speed claim).
+WAIT = 90.0
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT, interval: float = 0.2) -> Any:
+    """Poll ``probe`` until it returns something truthy and return that; an API error counts
+    as "not yet" (it is reported if the wait times out)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            value = probe()
+        except ApiException as exc:
+            value, last = None, exc
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
+        time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

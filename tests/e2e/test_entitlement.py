@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +34,19 @@ from tests.e2e.conftest import (
     BUYER_ROLE,
     PRODUCT_CODE,
     UNENTITLED_ROLE,
+    WAIT,
     OperatorFactory,
     OperatorProcess,
+    wait_for,
 )
 from tests.emulator.harness import EmulatorProcess
 
 pytestmark = pytest.mark.cluster
 
 REASON = f"{GROUP}/reason"
-WAIT = 90.0
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def service_account(kube: client.ApiClient, namespace: str, name: str, role_arn: str | None) -> None:
@@ -113,18 +102,25 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
     return {}
 
 
-def wait_product_ready(kube: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    """The product's controller is running (it wrote Ready), so the webhook knows the product too."""
+def wait_condition(
+    kube: client.ApiClient, namespace: str, name: str, type_: str, status: str
+) -> dict[str, Any]:
+    """The product as read once its ``type_`` condition has ``status``."""
     return dict(
         wait_for(
-            f"MeteredProduct {name} Ready",
+            f"MeteredProduct {name} {type_}={status}",
             lambda: (
                 (p := read_product(kube, namespace, name))
-                and condition(p, "Ready").get("status") == "True"
+                and condition(p, type_).get("status") == status
                 and p
             ),
         )
     )
+
+
+def wait_product_ready(kube: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    """The product's controller is running (it wrote Ready), so the webhook knows the product too."""
+    return wait_condition(kube, namespace, name, "Ready", "True")
 
 
 def deployment(
@@ -243,23 +239,72 @@ def key_pem(buyer_emulator: EmulatorProcess) -> str:
     return buyer_emulator.admin.public_key_pem(PRODUCT_CODE, 1)
 
 
-# --- Granted -------------------------------------------------------------------------------------------
+@dataclass
+class Buyer:
+    """A buyer's namespace with the operator and the emulator: what almost every test sets up."""
+
+    kube: client.ApiClient
+    namespace: str
+    operator: OperatorFactory
+    emulator: EmulatorProcess
+    key_pem: str
+
+    def product(
+        self, name: str = "paid", *, sa: str = "buyer", role: str | None = BUYER_ROLE, **kw: Any
+    ) -> None:
+        """A ServiceAccount ``sa`` with IRSA ``role`` and a MeteredProduct (selecting ``app=name``)."""
+        service_account(self.kube, self.namespace, sa, role)
+        kw.setdefault("app", name)
+        product(self.kube, self.namespace, name, kw.pop("key", self.key_pem), **kw)
+
+    def start(self, ready: str | None = "paid", **kw: Any) -> OperatorProcess:
+        """The operator; then, unless ``ready`` is None, until that product is Ready."""
+        op = self.operator(self.namespace, self.emulator, **kw)
+        if ready is not None:
+            wait_product_ready(self.kube, self.namespace, ready)
+        return op
+
+    def condition(self, name: str, type_: str, status: str) -> dict[str, Any]:
+        return wait_condition(self.kube, self.namespace, name, type_, status)
+
+    def deployment(self, name: str = "paid", **kw: Any) -> None:
+        kw.setdefault("app", name)
+        deployment(self.kube, self.namespace, name, **kw)
+
+    def pod(self, app: str = "paid", sa: str = "buyer") -> dict[str, Any]:
+        return bare_pod(self.kube, self.namespace, app=app, sa=sa)
+
+    def pods_in_state(
+        self, n: int, state: str, app: str = "paid", timeout: float = WAIT
+    ) -> list[dict[str, Any]]:
+        return list(
+            wait_for(
+                f"{n} {state} pods", lambda: all_in_state(self.kube, self.namespace, app, n, state), timeout
+            )
+        )
 
 
-def test_deployment_pods_are_gated_registered_verified_and_released(
+@pytest.fixture
+def buyer(
     kube: client.ApiClient,
     namespace: str,
     operator: OperatorFactory,
     buyer_emulator: EmulatorProcess,
     key_pem: str,
-) -> None:
-    service_account(kube, namespace, "buyer", BUYER_ROLE)
-    product(kube, namespace, "paid", key_pem, app="paid")
-    op = operator(namespace, buyer_emulator)
-    wait_product_ready(kube, namespace, "paid")
+) -> Buyer:
+    return Buyer(kube, namespace, operator, buyer_emulator, key_pem)
 
-    deployment(kube, namespace, "paid", app="paid", replicas=3, sa="buyer")
-    granted = wait_for("3 Granted pods", lambda: all_in_state(kube, namespace, "paid", 3, "Granted"))
+
+# --- Granted -------------------------------------------------------------------------------------------
+
+
+def test_deployment_pods_are_gated_registered_verified_and_released(buyer: Buyer) -> None:
+    kube, namespace, key_pem, buyer_emulator = buyer.kube, buyer.namespace, buyer.key_pem, buyer.emulator
+    buyer.product()
+    op = buyer.start()
+
+    buyer.deployment(replicas=3, sa="buyer")
+    granted = buyer.pods_in_state(3, "Granted")
     running = wait_for(
         "3 Running pods",
         lambda: (
@@ -333,34 +378,20 @@ def test_deployment_pods_are_gated_registered_verified_and_released(
 # --- Denied --------------------------------------------------------------------------------------------
 
 
-def test_unentitled_buyer_pods_stay_gated_and_denied_across_restart(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-) -> None:
-    service_account(kube, namespace, "freeloader", UNENTITLED_ROLE)
-    product(kube, namespace, "paid", key_pem, app="paid")
-    op = operator(namespace, buyer_emulator)
-    wait_product_ready(kube, namespace, "paid")
-    deployment(kube, namespace, "paid", app="paid", replicas=2, sa="freeloader")
+def test_unentitled_buyer_pods_stay_gated_and_denied_across_restart(buyer: Buyer) -> None:
+    kube, namespace, buyer_emulator = buyer.kube, buyer.namespace, buyer.emulator
+    buyer.product(sa="freeloader", role=UNENTITLED_ROLE)
+    op = buyer.start()
+    buyer.deployment(replicas=2, sa="freeloader")
 
-    denied = wait_for("2 Denied pods", lambda: all_in_state(kube, namespace, "paid", 2, "Denied"))
+    denied = buyer.pods_in_state(2, "Denied")
     for pod in denied:
         assert gated(pod)
         assert pod["status"].get("phase") == "Pending"
         assert notes(pod)[REASON].startswith("CustomerNotEntitledException")
         reasons = {e.reason for e in pod_events(kube, namespace, pod["metadata"]["name"])}
         assert "EntitlementDenied" in reasons
-    status = wait_for(
-        "Entitled=False",
-        lambda: (
-            (p := read_product(kube, namespace, "paid"))
-            and condition(p, "Entitled").get("status") == "False"
-            and p
-        ),
-    )
+    status = buyer.condition("paid", "Entitled", "False")
     assert condition(status, "Entitled")["reason"] == "CustomerNotEntitled"
     assert status["status"]["pods"]["denied"] == 2
     product_events = {e.reason for e in pod_events(kube, namespace, "paid")}
@@ -384,24 +415,15 @@ def test_unentitled_buyer_pods_stay_gated_and_denied_across_restart(
 # --- Throttling ----------------------------------------------------------------------------------------
 
 
-def test_throttled_registrations_are_retried_until_granted_once_per_pod(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-) -> None:
+def test_throttled_registrations_are_retried_until_granted_once_per_pod(buyer: Buyer) -> None:
+    buyer_emulator = buyer.emulator
     buyer_emulator.admin.set_fault("RegisterUsage", throttle_rate=0.5)
-    service_account(kube, namespace, "buyer", BUYER_ROLE)
-    product(kube, namespace, "paid", key_pem, app="paid")
-    operator(namespace, buyer_emulator)
-    wait_product_ready(kube, namespace, "paid")
-    seen = AnnotationRecorder(kube, namespace, "app=paid")
-    deployment(kube, namespace, "paid", app="paid", replicas=10, sa="buyer")
+    buyer.product()
+    buyer.start()
+    seen = AnnotationRecorder(buyer.kube, buyer.namespace, "app=paid")
+    buyer.deployment(replicas=10, sa="buyer")
 
-    granted = wait_for(
-        "10 Granted pods", lambda: all_in_state(kube, namespace, "paid", 10, "Granted"), timeout=150
-    )
+    granted = buyer.pods_in_state(10, "Granted", timeout=150)
     throttled = buyer_emulator.admin.events(operation="RegisterUsage", error_code="ThrottlingException")
     assert throttled, "the fault injection did not throttle anything: the test would prove nothing"
     regs = registrations_by_pod(buyer_emulator)
@@ -418,23 +440,17 @@ def test_throttled_registrations_are_retried_until_granted_once_per_pod(
 # --- Wrong key -----------------------------------------------------------------------------------------
 
 
-def test_signature_that_does_not_verify_never_releases_a_pod(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-) -> None:
+def test_signature_that_does_not_verify_never_releases_a_pod(buyer: Buyer) -> None:
+    kube, namespace, buyer_emulator = buyer.kube, buyer.namespace, buyer.emulator
     wrong = (
         rsa.generate_private_key(public_exponent=65537, key_size=2048)
         .public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
-    service_account(kube, namespace, "buyer", BUYER_ROLE)
-    product(kube, namespace, "paid", wrong, app="paid")
-    operator(namespace, buyer_emulator)
-    wait_product_ready(kube, namespace, "paid")
-    created = bare_pod(kube, namespace, app="paid", sa="buyer")
+    buyer.product(key=wrong)
+    buyer.start()
+    created = buyer.pod()
     assert gated(created)
 
     name = created["metadata"]["name"]
@@ -460,18 +476,11 @@ def test_signature_that_does_not_verify_never_releases_a_pod(
 # --- SIGKILL mid-burst ---------------------------------------------------------------------------------
 
 
-def test_sigkill_in_the_middle_of_a_burst_loses_nothing_and_registers_at_most_twice(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-) -> None:
-    service_account(kube, namespace, "buyer", BUYER_ROLE)
-    product(kube, namespace, "paid", key_pem, app="paid")
-    op = operator(namespace, buyer_emulator)
-    wait_product_ready(kube, namespace, "paid")
-    deployment(kube, namespace, "paid", app="paid", replicas=50, sa="buyer")
+def test_sigkill_in_the_middle_of_a_burst_loses_nothing_and_registers_at_most_twice(buyer: Buyer) -> None:
+    buyer_emulator = buyer.emulator
+    buyer.product()
+    op = buyer.start()
+    buyer.deployment(replicas=50, sa="buyer")
 
     wait_for(
         "some registrations",
@@ -482,9 +491,7 @@ def test_sigkill_in_the_middle_of_a_burst_loses_nothing_and_registers_at_most_tw
     partial = len(buyer_emulator.admin.registrations(PRODUCT_CODE))
     op.start().wait_ready()
 
-    granted = wait_for(
-        "50 Granted pods", lambda: all_in_state(kube, namespace, "paid", 50, "Granted"), timeout=180
-    )
+    granted = buyer.pods_in_state(50, "Granted", timeout=180)
     assert not any(gated(p) for p in granted)
     regs = registrations_by_pod(buyer_emulator)
     assert sorted(regs) == sorted(p["metadata"]["uid"] for p in granted)
@@ -495,20 +502,13 @@ def test_sigkill_in_the_middle_of_a_burst_loses_nothing_and_registers_at_most_tw
 # --- Audit, Off, non-matching, webhook unreachable -----------------------------------------------------
 
 
-def test_audit_mode_never_holds_a_pod_but_records_the_result(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-) -> None:
+def test_audit_mode_never_holds_a_pod_but_records_the_result(buyer: Buyer) -> None:
+    kube, namespace = buyer.kube, buyer.namespace
     service_account(kube, namespace, "freeloader", UNENTITLED_ROLE)
-    service_account(kube, namespace, "buyer", BUYER_ROLE)
-    product(kube, namespace, "audited", key_pem, app="audited", mode="Audit")
-    operator(namespace, buyer_emulator)
-    wait_product_ready(kube, namespace, "audited")
-    denied_pod = bare_pod(kube, namespace, app="audited", sa="freeloader")
-    granted_pod = bare_pod(kube, namespace, app="audited", sa="buyer")
+    buyer.product("audited", mode="Audit")
+    buyer.start(ready="audited")
+    denied_pod = buyer.pod("audited", sa="freeloader")
+    granted_pod = buyer.pod("audited")
     assert not gated(denied_pod)
     assert not gated(granted_pod)
 
@@ -527,35 +527,28 @@ def test_audit_mode_never_holds_a_pod_but_records_the_result(
     )
 
 
-def test_off_mode_and_unselected_pods_are_left_alone(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-) -> None:
-    service_account(kube, namespace, "buyer", BUYER_ROLE)
+def test_off_mode_and_unselected_pods_are_left_alone(buyer: Buyer) -> None:
+    kube, namespace, buyer_emulator = buyer.kube, buyer.namespace, buyer.emulator
+    buyer.product()
     product(
         kube,
         namespace,
         "metered-only",
-        key_pem,
+        buyer.key_pem,
         app="off",
         mode="Off",
         dimensions=[{"name": "replicas", "source": "Replicas"}],
     )
-    product(kube, namespace, "paid", key_pem, app="paid")
-    operator(namespace, buyer_emulator)
-    wait_product_ready(kube, namespace, "paid")
-    off_pod = bare_pod(kube, namespace, app="off", sa="buyer")
-    other_pod = bare_pod(kube, namespace, app="unrelated", sa="buyer")
-    paid_pod = bare_pod(kube, namespace, app="paid", sa="buyer")
+    buyer.start()
+    off_pod = buyer.pod("off")
+    other_pod = buyer.pod("unrelated")
+    paid_pod = buyer.pod()
     assert not gated(off_pod)
     assert not gated(other_pod)
     assert gated(paid_pod)
 
     # The paid pod is processed; by then the others would have been too, had they been seen.
-    wait_for("paid pod granted", lambda: all_in_state(kube, namespace, "paid", 1, "Granted"))
+    buyer.pods_in_state(1, "Granted")
     wait_for(
         "others running",
         lambda: all(
@@ -571,87 +564,44 @@ def test_off_mode_and_unselected_pods_are_left_alone(
     assert list(registrations_by_pod(buyer_emulator)) == [paid_pod["metadata"]["uid"]]
 
 
-def test_pod_created_while_the_webhook_was_down_is_found_registered_and_reported(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-) -> None:
-    service_account(kube, namespace, "buyer", BUYER_ROLE)
-    product(kube, namespace, "paid", key_pem, app="paid")
-    early = bare_pod(kube, namespace, app="paid", sa="buyer")  # no operator, no webhook yet
+def test_pod_created_while_the_webhook_was_down_is_found_registered_and_reported(buyer: Buyer) -> None:
+    buyer.product()
+    early = buyer.pod()  # no operator, no webhook yet
     assert not gated(early)
-    operator(namespace, buyer_emulator)
+    buyer.start(ready=None)
 
-    (pod,) = wait_for("early pod registered", lambda: all_in_state(kube, namespace, "paid", 1, "Granted"))
+    (pod,) = buyer.pods_in_state(1, "Granted")
     assert pod["metadata"]["uid"] == early["metadata"]["uid"]
-    reasons = {e.reason for e in pod_events(kube, namespace, early["metadata"]["name"])}
+    reasons = {e.reason for e in pod_events(buyer.kube, buyer.namespace, early["metadata"]["name"])}
     assert "NotGated" in reasons
-    status = wait_for(
-        "Entitled=True",
-        lambda: (
-            (p := read_product(kube, namespace, "paid"))
-            and condition(p, "Entitled").get("status") == "True"
-            and p
-        ),
-    )
+    status = buyer.condition("paid", "Entitled", "True")
     assert "1 pod(s) started without the entitlement gate" in condition(status, "Entitled")["message"]
 
 
-def test_gate_written_in_the_template_works_without_the_webhook(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-) -> None:
-    service_account(kube, namespace, "buyer", BUYER_ROLE)
-    product(kube, namespace, "paid", key_pem, app="paid")
-    operator(namespace, buyer_emulator, webhook=False)
-    deployment(kube, namespace, "paid", app="paid", replicas=2, sa="buyer", gate_in_template=True)
-    granted = wait_for("2 Granted pods", lambda: all_in_state(kube, namespace, "paid", 2, "Granted"))
+def test_gate_written_in_the_template_works_without_the_webhook(buyer: Buyer) -> None:
+    buyer.product()
+    buyer.start(ready=None, webhook=False)
+    buyer.deployment(replicas=2, sa="buyer", gate_in_template=True)
+    granted = buyer.pods_in_state(2, "Granted")
     assert not any(gated(p) for p in granted)
 
 
-def test_untrusted_product_code_is_refused_with_a_condition(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-) -> None:
-    service_account(kube, namespace, "buyer", BUYER_ROLE)
-    product(kube, namespace, "free-swap", key_pem, app="paid")
-    operator(namespace, buyer_emulator, extra_args=["--trusted-product-code", "someotherpaidproduct"])
-    status = wait_for(
-        "Ready=False",
-        lambda: (
-            (p := read_product(kube, namespace, "free-swap"))
-            and condition(p, "Ready").get("status") == "False"
-            and p
-        ),
-    )
+def test_untrusted_product_code_is_refused_with_a_condition(buyer: Buyer) -> None:
+    buyer.product("free-swap", app="paid")
+    buyer.start(ready=None, extra_args=["--trusted-product-code", "someotherpaidproduct"])
+    status = buyer.condition("free-swap", "Ready", "False")
     assert condition(status, "Ready")["reason"] == "UntrustedProductCode"
-    created = bare_pod(kube, namespace, app="paid", sa="buyer")
+    created = buyer.pod()
     assert not gated(created)
     time.sleep(2)
-    assert buyer_emulator.admin.registrations(PRODUCT_CODE) == []
+    assert buyer.emulator.admin.registrations(PRODUCT_CODE) == []
 
 
-def test_missing_irsa_role_is_an_error_not_a_grant(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-) -> None:
-    service_account(kube, namespace, "plain", None)
-    product(kube, namespace, "paid", key_pem, app="paid")
-    operator(namespace, buyer_emulator)
-    wait_product_ready(kube, namespace, "paid")
-    created = bare_pod(kube, namespace, app="paid", sa="plain")
-    (pod,) = wait_for("Error", lambda: all_in_state(kube, namespace, "paid", 1, "Error"))
+def test_missing_irsa_role_is_an_error_not_a_grant(buyer: Buyer) -> None:
+    buyer.product(sa="plain", role=None)
+    buyer.start()
+    created = buyer.pod(sa="plain")
+    (pod,) = buyer.pods_in_state(1, "Error")
     assert pod["metadata"]["uid"] == created["metadata"]["uid"]
     assert gated(pod)
     assert notes(pod)[REASON].startswith("MissingRoleArn")
@@ -661,13 +611,9 @@ def test_missing_irsa_role_is_an_error_not_a_grant(
 
 
 def test_cluster_scope_registers_once_as_the_operator_and_releases_every_pod(
-    kube: client.ApiClient,
-    namespace: str,
-    operator: OperatorFactory,
-    buyer_emulator: EmulatorProcess,
-    key_pem: str,
-    tmp_path: Path,
+    buyer: Buyer, tmp_path: Path
 ) -> None:
+    kube, namespace, key_pem, buyer_emulator = buyer.kube, buyer.namespace, buyer.key_pem, buyer.emulator
     # The operator's own IRSA identity, as EKS would project it: a token for its service account.
     service_account(kube, namespace, "operator", BUYER_ROLE)
     token = (
@@ -680,12 +626,11 @@ def test_cluster_scope_registers_once_as_the_operator_and_releases_every_pod(
     token_file = tmp_path / "operator-token"
     token_file.write_text(token + "\n")
     identity = {"AWS_ROLE_ARN": BUYER_ROLE, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token_file)}
-    service_account(kube, namespace, "plain", None)  # pods need no IRSA role in Cluster scope
-    product(kube, namespace, "site", key_pem, app="site", scope="Cluster")
-    op = operator(namespace, buyer_emulator, extra_env=identity)
-    deployment(kube, namespace, "site", app="site", replicas=3, sa="plain")
+    buyer.product("site", sa="plain", role=None, scope="Cluster")  # pods need no IRSA role here
+    op = buyer.start(ready=None, extra_env=identity)
+    buyer.deployment("site", replicas=3, sa="plain")
 
-    granted = wait_for("3 Granted pods", lambda: all_in_state(kube, namespace, "site", 3, "Granted"))
+    granted = buyer.pods_in_state(3, "Granted", app="site")
     kube_system_uid = client.CoreV1Api(kube).read_namespace("kube-system").metadata.uid
     signatures = {notes(p)[ANNOTATION_SIGNATURE] for p in granted}
     assert len(signatures) == 1
@@ -706,5 +651,5 @@ def test_cluster_scope_registers_once_as_the_operator_and_releases_every_pod(
     # A restart reuses the verified registration from status: no second call, new pods released.
     op.restart(kill=True).wait_ready()
     client.AppsV1Api(kube).patch_namespaced_deployment_scale("site", namespace, {"spec": {"replicas": 4}})
-    wait_for("4 Granted pods", lambda: all_in_state(kube, namespace, "site", 4, "Granted"))
+    buyer.pods_in_state(4, "Granted", app="site")
     assert len(buyer_emulator.admin.events(operation="RegisterUsage")) == 1

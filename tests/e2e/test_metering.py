@@ -19,21 +19,26 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from devtools.cluster import ClusterInfo
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from metering_operator.domain.product import GROUP, PLURAL, VERSION, LedgerState, MeteringStatus
-from tests.e2e.conftest import BUYER_ACCOUNT, PRODUCT_CODE, OperatorFactory, OperatorProcess, emulator_config
+from tests.e2e.conftest import (
+    BUYER_ACCOUNT,
+    PRODUCT_CODE,
+    WAIT,
+    OperatorFactory,
+    OperatorProcess,
+    emulator_config,
+    wait_for,
+)
 from tests.emulator.harness import EmulatorProcess, start_emulator
 
 pytestmark = pytest.mark.cluster
 
-T = TypeVar("T")
-WAIT = 60.0
 H0 = datetime(2031, 3, 4, 10, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 LEASE = "mmo-metering-e2e"
@@ -47,21 +52,6 @@ KEYS = {
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = WAIT, interval: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            value = probe()
-        except ApiException as exc:
-            value, last = None, exc
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last})")
-        time.sleep(interval)
 
 
 def metering_emulator(cluster: ClusterInfo, directory: Path, dimensions: list[str]) -> EmulatorProcess:
@@ -400,6 +390,14 @@ def constant_product(world: World, replicas: int = 2) -> None:
     world.create_product(product([PLAIN_REPLICAS_DIM, VCPU_DIM]))
 
 
+def start_during_outage(world: World, operator: OperatorFactory) -> None:
+    """2 replicas, MeterUsage failing from the start, the operator sampling H0."""
+    constant_product(world)
+    world.emulator.admin.set_fault("MeterUsage", fail_with="InternalServiceErrorException")
+    start_operator(operator, world.namespace, world.emulator, "a")
+    world.wait_observed(H0, {"replicas": "2"})
+
+
 def vcpu(replicas: int) -> str:
     return str(Decimal(replicas) / 4)
 
@@ -473,10 +471,7 @@ def test_two_replicas_meter_each_hour_once(world: World, operator: OperatorFacto
 
 
 def test_three_hour_outage_is_sent_late_within_the_window(world: World, operator: OperatorFactory) -> None:
-    constant_product(world)
-    world.emulator.admin.set_fault("MeterUsage", fail_with="InternalServiceErrorException")
-    start_operator(operator, world.namespace, world.emulator, "a")
-    world.wait_observed(H0, {"replicas": "2"})
+    start_during_outage(world, operator)
     for hour in range(1, 4):
         world.set_clock(H0 + hour * HOUR)
         closed = H0 + (hour - 1) * HOUR
@@ -513,10 +508,7 @@ def test_eight_hour_outage_carries_expired_hours_into_later_ones(
     """2 replicas all along; AWS down from H0 to H8. H0..H2 leave the window at hour+5:50, i.e.
     when the clock jumps to H6, H7, H8, and are carried into those open hours: H6, H7 and H8
     bill 2 + 2 = 4 replicas (and 1 vCPU); H3..H5 bill 2 each, late; H0..H2 bill nothing."""
-    constant_product(world)
-    world.emulator.admin.set_fault("MeterUsage", fail_with="InternalServiceErrorException")
-    start_operator(operator, world.namespace, world.emulator, "a")
-    world.wait_observed(H0, {"replicas": "2"})
+    start_during_outage(world, operator)
     for hour in range(1, 9):
         world.set_clock(H0 + hour * HOUR)
         world.wait_observed(H0 + hour * HOUR, {"replicas": "2"})

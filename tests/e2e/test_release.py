@@ -12,7 +12,6 @@ between events would fail them.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,28 +21,19 @@ from kubernetes import client
 
 from metering_operator.domain.clock import SystemClock
 from metering_operator.domain.product import GROUP, PLURAL, VERSION, LabelSelector
-from metering_operator.gate.controller import GateRuntime, ProductController
+from metering_operator.gate.controller import ProductController
 from metering_operator.gate.registrar import Registrar
+from metering_operator.gate.runtime import GateRuntime
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.observed import ObservedIndex
 from metering_operator.kube.pods import PodApi
-from tests.e2e.conftest import PRODUCT_CODE, TEST_REGION
+from tests.e2e.conftest import TEST_REGION, wait_for
+from tests.e2e.test_metering import VCPU_DIM
+from tests.e2e.test_metering import product as metered_product
 
 pytestmark = pytest.mark.cluster
 
 RELEASE_SECONDS = 5.0
-WAIT = 30.0
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def all_ended(threads: list[threading.Thread]) -> bool:
@@ -104,22 +94,8 @@ def gate_runtime(kube: client.ApiClient) -> Iterator[GateRuntime]:
 
 
 def metered_only_product(kube: client.ApiClient, namespace: str) -> None:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "MeteredProduct",
-        "metadata": {"name": "db"},
-        "spec": {
-            "productCode": PRODUCT_CODE,
-            "publicKeyVersion": 1,
-            "selector": {"matchLabels": {"app": "db"}},
-            "entitlement": {"mode": "Off"},
-            "metering": {
-                "dimensions": [
-                    {"name": "vcpu", "source": "CPURequests", "aggregation": "Maximum", "rounding": "Up"}
-                ]
-            },
-        },
-    }
+    """Entitlement Off, no public key, one dimension (named "db", like the metering tests')."""
+    body = metered_product([VCPU_DIM])
     client.CustomObjectsApi(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
 
 

@@ -11,7 +11,7 @@ import jsonpatch
 import pytest
 
 from metering_operator.domain import entitlement as ent
-from metering_operator.domain.entitlement import Action, Outcome
+from metering_operator.domain.entitlement import Action
 from metering_operator.domain.product import (
     ANNOTATION_ENTITLEMENT,
     ANNOTATION_PRODUCT,
@@ -100,25 +100,6 @@ def test_enforce_pod_without_gate_is_registered_and_flagged() -> None:
     assert decision.ungated
     assert not ent.decide(pod(gated=True), ENFORCE).ungated
     assert not ent.decide(pod(gated=False), AUDIT).ungated
-
-
-@pytest.mark.parametrize(
-    ("code", "outcome"),
-    [
-        ("CustomerNotEntitledException", Outcome.DENIED),
-        ("PlatformNotSupportedException", Outcome.DENIED),
-        ("InvalidProductCodeException", Outcome.DENIED),
-        ("InvalidRegionException", Outcome.DENIED),
-        ("InvalidPublicKeyVersionException", Outcome.DENIED),
-        ("DisabledApiException", Outcome.DENIED),
-        ("ThrottlingException", Outcome.TRANSIENT),
-        ("InternalServiceErrorException", Outcome.TRANSIENT),
-        ("AccessDenied", Outcome.ERROR),
-        ("SomethingNew", Outcome.ERROR),
-    ],
-)
-def test_classify_error(code: str, outcome: Outcome) -> None:
-    assert ent.classify_error(code) is outcome
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
@@ -216,6 +197,23 @@ def test_count_and_workload_summary() -> None:
     assert ent.workload_summary([G, G, G]) == "Granted 3/3"
     assert ent.workload_summary([G, None, P]) == "Pending 1/3"
     assert ent.workload_summary([G, D, None]) == "Denied 1/3"
+
+
+def test_workload_annotations_carry_the_summary_and_the_latest_signature() -> None:
+    def signed(token: str, at: str) -> dict[str, Any]:
+        return {"metadata": {"annotations": {ANNOTATION_SIGNATURE: token, ANNOTATION_REGISTERED_AT: at}}}
+
+    members = [
+        (signed("older", "2026-03-04T05:06:07Z"), G),
+        (signed("newest", "2026-03-04T06:00:00Z"), G),
+        ({"metadata": {}}, None),
+    ]
+    assert ent.workload_annotations(members) == {
+        ANNOTATION_ENTITLEMENT: "Pending 2/3",
+        ANNOTATION_SIGNATURE: "newest",
+        ANNOTATION_REGISTERED_AT: "2026-03-04T06:00:00Z",
+    }
+    assert ent.workload_annotations([({"metadata": {}}, D)]) == {ANNOTATION_ENTITLEMENT: "Denied 1/1"}
 
 
 def test_entitled_condition_reasons() -> None:

@@ -28,10 +28,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from enum import StrEnum
 from fractions import Fraction
 
 from metering_operator.domain.clock import ensure_utc, hour_start
+
+# The spec's enums (one definition, in the CRD models), re-exported for the ledger and tests.
+from metering_operator.domain.product import Aggregation as Aggregation
+from metering_operator.domain.product import Rounding as Rounding
 
 HOUR = timedelta(hours=1)
 _MICROS_PER_SECOND = 1_000_000
@@ -46,19 +49,6 @@ _DECIMAL_UNIT = Decimal(1).scaleb(-DECIMAL_PLACES)
 # A wide context that traps Inexact: the integral is a sum of products of finite decimals, so
 # with enough precision it is always exact; if it ever is not, fail loudly rather than bill wrong.
 _EXACT = decimal.Context(prec=120, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])
-
-
-class Aggregation(StrEnum):
-    AVERAGE = "Average"
-    MAXIMUM = "Maximum"
-    LAST = "Last"
-
-
-class Rounding(StrEnum):
-    UP = "Up"
-    NEAREST = "Nearest"
-    DOWN = "Down"
-    DECIMAL = "Decimal"
 
 
 class AggregationError(ValueError):

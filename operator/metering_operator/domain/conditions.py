@@ -11,7 +11,7 @@ layer sits on top. Two rules from the Kubernetes API conventions are enforced he
 
 Public API (kept stable; the metering handlers use it too):
 ``make_condition``, ``set_condition``, ``get_condition``, ``is_true``, ``condition_changed``,
-``status_patch``, ``format_time``, ``ConditionSpec``.
+``status_patch``, ``format_time``, ``parse_time``, ``ConditionSpec``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,16 @@ class ConditionSpec:
 def format_time(when: datetime) -> str:
     """RFC 3339 UTC with seconds precision, as metav1.Time serialises (``2026-01-02T03:04:05Z``)."""
     return ensure_utc(when).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """The inverse of :func:`format_time`, tolerant: None for a missing or unreadable value."""
+    if not value:
+        return None
+    try:
+        return ensure_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except ValueError:
+        return None
 
 
 def make_condition(

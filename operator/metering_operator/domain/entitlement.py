@@ -7,8 +7,8 @@ unit-tested without a cluster:
   Granted and Denied are final: a restarted operator never registers such a pod again, and a
   denied pod is never released in Enforce mode (AWS refuses only a pod's *first* call, so a
   retry would let an unentitled pod through).
-* :func:`classify_error` -- an AWS error code becomes a denial (final), transient (retry with
-  backoff) or error.
+* Which AWS errors deny (final), are retried or are errors is
+  :mod:`metering_operator.aws.errors`' classification, not repeated here.
 * :func:`grant_patch` & co. -- the single JSON patch per transition, guarded by a
   ``resourceVersion`` test so a concurrent change is never overwritten.
 * :func:`count_pods`, :func:`workload_summary`, :func:`entitled_condition` -- status views.
@@ -38,34 +38,6 @@ from metering_operator.domain.product import (
 #: Why a pod is Denied / Pending / Error (``<Code>: <message>``); absent when Granted.
 ANNOTATION_REASON = f"{GROUP}/reason"
 
-#: RegisterUsage errors that are a final answer about this pod (issue 4; AWS: "do not run").
-DENIAL_CODES = frozenset(
-    {
-        "CustomerNotEntitledException",
-        "PlatformNotSupportedException",
-        "InvalidProductCodeException",
-        "InvalidRegionException",
-        "InvalidPublicKeyVersionException",
-        "DisabledApiException",
-    }
-)
-#: Errors worth retrying with backoff: AWS says throttling and internal errors are transient.
-TRANSIENT_CODES = frozenset(
-    {
-        "ThrottlingException",
-        "InternalServiceErrorException",
-        "ServiceUnavailable",
-        "RequestTimeout",
-        "EndpointConnectionError",
-        "ConnectionError",
-        "ReadTimeoutError",
-        "ConnectTimeoutError",
-        # STS answers these when its JWKS fetch races a key rotation or it is overloaded.
-        "IDPCommunicationError",
-        "Throttling",
-    }
-)
-
 
 class Action(StrEnum):
     REGISTER = "register"
@@ -76,7 +48,6 @@ class Action(StrEnum):
 class Outcome(StrEnum):
     GRANTED = "Granted"
     DENIED = "Denied"
-    TRANSIENT = "Transient"
     ERROR = "Error"
 
 
@@ -139,14 +110,6 @@ def decide(pod: Mapping[str, Any], mode: EntitlementMode) -> Decision:
     if mode is EntitlementMode.ENFORCE and not gated:
         return Decision(Action.REGISTER, "running without the gate", ungated=True)
     return Decision(Action.REGISTER, "not registered yet")
-
-
-def classify_error(code: str) -> Outcome:
-    if code in DENIAL_CODES:
-        return Outcome.DENIED
-    if code in TRANSIENT_CODES:
-        return Outcome.TRANSIENT
-    return Outcome.ERROR
 
 
 def backoff_delay(
@@ -292,6 +255,24 @@ def workload_summary(states: Sequence[EntitlementState | None]) -> str:
     if counts.registered == total:
         return f"Granted {total}/{total}"
     return f"Pending {counts.registered}/{total}"
+
+
+def workload_annotations(
+    members: Sequence[tuple[Mapping[str, Any], EntitlementState | None]],
+) -> dict[str, str]:
+    """A workload's annotations from its pods and their states: the summary, and the latest
+    signature with its time (``registered-at`` is RFC 3339 UTC, so it sorts as text)."""
+    annotations = {ANNOTATION_ENTITLEMENT: workload_summary([state for _, state in members])}
+    latest_sig, latest_at = None, ""
+    for pod, _ in members:
+        notes = pod_annotations(pod)
+        at = notes.get(ANNOTATION_REGISTERED_AT, "")
+        if notes.get(ANNOTATION_SIGNATURE) and at >= latest_at:
+            latest_sig, latest_at = notes[ANNOTATION_SIGNATURE], at
+    if latest_sig:
+        annotations[ANNOTATION_SIGNATURE] = latest_sig
+        annotations[ANNOTATION_REGISTERED_AT] = latest_at
+    return annotations
 
 
 def entitled_condition(

@@ -481,8 +481,9 @@ class Dimension(_SpecModel):
     source: DimensionSource = Field(
         description="What is measured over the selected workloads and pods: Replicas (desired "
         "replicas of the Deployments, StatefulSets and DaemonSets whose pod template the selector "
-        "matches, plus selected pods no workload owns), ReadyPods (pods with condition Ready), CPURequests (sum of container CPU "
-        "requests, in cores), MemoryRequestsGiB (sum of container memory requests, in GiB).",
+        "matches, plus selected pods no workload owns), ReadyPods (pods with condition Ready), "
+        "CPURequests (sum of container CPU requests, in cores), MemoryRequestsGiB (sum of container "
+        "memory requests, in GiB).",
     )
     aggregation: Aggregation = Field(
         default=Aggregation.AVERAGE,

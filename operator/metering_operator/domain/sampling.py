@@ -24,13 +24,15 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from enum import StrEnum
 from typing import Any
 
 from metering_operator.domain import allocation as alloc
 from metering_operator.domain.ledger import Sample
-from metering_operator.domain.product import LabelSelector
+from metering_operator.domain.product import DimensionSource, LabelSelector
 from metering_operator.domain.selectors import matches
+
+#: What a dimension measures: the spec's own enum, under the name sampling uses.
+Source = DimensionSource
 
 GIB = Decimal(2**30)
 _SUFFIXES = {
@@ -56,13 +58,6 @@ _QUANTITY = re.compile(r"^([+-]?[0-9.]+)(?:([eE][+-]?[0-9]+)|(Ki|Mi|Gi|Ti|Pi|Ei|
 # so a quantity is never silently rounded.
 _EXACT = decimal.Context(prec=120, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet")
-
-
-class Source(StrEnum):
-    REPLICAS = "Replicas"
-    READY_PODS = "ReadyPods"
-    CPU_REQUESTS = "CPURequests"
-    MEMORY_REQUESTS_GIB = "MemoryRequestsGiB"
 
 
 class QuantityError(ValueError):

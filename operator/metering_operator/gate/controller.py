@@ -3,16 +3,22 @@
 One :class:`ProductController` runs per MeteredProduct (a kopf daemon thread). It lists and
 watches only the product's pods (namespace + the product's own selector, filtered by the API
 server), decides per pod with :func:`metering_operator.domain.entitlement.decide`, and hands
-registrations to a shared thread pool so a burst of pods is registered in parallel.
+registrations to a shared thread pool so a burst of pods is registered in parallel (the work
+for one pod: :mod:`metering_operator.gate.podwork`; scope Cluster's one registration:
+:mod:`metering_operator.gate.cluster`).
 
 All of the controller's state is touched by its own thread only: the watch thread and the
 workers talk to it through a queue. Pods that reached a final state (Granted, Denied) are
 remembered by uid, so a late watch event carrying an older version of the pod can never trigger
 a second registration.
 
-Status (counts, ``Ready``/``Entitled`` conditions, ``observedGeneration``) is written with
-server-side apply under the field manager :data:`FIELD_MANAGER`, and only when it differs from
-what the object already says; other writers (the metering handlers) own their own conditions.
+Status (counts, ``Ready``/``Entitled`` conditions, ``observedGeneration``) is written by
+:mod:`metering_operator.gate.status` with server-side apply, and only when it differs from what
+the object already says. This is the only writer of ``Ready``
+(:func:`metering_operator.domain.readiness.ready_condition`), which also judges the
+``Metering`` condition the metering handlers own and write; the controller re-judges Ready
+when that condition's verdict changes on the (live) object. The product's watch ends the
+moment the controller stops (deletion), not at the watch's server-side timeout.
 """
 
 from __future__ import annotations
@@ -23,9 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -34,136 +38,34 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from metering_operator import metrics
-from metering_operator.aws import errors as aws_errors
 from metering_operator.domain import entitlement as ent
-from metering_operator.domain.clock import Clock
 from metering_operator.domain.conditions import (
-    ConditionSpec,
-    condition_changed,
     get_condition,
-    set_condition,
-    status_patch,
 )
 from metering_operator.domain.product import (
-    ANNOTATION_ENTITLEMENT,
-    ANNOTATION_REGISTERED_AT,
-    ANNOTATION_SIGNATURE,
-    API_VERSION,
-    GROUP,
-    KIND,
-    PLURAL,
-    SCHEDULING_GATE,
-    VERSION,
     EntitlementMode,
     EntitlementScope,
     EntitlementState,
     MeteredProductSpec,
 )
-from metering_operator.domain.readiness import metering_rejects, ready_condition
-from metering_operator.domain.selectors import to_query
-from metering_operator.domain.signature import SignatureError, VerifiedSignature, load_public_key
-from metering_operator.gate.registrar import ProductKey, Registrar, RegistrationSetupError
-from metering_operator.kube.events import EventPoster
-from metering_operator.kube.pods import PodApi, PodGone, WorkloadRef, object_ref
+from metering_operator.domain.readiness import metering_rejects
+from metering_operator.domain.signature import SignatureError, load_public_key
+from metering_operator.gate import cluster as cluster_scope
+from metering_operator.gate.cluster import ClusterRegistration
+from metering_operator.gate.podwork import PodRegistration, PodResult
+from metering_operator.gate.runtime import GateRuntime, ProductInfo
+from metering_operator.gate.status import GateView, StatusWrite, StatusWriter
+from metering_operator.kube.pods import WorkloadRef
 from metering_operator.kube.watch import WatchExpired, WatchStream
 
 log = logging.getLogger(__name__)
 
-FIELD_MANAGER = "metering-operator-entitlement"
 WATCH_TIMEOUT_SECONDS = 60
 #: Status and workload annotations are coalesced: a burst of 200 grants is a handful of writes.
 FLUSH_INTERVAL_SECONDS = 0.5
 #: Error outcomes (setup problems, bad signatures) are retried slowly; denials never.
 ERROR_RETRY_BASE_SECONDS = 5.0
 ERROR_RETRY_CAP_SECONDS = 300.0
-#: Cluster scope: the operator's own registration is renewed this often.
-CLUSTER_RENEW_SECONDS = 3600.0
-TRANSIENT_BACKOFF_BASE = 0.2
-TRANSIENT_BACKOFF_CAP = 10.0
-
-
-@dataclass(frozen=True)
-class ProductInfo:
-    namespace: str
-    name: str
-    uid: str
-    generation: int
-    spec: MeteredProductSpec
-    trusted: bool
-    public_key: RSAPublicKey | None
-    key_error: str | None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def mode(self) -> EntitlementMode:
-        return self.spec.entitlement.mode
-
-    @property
-    def selector(self) -> str:
-        return to_query(self.spec.selector)
-
-    @property
-    def active(self) -> bool:
-        """Whether pods are handled at all (trusted, key usable, mode not Off)."""
-        return self.trusted and self.public_key is not None and self.mode is not EntitlementMode.OFF
-
-    def product_key(self) -> ProductKey:
-        assert self.public_key is not None
-        return ProductKey(self.spec.product_code, self.spec.public_key_version, self.public_key)
-
-    def ref(self) -> dict[str, str]:
-        return {
-            "kind": KIND,
-            "apiVersion": API_VERSION,
-            "name": self.name,
-            "namespace": self.namespace,
-            "uid": self.uid,
-        }
-
-
-@dataclass
-class GateRuntime:
-    """What every product controller shares: clients, the worker pool, settings."""
-
-    api: client.ApiClient
-    pods: PodApi
-    events: EventPoster
-    registrar: Registrar
-    pool: ThreadPoolExecutor
-    clock: Clock
-    trusted_product_codes: frozenset[str]
-    post_grant_events: bool = True
-    _kube_system_uid: str | None = None
-
-    def kube_system_uid(self) -> str:
-        if self._kube_system_uid is None:
-            ns = client.CoreV1Api(self.api).read_namespace("kube-system")
-            self._kube_system_uid = str(ns.metadata.uid)
-        return self._kube_system_uid
-
-
-@dataclass
-class _Result:
-    uid: str
-    outcome: ent.Outcome | None  # None: nothing happened (pod gone, stop requested)
-    reason: str = ""
-    workload: WorkloadRef | None = None
-    ungated: bool = False
-
-
-@dataclass
-class _ClusterRegistration:
-    state: EntitlementState
-    nonce: str
-    signature: VerifiedSignature | None = None
-    token: str = ""
-    registered_at: datetime | None = None
-    attempts: int = 0
-    last_error: str | None = None
-    renew_at: float = 0.0
 
 
 @dataclass
@@ -206,13 +108,11 @@ class ProductController:
         self._watch_stop: threading.Event | None = None
         self._watch_stream: WatchStream | None = None
         self._stop = threading.Event()
-        self._cluster: _ClusterRegistration | None = None
+        self._registration = PodRegistration(runtime, self._stop)
+        self._cluster: ClusterRegistration | None = None
         self._cluster_inflight = False
         self._listed = False
-        self._status_inflight = False
-        self._last_applied: dict[str, Any] | None = None
-        self._last_applied_at = 0.0
-        self._last_conditions: dict[str, Mapping[str, Any]] = {}
+        self._status = StatusWriter(runtime, namespace, name)
         self._metering_verdict: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -286,10 +186,9 @@ class ProductController:
         elif kind == "cluster":
             self._on_cluster_result(payload)
         elif kind == "status":
-            self._status_inflight = False
+            self._status.inflight = False
             if not payload:
-                self._last_applied = None
-                self._last_conditions = {}
+                self._status.forget()
                 self._dirty_status = True
 
     # ------------------------------------------------------------------------------------------
@@ -475,7 +374,7 @@ class ProductController:
             del self._retry_at[uid]
             self._reconcile(uid)
 
-    def _on_result(self, result: _Result) -> None:
+    def _on_result(self, result: PodResult) -> None:
         self._inflight.discard(result.uid)
         state = self._pods.get(result.uid)
         if result.workload is not None and state is not None:
@@ -507,182 +406,9 @@ class ProductController:
         pod: dict[str, Any],
         info: ProductInfo,
         decision: ent.Decision,
-        cluster: _ClusterRegistration | None,
+        cluster: ClusterRegistration | None,
     ) -> None:
-        uid = pod["metadata"]["uid"]
-        result = _Result(uid, None, ungated=decision.ungated)
-        try:
-            result = self._work_inner(pod, info, decision, cluster)
-        except PodGone:
-            result = _Result(uid, None)
-        except Exception as exc:
-            log.exception("entitlement of pod %s/%s failed", info.namespace, pod["metadata"].get("name"))
-            result = _Result(uid, ent.Outcome.ERROR, f"InternalError: {exc}")
-        finally:
-            self._queue.put(("result", result))
-
-    def _work_inner(
-        self,
-        pod: dict[str, Any],
-        info: ProductInfo,
-        decision: ent.Decision,
-        cluster: _ClusterRegistration | None,
-    ) -> _Result:
-        meta = pod["metadata"]
-        uid, name = meta["uid"], meta["name"]
-        code = info.spec.product_code
-        audit = info.mode is EntitlementMode.AUDIT
-        # The owner is looked up after the decisive write where possible: it is a summary, and a
-        # ReplicaSet GET must not sit between a pod and its gate removal.
-        workload: WorkloadRef | None = None
-        if decision.action is ent.Action.RELEASE:
-            self.rt.pods.write_with_retry(pod, self._release_ops)
-            return _Result(uid, None, workload=self._workload(pod))
-        if decision.ungated:
-            self.rt.events.post(
-                object_ref(pod, "Pod", "v1"),
-                "Warning",
-                "NotGated",
-                f"pod runs without the {SCHEDULING_GATE} gate (created while the webhook was "
-                f"unreachable?); registering it for {info.key} now",
-            )
-        attempt = 0
-        started = time.perf_counter()
-        while True:
-            attempt += 1
-            try:
-                if cluster is not None and info.spec.entitlement.scope is EntitlementScope.CLUSTER:
-                    if cluster.state is EntitlementState.DENIED:
-                        raise aws_errors.MeteringError(
-                            (cluster.last_error or "Denied").split(":", 1)[0],
-                            cluster.last_error or "cluster registration denied",
-                            aws_errors.REGISTER_USAGE,
-                            aws_errors.ErrorCategory.DENIED,
-                        )
-                    signature_token = cluster.token
-                else:
-                    verified = self.rt.registrar.register_pod(pod, info.product_key())
-                    signature_token = verified_token(verified)
-                break
-            except aws_errors.MeteringError as exc:
-                reason = f"{exc.code}: {exc.message}"
-                if exc.operation == aws_errors.REGISTER_USAGE and exc.denied:
-                    return self._finish_denied(pod, info, reason, audit)
-                if exc.retryable and not self._stop.is_set():
-                    metrics.REGISTRATIONS.labels(code, "retried").inc()
-                    pod = self._write_state(pod, info, EntitlementState.PENDING, reason, audit)
-                    delay = ent.backoff_delay(attempt, base=TRANSIENT_BACKOFF_BASE, cap=TRANSIENT_BACKOFF_CAP)
-                    if self._stop.wait(delay):
-                        return _Result(uid, None, workload=workload)
-                    continue
-                return self._finish_error(pod, info, reason, audit)
-            except RegistrationSetupError as exc:
-                return self._finish_error(pod, info, str(exc), audit)
-            except SignatureError as exc:
-                return self._finish_error(pod, info, f"InvalidSignature: {exc}", audit)
-            except ApiException as exc:
-                reason = f"KubernetesApi{exc.status}: {exc.reason}"
-                if (exc.status in (429,) or (exc.status or 0) >= 500) and not self._stop.is_set():
-                    pod = self._write_state(pod, info, EntitlementState.PENDING, reason, audit)
-                    if self._stop.wait(ent.backoff_delay(attempt, base=0.5, cap=TRANSIENT_BACKOFF_CAP)):
-                        return _Result(uid, None, workload=workload)
-                    continue
-                return self._finish_error(pod, info, reason, audit)
-
-        registered_at = self.rt.clock.now()
-        registered = time.perf_counter()
-
-        def grant_ops(current: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-            if current.get("metadata", {}).get("uid") != uid:
-                return None
-            if ent.entitlement_state(current) in (EntitlementState.GRANTED, EntitlementState.DENIED):
-                return None
-            return ent.grant_patch(
-                current, signature=signature_token, registered_at=registered_at, product_key=info.key
-            )
-
-        written = self.rt.pods.write_with_retry(pod, grant_ops)
-        metrics.REGISTRATIONS.labels(code, "granted").inc()
-        if written is not None:
-            created = _parse_time(meta.get("creationTimestamp"))
-            if created is not None and ent.is_gated(pod):
-                metrics.GATE_LATENCY.labels(code).observe(max(0.0, (registered_at - created).total_seconds()))
-            if self.rt.post_grant_events:
-                self.rt.events.post(
-                    object_ref(pod, "Pod", "v1"),
-                    "Normal",
-                    "Registered",
-                    f"RegisterUsage granted for {info.key} ({code}); signature verified, gate removed",
-                )
-        log.info(
-            "pod %s/%s granted for %s (registration %.0f ms, write %.0f ms, %d attempt(s))",
-            info.namespace,
-            name,
-            info.key,
-            1000 * (registered - started),
-            1000 * (time.perf_counter() - registered),
-            attempt,
-        )
-        return _Result(uid, ent.Outcome.GRANTED, workload=self._workload(pod), ungated=decision.ungated)
-
-    def _finish_denied(self, pod: dict[str, Any], info: ProductInfo, reason: str, audit: bool) -> _Result:
-        uid = pod["metadata"]["uid"]
-        self._write_state(pod, info, EntitlementState.DENIED, reason, audit)
-        metrics.REGISTRATIONS.labels(info.spec.product_code, "denied").inc()
-        message = f"RegisterUsage denied for {info.key}: {reason}" + (
-            " (audit mode: the pod is not held)" if audit else "; the pod stays gated (final)"
-        )
-        self.rt.events.post(object_ref(pod, "Pod", "v1"), "Warning", "EntitlementDenied", message)
-        self.rt.events.post(
-            info.ref(), "Warning", "EntitlementDenied", f"pod {pod['metadata']['name']}: {message}"
-        )
-        log.warning("pod %s/%s denied: %s", info.namespace, pod["metadata"]["name"], reason)
-        return _Result(uid, ent.Outcome.DENIED, reason, self._workload(pod))
-
-    def _finish_error(self, pod: dict[str, Any], info: ProductInfo, reason: str, audit: bool) -> _Result:
-        uid = pod["metadata"]["uid"]
-        self._write_state(pod, info, EntitlementState.ERROR, reason, audit)
-        metrics.REGISTRATIONS.labels(info.spec.product_code, "error").inc()
-        self.rt.events.post(
-            object_ref(pod, "Pod", "v1"),
-            "Warning",
-            "EntitlementError",
-            f"registration for {info.key} failed: {reason}"
-            + ("" if audit else "; the pod stays gated and is retried later"),
-        )
-        log.warning("pod %s/%s registration error: %s", info.namespace, pod["metadata"]["name"], reason)
-        return _Result(uid, ent.Outcome.ERROR, reason, self._workload(pod))
-
-    def _write_state(
-        self, pod: dict[str, Any], info: ProductInfo, state: EntitlementState, reason: str, release: bool
-    ) -> dict[str, Any]:
-        uid = pod["metadata"]["uid"]
-
-        def ops(current: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-            if current.get("metadata", {}).get("uid") != uid:
-                return None
-            recorded = ent.entitlement_state(current)
-            if recorded in (EntitlementState.GRANTED, EntitlementState.DENIED):
-                return None
-            if not ent.needs_state_write(current, state, reason) and not (release and ent.is_gated(current)):
-                return None
-            return ent.state_patch(current, state, reason, product_key=info.key, release=release)
-
-        written = self.rt.pods.write_with_retry(pod, ops)
-        # Later writes for this pod start from what we wrote, not from a stale version. The
-        # caller's dict is shared with the controller thread, so it is replaced, never mutated.
-        return written if written is not None else pod
-
-    @staticmethod
-    def _release_ops(current: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-        return ent.release_patch(current) if ent.is_gated(current) else None
-
-    def _workload(self, pod: Mapping[str, Any]) -> WorkloadRef | None:
-        try:
-            return self.rt.pods.owner_workload(pod)
-        except ApiException as exc:
-            log.warning("cannot resolve the owner of pod %s: %s", pod["metadata"].get("name"), exc.reason)
-            return None
+        self._queue.put(("result", self._registration.run(pod, info, decision, cluster)))
 
     # ------------------------------------------------------------------------------------------
     # Cluster scope
@@ -693,114 +419,19 @@ class ProductController:
             return
         if self._cluster_inflight:
             return
+        if self._cluster is None:
+            status = self._body().get("status") or {}
+            self._cluster = cluster_scope.restore(status.get("registration") or {}, info, self.rt.clock)
         cluster = self._cluster
-        if cluster is None:
-            cluster = self._restore_cluster_registration(info)
-            self._cluster = cluster
-        if cluster is not None and cluster.state is EntitlementState.DENIED:
-            return
-        if (
-            cluster is not None
-            and cluster.state is EntitlementState.GRANTED
-            and cluster.renew_at > time.monotonic()
-        ):
-            return
-        if (
-            cluster is not None
-            and cluster.state is EntitlementState.ERROR
-            and cluster.renew_at > time.monotonic()
-        ):
+        if cluster is not None and not cluster.due():
             return
         self._cluster_inflight = True
         self.rt.pool.submit(self._cluster_work, info, cluster)
 
-    def _restore_cluster_registration(self, info: ProductInfo) -> _ClusterRegistration | None:
-        """Reuse a verified registration from status (a restart must not register again)."""
-        registration = (self._body().get("status") or {}).get("registration") or {}
-        token = registration.get("signature")
-        nonce = registration.get("nonce")
-        state = registration.get("state")
-        if state == EntitlementState.DENIED.value:
-            return _ClusterRegistration(
-                EntitlementState.DENIED,
-                nonce or "",
-                last_error=registration.get("lastError"),
-                attempts=int(registration.get("attempts") or 0),
-            )
-        if state != EntitlementState.GRANTED.value or not token or not nonce or info.public_key is None:
-            return None
-        try:
-            from metering_operator.domain.signature import verify_signature
+    def _cluster_work(self, info: ProductInfo, previous: ClusterRegistration | None) -> None:
+        self._queue.put(("cluster", cluster_scope.register(self.rt, info, previous)))
 
-            verified = verify_signature(
-                token,
-                info.public_key,
-                product_code=info.spec.product_code,
-                public_key_version=info.spec.public_key_version,
-                nonce=nonce,
-            )
-        except SignatureError:
-            return None
-        registered_at = _parse_time(registration.get("registeredAt"))
-        age = (
-            (self.rt.clock.now() - registered_at).total_seconds() if registered_at else CLUSTER_RENEW_SECONDS
-        )
-        return _ClusterRegistration(
-            EntitlementState.GRANTED,
-            nonce,
-            verified,
-            token,
-            registered_at,
-            attempts=int(registration.get("attempts") or 0),
-            renew_at=time.monotonic() + max(0.0, CLUSTER_RENEW_SECONDS - age),
-        )
-
-    def _cluster_work(self, info: ProductInfo, previous: _ClusterRegistration | None) -> None:
-        attempts = (previous.attempts if previous else 0) + 1
-        nonce = ""
-        try:
-            nonce = self.rt.kube_system_uid()
-            verified = self.rt.registrar.register_cluster(info.product_key(), nonce)
-            result = _ClusterRegistration(
-                EntitlementState.GRANTED,
-                nonce,
-                verified,
-                verified_token(verified),
-                self.rt.clock.now(),
-                attempts,
-                None,
-                time.monotonic() + CLUSTER_RENEW_SECONDS,
-            )
-        except aws_errors.MeteringError as exc:
-            reason = f"{exc.code}: {exc.message}"
-            if exc.operation == aws_errors.REGISTER_USAGE and exc.denied:
-                # Recorded in status with its nonce: a restarted operator must not ask again.
-                result = _ClusterRegistration(
-                    EntitlementState.DENIED, nonce, attempts=attempts, last_error=reason
-                )
-            else:
-                keep = previous if previous and previous.state is EntitlementState.GRANTED else None
-                delay = ent.backoff_delay(min(attempts, 8), base=1.0, cap=60.0)
-                result = keep or _ClusterRegistration(
-                    EntitlementState.PENDING if exc.retryable else EntitlementState.ERROR,
-                    "",
-                    attempts=attempts,
-                    last_error=reason,
-                )
-                result.renew_at = time.monotonic() + delay
-                result.last_error = reason
-        except Exception as exc:
-            log.exception("cluster registration for %s failed", info.key)
-            result = _ClusterRegistration(
-                EntitlementState.ERROR,
-                "",
-                attempts=attempts,
-                last_error=str(exc),
-                renew_at=time.monotonic() + 30.0,
-            )
-        self._queue.put(("cluster", result))
-
-    def _on_cluster_result(self, result: _ClusterRegistration) -> None:
+    def _on_cluster_result(self, result: ClusterRegistration) -> None:
         self._cluster_inflight = False
         previous = self._cluster
         self._cluster = result
@@ -856,21 +487,13 @@ class ProductController:
         return result
 
     def _write_workload(self, ref: WorkloadRef) -> None:
-        members = [s for s in self._pods.values() if s.workload == ref and not ent.is_terminating(s.pod)]
-        states = [self._final.get(s.pod["metadata"]["uid"]) or ent.entitlement_state(s.pod) for s in members]
-        if not states:
-            return
-        latest_sig, latest_at = None, ""
-        for s in members:
-            notes = ent.pod_annotations(s.pod)
-            at = notes.get(ANNOTATION_REGISTERED_AT, "")
-            if notes.get(ANNOTATION_SIGNATURE) and at >= latest_at:
-                latest_sig, latest_at = notes[ANNOTATION_SIGNATURE], at
-        annotations = {ANNOTATION_ENTITLEMENT: ent.workload_summary(states)}
-        if latest_sig:
-            annotations[ANNOTATION_SIGNATURE] = latest_sig
-            annotations[ANNOTATION_REGISTERED_AT] = latest_at
-        self.rt.pool.submit(self._annotate_workload, ref, annotations)
+        members = [
+            (s.pod, self._final.get(s.pod["metadata"]["uid"]) or ent.entitlement_state(s.pod))
+            for s in self._pods.values()
+            if s.workload == ref and not ent.is_terminating(s.pod)
+        ]
+        if members:
+            self.rt.pool.submit(self._annotate_workload, ref, ent.workload_annotations(members))
 
     def _annotate_workload(self, ref: WorkloadRef, annotations: dict[str, str]) -> None:
         try:
@@ -879,141 +502,32 @@ class ProductController:
             log.warning("cannot annotate %s %s/%s: %s", ref.kind, ref.namespace, ref.name, exc.reason)
 
     def _write_status(self) -> None:
+        if self._status.inflight:
+            self._dirty_status = True  # judged again once the write in flight has answered
+            return
         info = self._info
-        body = self._body()
-        current = body.get("status") or {}
-        generation = int(body.get("metadata", {}).get("generation") or 0)
-        now = self.rt.clock.now()
-        existing = current.get("conditions") or []
-        if info is None:
-            ready = ready_condition(spec_error="the spec does not parse; see the operator log")
-            entitled = ConditionSpec("Entitled", "Unknown", "InvalidSpec", "the spec does not parse")
-            counts = ent.PodCounts()
-        else:
-            ready = ready_condition(
-                trusted=info.trusted,
-                product_code=info.spec.product_code,
-                key_error=info.key_error,
-                meters=bool(info.spec.metering.dimensions),
-                metering=get_condition(existing, "Metering"),
+        view = GateView(ent.PodCounts())
+        if info is not None:
+            view = GateView(
+                counts=ent.count_pods(self._states()),
+                ungated=sum(1 for uid in self._ungated if uid in self._pods),
+                last_denial=self._last_denial,
+                last_error=self._last_error,
+                registration=cluster_scope.to_status(self._cluster),
             )
-            counts = ent.count_pods(self._states())
-            ungated = sum(1 for uid in self._ungated if uid in self._pods)
-            if not info.trusted:
-                entitled = ConditionSpec("Entitled", "False", "UntrustedProductCode", ready.message)
-            else:
-                entitled = ent.entitled_condition(
-                    info.mode,
-                    counts,
-                    last_denial=self._last_denial,
-                    last_error=self._last_error if counts.pending else None,
-                    ungated=ungated,
-                )
             self._set_gauges(info)
-        conditions = existing
-        for spec in (ready, entitled):
-            conditions = set_condition(
-                conditions, spec.type, spec.status, spec.reason, spec.message, generation, now
-            )
-        mine = [c for c in conditions if c["type"] in ("Ready", "Entitled")]
-        desired: dict[str, Any] = {
-            "observedGeneration": generation,
-            "pods": counts.to_status(),
-            "conditions": conditions,
-        }
-        registration = self._registration_status()
-        if registration is not None:
-            desired["registration"] = registration
-        if status_patch(current, desired) is None:
-            return
-        apply_body: dict[str, Any] = {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "metadata": {"name": self.name, "namespace": self.namespace},
-            "status": {"observedGeneration": generation, "pods": counts.to_status(), "conditions": mine},
-        }
-        if registration is not None:
-            apply_body["status"]["registration"] = registration
-        if apply_body == self._last_applied and time.monotonic() - self._last_applied_at < 10.0:
-            return  # our previous write says exactly this; the cached body has not caught up yet
-        if self._status_inflight:
-            self._dirty_status = True
-            return
-        # Events for condition transitions, judged against what we last wrote (the cached body
-        # may lag behind our own writes).
-        events: list[tuple[Literal["Normal", "Warning"], str, str]] = []
-        for spec in (ready, entitled):
-            before = self._last_conditions.get(spec.type) or get_condition(existing, spec.type)
-            after = get_condition(conditions, spec.type)
-            if condition_changed(before, after):
-                kind: Literal["Normal", "Warning"] = "Warning" if spec.status == "False" else "Normal"
-                events.append((kind, f"{spec.type}{spec.reason}"[:128], spec.message))
-        self._status_inflight = True
-        self._last_applied = apply_body
-        self._last_applied_at = time.monotonic()
-        self._last_conditions = {c["type"]: c for c in mine}
-        # The API call runs in the pool: the loop keeps dispatching pods meanwhile.
-        self.rt.pool.submit(self._apply_status, apply_body, events, self._product_ref(body))
+        write = self._status.plan(self._body(), info, view, self.rt.clock.now())
+        if write is not None:
+            self._status.inflight = True
+            # The API call runs in the pool: the loop keeps dispatching pods meanwhile.
+            self.rt.pool.submit(self._apply_status, write)
 
-    def _apply_status(
-        self,
-        apply_body: dict[str, Any],
-        events: list[tuple[Literal["Normal", "Warning"], str, str]],
-        ref: dict[str, str],
-    ) -> None:
-        ok = True
+    def _apply_status(self, write: StatusWrite) -> None:
+        ok = False
         try:
-            client.CustomObjectsApi(self.rt.api).patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                self.name,
-                apply_body,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type="application/apply-patch+yaml",
-                _preload_content=False,
-            )
-        except ApiException as exc:
-            ok = exc.status == 404  # the product is gone: nothing to retry
-            log.warning(
-                "status of %s/%s not written: %s %s", self.namespace, self.name, exc.status, exc.reason
-            )
-        except Exception:
-            ok = False
-            log.exception("status of %s/%s not written", self.namespace, self.name)
-        else:
-            for kind, reason, message in events:
-                self.rt.events.post(ref, kind, reason, message)
+            ok = self._status.apply(write)
         finally:
             self._queue.put(("status", ok))
-
-    def _registration_status(self) -> dict[str, Any] | None:
-        cluster = self._cluster
-        if cluster is None:
-            return None
-        status: dict[str, Any] = {"state": cluster.state.value, "attempts": cluster.attempts}
-        if cluster.nonce:
-            status["nonce"] = cluster.nonce
-        if cluster.token:
-            status["signature"] = cluster.token
-        if cluster.registered_at is not None:
-            from metering_operator.domain.conditions import format_time
-
-            status["registeredAt"] = format_time(cluster.registered_at)
-        if cluster.last_error:
-            status["lastError"] = cluster.last_error[:1024]
-        return status
-
-    def _product_ref(self, body: Mapping[str, Any]) -> dict[str, str]:
-        return {
-            "kind": KIND,
-            "apiVersion": API_VERSION,
-            "name": self.name,
-            "namespace": self.namespace,
-            "uid": str(body.get("metadata", {}).get("uid", "")),
-        }
 
     def _set_gauges(self, info: ProductInfo) -> None:
         by_state: dict[str, int] = {"waiting": 0, "Pending": 0, "Denied": 0, "Error": 0}
@@ -1026,16 +540,3 @@ class ProductController:
             )
         for name, value in by_state.items():
             metrics.PODS_GATED.labels(info.spec.product_code, name).set(value)
-
-
-def verified_token(verified: VerifiedSignature) -> str:
-    return verified.token
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None

@@ -14,7 +14,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from kubernetes import client
 
-from metering_operator.aws.client import MeteringClientFactory
+from metering_operator.aws.client import MeteringClient, MeteringClientFactory
 from metering_operator.aws.irsa import ROLE_ARN_ANNOTATION, IrsaCredentialCache, WebIdentityExchanger
 from metering_operator.aws.models import RegisterUsageRequest
 from metering_operator.domain.clock import Clock
@@ -42,6 +42,25 @@ class ProductKey:
     product_code: str
     public_key_version: int
     public_key: RSAPublicKey
+
+    def verify(self, token: str, nonce: str) -> VerifiedSignature:
+        """Check a RegisterUsage signature for this product and ``nonce``; raises SignatureError."""
+        return verify_signature(
+            token,
+            self.public_key,
+            product_code=self.product_code,
+            public_key_version=self.public_key_version,
+            nonce=nonce,
+        )
+
+    def register(self, metering: MeteringClient, nonce: str) -> VerifiedSignature:
+        """RegisterUsage with ``metering``'s credentials, then verify: a bad signature is an error."""
+        result = metering.register_usage(
+            RegisterUsageRequest(
+                product_code=self.product_code, public_key_version=self.public_key_version, nonce=nonce
+            )
+        )
+        return self.verify(result.signature, nonce)
 
 
 class Registrar:
@@ -101,35 +120,8 @@ class Registrar:
             )
 
         creds = self.credentials.get(role_arn, uid, mint)
-        metering = self.factory.for_credentials(creds)
-        result = metering.register_usage(
-            RegisterUsageRequest(
-                product_code=product.product_code, public_key_version=product.public_key_version, nonce=uid
-            )
-        )
-        return verify_signature(
-            result.signature,
-            product.public_key,
-            product_code=product.product_code,
-            public_key_version=product.public_key_version,
-            nonce=uid,
-        )
+        return product.register(self.factory.for_credentials(creds), nonce=uid)
 
     def register_cluster(self, product: ProductKey, nonce: str) -> VerifiedSignature:
         """One RegisterUsage as the operator itself (its own IRSA identity), nonce = kube-system uid."""
-        result = self.factory.default().register_usage(
-            RegisterUsageRequest(
-                product_code=product.product_code, public_key_version=product.public_key_version, nonce=nonce
-            )
-        )
-        return verify_signature(
-            result.signature,
-            product.public_key,
-            product_code=product.product_code,
-            public_key_version=product.public_key_version,
-            nonce=nonce,
-        )
-
-    def forget_pod(self, role_arn: str | None, pod_uid: str) -> None:
-        if role_arn:
-            self.credentials.invalidate(role_arn, pod_uid)
+        return product.register(self.factory.default(), nonce=nonce)

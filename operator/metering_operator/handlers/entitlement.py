@@ -33,8 +33,9 @@ from metering_operator.domain.product import (
     MeteredProductSpec,
 )
 from metering_operator.domain.selectors import matches
-from metering_operator.gate.controller import GateRuntime, ProductController
+from metering_operator.gate.controller import ProductController
 from metering_operator.gate.registrar import Registrar
+from metering_operator.gate.runtime import GateRuntime
 from metering_operator.kube.apiclient import new_api_client
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.pods import PodApi

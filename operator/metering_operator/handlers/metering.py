@@ -34,7 +34,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -327,14 +326,7 @@ class MeteringRuntime:
             return
         except Exception as exc:  # not an AWS answer (e.g. a bug or a dead endpoint): retry later
             log.exception("%s/%s: MeterUsage for %s failed", namespace, name, entry.dimension)
-            error = f"{type(exc).__name__}: {exc}"
-            self._record(
-                namespace,
-                name,
-                plan,
-                entry,
-                lambda s, now: ledger.mark_transient(s, entry, error, now, self.policy, plan.rules),
-            )
+            self._retry_later(namespace, name, plan, entry, f"{type(exc).__name__}: {exc}")
             return
         crash_point("after-call")
         record_id = result.metering_record_id
@@ -383,15 +375,20 @@ class MeteringRuntime:
                 f"(quantity {entry.quantity}): {error}. Not retried; other dimensions continue.",
             )
         else:
-            self._record(
-                namespace,
-                name,
-                plan,
-                entry,
-                lambda s, now: ledger.mark_transient(s, entry, error, now, self.policy, plan.rules),
-            )
+            self._retry_later(namespace, name, plan, entry, error)
         log.warning(
             "%s/%s: MeterUsage %s %s: %s", namespace, name, entry.hour.isoformat(), entry.dimension, error
+        )
+
+    def _retry_later(
+        self, namespace: str, name: str, plan: ProductPlan, entry: ledger.LedgerEntry, error: str
+    ) -> None:
+        self._record(
+            namespace,
+            name,
+            plan,
+            entry,
+            lambda s, now: ledger.mark_transient(s, entry, error, now, self.policy, plan.rules),
         )
 
     def _record(
@@ -584,18 +581,6 @@ async def meter_product(
 async def _release_lease(**_: Any) -> None:
     if _runtime is not None:
         await asyncio.to_thread(_runtime.elector.stop, True)
-
-
-def condition_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The Metering condition of a MeteredProduct object (for tools and tests)."""
-    return get_condition((obj.get("status") or {}).get("conditions"), "Metering")
-
-
-def sample_value(status: MeteringStatus, dimension: str) -> Decimal | None:
-    if status.open_hour is None:
-        return None
-    dim = next((d for d in status.open_hour.dimensions if d.name == dimension), None)
-    return None if dim is None else dim.last_value
 
 
 __all__: Sequence[str] = ["CRASH_STEPS", "MeteringRuntime", "crash_point", "meter_product", "runtime"]

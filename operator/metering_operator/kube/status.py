@@ -7,15 +7,11 @@ subresource carrying the ``metadata.resourceVersion`` that was read; the API ser
 with 409 Conflict if anything changed the object in between, and the caller re-reads and
 re-applies its (pure) transition. Fields the caller does not touch (the entitlement half of the
 status) travel through unchanged, and with the precondition they cannot be stale either.
-
-:class:`WriteLimiter` bounds how often the open hour's running aggregate is written.
 """
 
 from __future__ import annotations
 
 import copy
-import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -113,22 +109,3 @@ class StatusStore:
             except Conflict:
                 continue
         raise Conflict(f"{namespace}/{name}: still conflicting after {attempts} attempts")
-
-
-class WriteLimiter:
-    """At most one open-hour write per ``interval`` seconds per product (monotonic time)."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(key)
-            return last is None or now - last >= self.interval
-
-    def wrote(self, key: str) -> None:
-        with self._lock:
-            self._last[key] = time.monotonic()

@@ -7,6 +7,7 @@ annotations, Deployments or Pods, a MeteredProduct) and judges the outcome from 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -653,3 +654,25 @@ def test_cluster_scope_registers_once_as_the_operator_and_releases_every_pod(
     client.AppsV1Api(kube).patch_namespaced_deployment_scale("site", namespace, {"spec": {"replicas": 4}})
     buyer.pods_in_state(4, "Granted", app="site")
     assert len(buyer_emulator.admin.events(operation="RegisterUsage")) == 1
+
+
+# --- Operations ----------------------------------------------------------------------------------------
+
+
+def test_json_logs_are_one_object_per_line(buyer: Buyer) -> None:
+    """`--log-format json`: every line the operator writes parses as a JSON object with a message."""
+    buyer.product()
+    op = buyer.start(extra_args=["--log-format", "json"])
+    buyer.pod()
+    buyer.pods_in_state(1, "Granted")
+    # The fixture's own "===== start <command>" separator lines are not the operator's output.
+    lines = [line for line in op.log().splitlines() if line.strip() and not line.startswith("===== start")]
+    assert lines, "the operator logged nothing"
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON log line: {line!r}")
+    assert all(isinstance(r, dict) and "message" in r for r in records)
+    assert any("paid" in json.dumps(r) for r in records), "no record mentions the product"

@@ -13,7 +13,9 @@ KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 
 CACHE_ROOT="${MMO_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/marketplace-metering-operator}"
-BIN_DIR="$CACHE_ROOT/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+# Bump when the build itself changes (flags, not versions) so cached binaries are rebuilt.
+BUILD_REVISION=2
+BIN_DIR="$CACHE_ROOT/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-r$BUILD_REVISION"
 WORK_DIR="$CACHE_ROOT/build"
 STAMP="$BIN_DIR/.complete"
 
@@ -124,7 +126,14 @@ build_helm() {
   if [[ -x "$BIN_DIR/helm" ]]; then log "helm $HELM_VERSION already built"; return; fi
   log "helm $HELM_VERSION: go install helm.sh/helm/v3/cmd/helm"
   local gobin="$WORK_DIR/gobin-helm"
-  GOBIN="$gobin" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  # Helm's own Makefile sets the Kubernetes version it assumes offline (`helm template`, `lint`);
+  # without it Helm reports v1.20 and charts with a kubeVersion constraint fail to render.
+  local k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
+  local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+  done
+  GOBIN="$gobin" go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   mv "$gobin/helm" "$BIN_DIR/helm"
 }
 

@@ -387,6 +387,10 @@ class LocalCluster:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--use-service-account-credentials=true",
                 "--leader-elect=false",
+                # The default client limit (20 requests/s) makes ReplicaSets create pods slower than
+                # the tests and benchmarks create Deployments; a local cluster can afford more.
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
             ],
         )
         procs.start(

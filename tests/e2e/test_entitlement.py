@@ -676,3 +676,17 @@ def test_json_logs_are_one_object_per_line(buyer: Buyer) -> None:
             pytest.fail(f"not a JSON log line: {line!r}")
     assert all(isinstance(r, dict) and "message" in r for r in records)
     assert any("paid" in json.dumps(r) for r in records), "no record mentions the product"
+
+
+def test_local_webhook_configuration_is_removed_on_graceful_shutdown(buyer: Buyer) -> None:
+    """In local mode the operator owns its MutatingWebhookConfiguration; SIGTERM removes it."""
+    buyer.product()
+    op = buyer.start()
+    assert op.webhook_configuration
+    admission = client.AdmissionregistrationV1Api(buyer.kube)
+    assert admission.read_mutating_webhook_configuration(op.webhook_configuration).webhooks
+    op.stop()
+    assert op.process.returncode == 0, op.log()[-3000:]
+    with pytest.raises(client.ApiException) as err:
+        admission.read_mutating_webhook_configuration(op.webhook_configuration)
+    assert err.value.status == 404

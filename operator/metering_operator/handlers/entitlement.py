@@ -39,7 +39,7 @@ from metering_operator.gate.runtime import GateRuntime
 from metering_operator.kube.apiclient import new_api_client
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.pods import PodApi
-from metering_operator.kube.webhook import HANDLER_ID
+from metering_operator.kube.webhook import HANDLER_ID, delete_webhook_configuration
 from metering_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,15 @@ async def gate_cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime: GateRuntime | None = getattr(memo, "gate_runtime", None)
     if runtime is not None:
         await asyncio.to_thread(runtime.pool.shutdown, wait=False, cancel_futures=True)
+    settings: OperatorSettings | None = getattr(memo, "settings", None)
+    if settings is not None and settings.webhook_enabled and settings.webhook_url:
+        # Local mode: the configuration points at this process's own URL. Left behind, it would make
+        # the API server wait out the webhook timeout on every pod creation while no operator runs.
+        api = new_api_client(pool_size=1)
+        try:
+            await asyncio.to_thread(delete_webhook_configuration, api, settings.webhook_configuration_name)
+        finally:
+            api.close()
 
 
 # --- the admission webhook ---------------------------------------------------------------------------

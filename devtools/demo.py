@@ -52,19 +52,21 @@ from devtools.stack import (
     start_operator,
     wait_until,
 )
+from metering_operator.domain.entitlement import ANNOTATION_REASON
+from metering_operator.domain.product import (
+    ANNOTATION_ENTITLEMENT,
+    ANNOTATION_SIGNATURE,
+    GROUP,
+    PLURAL,
+    VERSION,
+)
+from metering_operator.domain.product import SCHEDULING_GATE as GATE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = REPO_ROOT / "manifests" / "crd" / "meteredproducts.yaml"
 SAMPLE_FILE = REPO_ROOT / "manifests" / "samples" / "meteredproduct.yaml"
 DEFAULT_WORK_DIR = REPO_ROOT / ".local" / "demo"
 
-GROUP = "marketplace.metering.dev"
-VERSION = "v1alpha1"
-PLURAL = "meteredproducts"
-GATE = f"{GROUP}/entitlement"
-ANNOTATION_ENTITLEMENT = f"{GROUP}/entitlement"
-ANNOTATION_SIGNATURE = f"{GROUP}/signature"
-ANNOTATION_REASON = f"{GROUP}/reason"
 IRSA_ANNOTATION = "eks.amazonaws.com/role-arn"
 
 #: The make-believe buyer: AWS's own documentation example account id.

@@ -375,6 +375,34 @@ def operator_env(
     return env
 
 
+def operator_command(
+    region: str,
+    namespaces: Sequence[str],
+    *,
+    metrics_port: int,
+    health_port: int,
+    webhook_port: int | None,
+    webhook_configuration: str | None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The ``metering-operator run`` command line for a local cluster on 127.0.0.1.
+
+    With a webhook port and configuration name the operator serves its admission webhook there
+    and manages that MutatingWebhookConfiguration itself (local mode); otherwise ``--no-webhook``.
+    """
+    cmd = [sys.executable, "-m", "metering_operator.cli", "run", "--region", region]
+    cmd += ["--metrics-port", str(metrics_port), "--health-port", str(health_port)]
+    for ns in namespaces:
+        cmd += ["--namespace", ns]
+    if webhook_port is not None and webhook_configuration:
+        cmd += ["--webhook-host", "127.0.0.1", "--webhook-port", str(webhook_port)]
+        cmd += ["--webhook-url", f"https://127.0.0.1:{webhook_port}"]
+        cmd += ["--webhook-configuration-name", webhook_configuration]
+    else:
+        cmd += ["--no-webhook"]
+    return cmd + list(extra_args)
+
+
 def start_operator(
     cluster: ClusterInfo,
     emulator: Emulator | None,
@@ -393,36 +421,16 @@ def start_operator(
     API server runs on 127.0.0.1 too); without it, ``--no-webhook``.
     """
     metrics_port, health_port = free_port(), free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "metering_operator.cli",
-        "run",
-        "--region",
+    webhook_port = free_port() if webhook_configuration else None
+    cmd = operator_command(
         region,
-        "--metrics-port",
-        str(metrics_port),
-        "--health-port",
-        str(health_port),
-    ]
-    for ns in namespaces:
-        cmd += ["--namespace", ns]
-    webhook_port: int | None = None
-    if webhook_configuration:
-        webhook_port = free_port()
-        cmd += [
-            "--webhook-host",
-            "127.0.0.1",
-            "--webhook-port",
-            str(webhook_port),
-            "--webhook-url",
-            f"https://127.0.0.1:{webhook_port}",
-            "--webhook-configuration-name",
-            webhook_configuration,
-        ]
-    else:
-        cmd += ["--no-webhook"]
-    cmd += list(extra_args)
+        namespaces,
+        metrics_port=metrics_port,
+        health_port=health_port,
+        webhook_port=webhook_port,
+        webhook_configuration=webhook_configuration,
+        extra_args=extra_args,
+    )
     op = Operator(
         cmd,
         operator_env(cluster, emulator, extra_env),

@@ -26,13 +26,11 @@ import urllib3
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from devtools.cluster import ClusterInfo
+from devtools.stack import free_port
 from kubernetes import client
 
 from tests.chart.helmcli import REPO, Helm, one
-from tests.e2e.conftest import (
-    free_port,
-    metered_product_crd,  # noqa: F401  (fixture)
-)
+from tests.e2e.conftest import metered_product_crd  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.cluster
 

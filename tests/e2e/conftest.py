@@ -20,7 +20,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +31,7 @@ from typing import Any
 import pytest
 import yaml
 from devtools.cluster import ClusterInfo
+from devtools.stack import free_port, operator_command
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -69,12 +69,6 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT, interva
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -228,36 +222,16 @@ def launch_operator(
     """Start ``metering-operator run`` for ``namespace`` (not waiting for readiness)."""
     namespaces = [namespace] if isinstance(namespace, str) else list(namespace)
     metrics_port, health_port, webhook_port = free_port(), free_port(), free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "metering_operator.cli",
-        "run",
-        "--region",
+    mwc = f"mmo-e2e-{namespaces[0]}-{log_path.stem}" if webhook else None
+    cmd = operator_command(
         TEST_REGION,
-        "--metrics-port",
-        str(metrics_port),
-        "--health-port",
-        str(health_port),
-    ]
-    for ns in namespaces:
-        cmd += ["--namespace", ns]
-    mwc = None
-    if webhook:
-        mwc = f"mmo-e2e-{namespaces[0]}-{log_path.stem}"
-        cmd += [
-            "--webhook-host",
-            "127.0.0.1",
-            "--webhook-port",
-            str(webhook_port),
-            "--webhook-url",
-            f"https://127.0.0.1:{webhook_port}",
-            "--webhook-configuration-name",
-            mwc,
-        ]
-    else:
-        cmd += ["--no-webhook"]
-    cmd += list(extra_args)
+        namespaces,
+        metrics_port=metrics_port,
+        health_port=health_port,
+        webhook_port=webhook_port,
+        webhook_configuration=mwc,
+        extra_args=extra_args,
+    )
     env = dict(os.environ)
     env.update(cluster.env())
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT / "operator"), env.get("PYTHONPATH")] if p)

@@ -205,6 +205,32 @@ def test_prune_keeps_pending_and_bounded_history() -> None:
     assert len([c for c in cpu if c[1] is not S.PENDING]) == 3
 
 
+def test_prune_bounds_finished_history_in_bytes_oldest_first() -> None:
+    big = {f"t{i}": 1 for i in range(200)}  # 200 allocations per entry
+    policy = L.Policy(history=48)
+    s = MeteringStatus()
+    s = step(s, H, {"replicas": sample(200, **big), "cpu": sample("1")})
+    for h in range(1, 6):
+        now = H + timedelta(hours=h)
+        s = L.tick(s, now, RULES, policy, UID)
+        s = L.observe(s, now, {"replicas": sample(200, **big), "cpu": sample("1")})
+        for entry in L.due(s, now, policy):
+            if h < 5:
+                s = L.mark_sent(s, entry, f"r{h}", now)
+    pending = {(e.hour, e.dimension) for e in s.ledger if e.state is S.PENDING}
+    assert pending, "the last closed hour is still Pending"
+    one_entry = len(L.find(s, H, "replicas").model_dump_json(by_alias=True, exclude_none=True))
+    budget = L.Policy(history=48, history_bytes=int(one_entry * 1.5))
+    pruned = L.prune(s, budget)
+    finished = [(e.hour, e.dimension) for e in pruned.ledger if e.state is not S.PENDING]
+    # Pending entries survive any budget; of the finished ones only the newest fit.
+    assert {(e.hour, e.dimension) for e in pruned.ledger if e.state is S.PENDING} == pending
+    newest = max(e.hour for e in s.ledger if e.state is not S.PENDING)
+    assert all(hour == newest for hour, _ in finished if _ == "replicas")
+    assert len([d for _, d in finished if d == "replicas"]) == 1
+    assert len(L.prune(s, policy).ledger) == len(s.ledger)  # the default budget keeps all of this
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     outage=st.lists(st.booleans(), min_size=12, max_size=12),

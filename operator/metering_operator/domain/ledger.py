@@ -117,6 +117,9 @@ class Policy:
     initial_backoff: timedelta = timedelta(seconds=5)
     max_backoff: timedelta = timedelta(minutes=5)
     history: int = 48
+    # Finished entries kept in status are also bounded in bytes: an entry can carry up to 2,500
+    # allocations, and 48 such hours per dimension would push the object past etcd's size limit.
+    history_bytes: int = 256 * 1024
 
     def backoff(self, attempts: int) -> timedelta:
         """Delay after ``attempts`` attempts: 5 s, 10 s, 20 s ... capped at 5 min.
@@ -472,7 +475,11 @@ def mark_out_of_window(
 
 
 def prune(status: MeteringStatus, policy: Policy) -> MeteringStatus:
-    """Keep Pending entries, Expired ones not yet taken over, and ``history`` finished per dimension."""
+    """Keep Pending entries, Expired ones not yet taken over, and bounded finished history.
+
+    Finished entries are kept up to ``history`` per dimension and ``history_bytes`` in all, newest
+    first. Live entries are never dropped: they are what the send protocol still needs.
+    """
     open_start = status.open_hour.start if status.open_hour else None
 
     def live(e: LedgerEntry) -> bool:
@@ -487,10 +494,19 @@ def prune(status: MeteringStatus, policy: Policy) -> MeteringStatus:
     for entry in status.ledger:
         if not live(entry):
             finished.setdefault(entry.dimension, []).append(entry)
-    keep: set[tuple[datetime, str]] = set()
+    kept: list[LedgerEntry] = []
     for entries in finished.values():
         entries.sort(key=lambda e: e.hour, reverse=True)
-        keep.update((e.hour, e.dimension) for e in entries[: policy.history])
+        kept.extend(entries[: policy.history])
+    # Then the byte budget: newest first across dimensions, so the oldest history goes first.
+    kept.sort(key=lambda e: e.hour, reverse=True)
+    keep: set[tuple[datetime, str]] = set()
+    used = 0
+    for entry in kept:
+        used += len(entry.model_dump_json(by_alias=True, exclude_none=True))
+        if used > policy.history_bytes:
+            break
+        keep.add((entry.hour, entry.dimension))
     ledger = [e for e in status.ledger if live(e) or (e.hour, e.dimension) in keep]
     ledger.sort(key=lambda e: (e.hour, e.dimension))
     return status.model_copy(update={"ledger": ledger})

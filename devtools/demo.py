@@ -50,6 +50,7 @@ from devtools.stack import (
     cluster_emulator_config,
     start_emulator,
     start_operator,
+    strip_product_finalizers,
     wait_until,
 )
 from metering_operator.domain.entitlement import ANNOTATION_REASON
@@ -1033,27 +1034,6 @@ class Demo:
 
 class DeniedError(StackError):
     """A pod was denied: no waiting can change that (a denial is final)."""
-
-
-def strip_product_finalizers(api: client.ApiClient, namespace: str) -> None:
-    """Without a running operator nobody removes kopf's finalizer; a demo's leftovers must still go."""
-    custom = client.CustomObjectsApi(api)
-    try:
-        items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
-    except ApiException as exc:
-        if exc.status == 404:
-            return
-        raise
-    for item in items:
-        if item["metadata"].get("finalizers"):
-            custom.patch_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                item["metadata"]["name"],
-                {"metadata": {"finalizers": None}},
-            )
 
 
 def verify_command() -> list[str]:

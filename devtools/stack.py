@@ -12,8 +12,10 @@ Both services are started exactly as ``tests/e2e/conftest.py`` starts them (``py
 metering_operator.cli ...`` with ``operator/`` on PYTHONPATH, unmodified boto3 pointed at the
 emulator through ``AWS_ENDPOINT_URL_STS`` / ``AWS_ENDPOINT_URL_MARKETPLACE_METERING``, the
 Region given explicitly, no AWS identity inherited from the caller's environment), so what works
-here works there. This module imports nothing from ``tests/`` and nothing from the operator
-package: it talks to both only through their command lines and HTTP APIs.
+here works there, and the e2e fixtures and the emulator's test harness use its command line,
+admin-API transport and clean-up helpers. It imports nothing from ``tests/``, and from the
+operator package only the API's names (group, version, plural); it drives the operator and the
+emulator through their command lines and HTTP APIs.
 """
 
 from __future__ import annotations
@@ -28,15 +30,18 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from devtools.cluster import ClusterInfo
+from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LISTENING_PREFIX = "emulator listening on "
@@ -133,6 +138,43 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
 # The emulator
 
 
+class AdminError(StackError):
+    """The emulator's admin API answered with an error status."""
+
+    def __init__(self, method: str, path: str, status: int, body: str) -> None:
+        super().__init__(f"emulator admin {method} {path}: {status} {body}")
+        self.status = status
+        self.body = body
+
+
+def admin_request(
+    base: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    query: Mapping[str, str | None] | None = None,
+    timeout: float = 30.0,
+) -> Any:
+    """One call to the emulator's ``/_emulator/`` JSON API: the decoded answer, or AdminError."""
+    url = base + path
+    params = {k: v for k, v in (query or {}).items() if v is not None}
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            ctype = resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        raise AdminError(method, path, exc.code, exc.read().decode(errors="replace")) from None
+    if "json" in ctype:
+        return json.loads(raw) if raw else None
+    return raw.decode()
+
+
 class EmulatorAdmin:
     """The emulator's ``/_emulator/`` JSON API (docs/emulator.md), the calls the stack needs."""
 
@@ -141,25 +183,7 @@ class EmulatorAdmin:
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: Any = None, **query: str | None) -> Any:
-        url = self.base + path
-        params = {k: v for k, v in query.items() if v is not None}
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-                ctype = resp.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as exc:
-            raise StackError(
-                f"emulator admin {method} {path}: {exc.code} {exc.read().decode(errors='replace')}"
-            ) from None
-        if "json" in ctype:
-            return json.loads(raw) if raw else None
-        return raw.decode()
+        return admin_request(self.base, method, path, body, query, self.timeout)
 
     def health(self) -> dict[str, Any]:
         return dict(self.request("GET", "/health"))
@@ -485,3 +509,24 @@ class Kubectl:
             args += ["--namespace", namespace]
         out = self.run(*args, stdin=yaml.safe_dump_all(list(objects), sort_keys=False))
         return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def strip_product_finalizers(api: client.ApiClient, namespace: str) -> None:
+    """Without a running operator nobody removes kopf's finalizer; a demo's leftovers must still go."""
+    custom = client.CustomObjectsApi(api)
+    try:
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+    except ApiException as exc:
+        if exc.status == 404:
+            return
+        raise
+    for item in items:
+        if item["metadata"].get("finalizers"):
+            custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                item["metadata"]["name"],
+                {"metadata": {"finalizers": None}},
+            )

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 from devtools.cluster import ClusterInfo
-from devtools.stack import free_port, operator_command
+from devtools.stack import AWS_IDENTITY_VARIABLES, free_port, operator_command, strip_product_finalizers
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -237,14 +237,7 @@ def launch_operator(
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT / "operator"), env.get("PYTHONPATH")] if p)
     env["PYTHONUNBUFFERED"] = "1"
     # The operator's own identity: none (Pod scope signs with each pod's IRSA session).
-    for var in (
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_PROFILE",
-        "AWS_ROLE_ARN",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-    ):
+    for var in AWS_IDENTITY_VARIABLES:
         env.pop(var, None)
     if emulator is not None:
         env.update(emulator.env(TEST_REGION))
@@ -309,12 +302,10 @@ def remove_products(kube: client.ApiClient, namespaces: Sequence[str], *, operat
             if err.status == 404:
                 continue
             raise
+        if not operator_alive:
+            strip_product_finalizers(kube, ns)
         for item in items:
             name = item["metadata"]["name"]
-            if not operator_alive:
-                custom.patch_namespaced_custom_object(
-                    GROUP, VERSION, ns, PLURAL, name, {"metadata": {"finalizers": None}}
-                )
             try:
                 custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
             except ApiException as err:
@@ -323,14 +314,6 @@ def remove_products(kube: client.ApiClient, namespaces: Sequence[str], *, operat
         deadline = time.monotonic() + 15
         while custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
             if time.monotonic() > deadline:
-                for item in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
-                    custom.patch_namespaced_custom_object(
-                        GROUP,
-                        VERSION,
-                        ns,
-                        PLURAL,
-                        item["metadata"]["name"],
-                        {"metadata": {"finalizers": None}},
-                    )
+                strip_product_finalizers(kube, ns)
                 break
             time.sleep(0.2)

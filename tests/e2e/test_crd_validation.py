@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from metering_operator.commands import manifests
 from metering_operator.domain import product
 from metering_operator.domain.product import MeteredProduct, MeteredProductStatus
+from tests.samples import status_wire
 
 pytestmark = pytest.mark.cluster
 
@@ -212,42 +213,7 @@ def test_status_subresource_and_printer_columns(
     name = obj["metadata"]["name"]
     created = create(custom, crd_namespace, obj)
     assert "status" not in created
-    status = MeteredProductStatus.model_validate(
-        {
-            "observedGeneration": 1,
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "Configured",
-                    "message": "product is trusted and its public key loads",
-                    "lastTransitionTime": "2026-11-26T03:04:05Z",
-                    "observedGeneration": 1,
-                }
-            ],
-            "pods": {"registered": 3, "pending": 1, "denied": 0},
-            "metering": {
-                "openHour": {
-                    "start": "2026-11-26T04:00:00Z",
-                    "dimensions": [
-                        {"name": "replicas", "lastValue": "3", "weightedSum": "1800.5", "samples": 2}
-                    ],
-                },
-                "ledger": [
-                    {
-                        "hour": "2026-11-26T03:00:00Z",
-                        "dimension": "replicas",
-                        "quantity": "17.50",
-                        "allocations": [{"tags": [{"key": "namespace", "value": "a"}], "quantity": "17.50"}],
-                        "state": "Sent",
-                        "meteringRecordId": "rec-1",
-                        "attempts": 1,
-                    }
-                ],
-                "lastSentHour": "2026-11-26T03:00:00Z",
-            },
-        }
-    )
+    status = MeteredProductStatus.model_validate(status_wire())
     patched = custom.patch_namespaced_custom_object_status(
         product.GROUP,
         product.VERSION,

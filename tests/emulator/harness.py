@@ -35,19 +35,12 @@ from typing import Any
 import jwt
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
+from devtools.stack import AdminError as AdminError
+from devtools.stack import admin_request
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LISTENING_PREFIX = "emulator listening on "
 WEB_IDENTITY_AUDIENCE = "sts.amazonaws.com"
-
-
-class AdminError(RuntimeError):
-    """The admin API answered with an error status."""
-
-    def __init__(self, status: int, body: str) -> None:
-        super().__init__(f"admin API answered {status}: {body}")
-        self.status = status
-        self.body = body
 
 
 class AdminClient:
@@ -59,22 +52,7 @@ class AdminClient:
 
     # -- transport -------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None) -> Any:
-        url = self.base + path
-        if query:
-            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-                ctype = resp.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as exc:
-            raise AdminError(exc.code, exc.read().decode(errors="replace")) from None
-        if "json" in ctype:
-            return json.loads(raw) if raw else None
-        return raw.decode()
+        return admin_request(self.base, method, path, body, query, self.timeout)
 
     def get(self, path: str, **query: str) -> Any:
         return self.request("GET", path, query=query or None)

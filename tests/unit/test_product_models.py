@@ -26,6 +26,7 @@ from metering_operator.domain.product import (
     MeteredProductStatus,
     Rounding,
 )
+from tests.samples import status_wire
 
 PEM = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n-----END PUBLIC KEY-----\n"
 
@@ -110,48 +111,7 @@ def test_from_kube_takes_metadata_and_tolerates_missing_or_unknown_status() -> N
 
 def test_status_round_trips_with_exact_decimals_and_utc_times() -> None:
     hour = datetime(2026, 11, 26, 3, tzinfo=UTC)
-    wire = {
-        "observedGeneration": 2,
-        "conditions": [
-            {
-                "type": "Ready",
-                "status": "True",
-                "reason": "Configured",
-                "message": "ok",
-                "observedGeneration": 2,
-                "lastTransitionTime": "2026-11-26T03:04:05Z",
-            }
-        ],
-        "pods": {"registered": 3, "pending": 1, "denied": 0},
-        "metering": {
-            "openHour": {
-                "start": "2026-11-26T04:00:00Z",
-                "dimensions": [
-                    {
-                        "name": "replicas",
-                        "lastValue": "3",
-                        "lastSampleAt": "2026-11-26T04:10:00Z",
-                        "weightedSum": "1800.000001",
-                        "coveredSeconds": "600",
-                        "maximum": "3",
-                        "samples": 10,
-                    }
-                ],
-            },
-            "ledger": [
-                {
-                    "hour": "2026-11-26T03:00:00Z",
-                    "dimension": "replicas",
-                    "quantity": "17.50",
-                    "allocations": [{"tags": [{"key": "namespace", "value": "a"}], "quantity": "17.50"}],
-                    "state": "Sent",
-                    "meteringRecordId": "rec-1",
-                    "attempts": 1,
-                }
-            ],
-            "lastSentHour": "2026-11-26T03:00:00Z",
-        },
-    }
+    wire = status_wire()
     status = MeteredProductStatus.model_validate(wire)
     entry = status.metering.ledger[0]
     assert entry.quantity == Decimal("17.50")

@@ -1,0 +1,54 @@
+"""Objects shared by the unit and end-to-end tests of the MeteredProduct API."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_STATUS_WIRE: dict[str, Any] = {
+    "observedGeneration": 2,
+    "conditions": [
+        {
+            "type": "Ready",
+            "status": "True",
+            "reason": "Configured",
+            "message": "ok",
+            "observedGeneration": 2,
+            "lastTransitionTime": "2026-11-26T03:04:05Z",
+        }
+    ],
+    "pods": {"registered": 3, "pending": 1, "denied": 0},
+    "metering": {
+        "openHour": {
+            "start": "2026-11-26T04:00:00Z",
+            "dimensions": [
+                {
+                    "name": "replicas",
+                    "lastValue": "3",
+                    "lastSampleAt": "2026-11-26T04:10:00Z",
+                    "weightedSum": "1800.000001",
+                    "coveredSeconds": "600",
+                    "maximum": "3",
+                    "samples": 10,
+                }
+            ],
+        },
+        "ledger": [
+            {
+                "hour": "2026-11-26T03:00:00Z",
+                "dimension": "replicas",
+                "quantity": "17.50",
+                "allocations": [{"tags": [{"key": "namespace", "value": "a"}], "quantity": "17.50"}],
+                "state": "Sent",
+                "meteringRecordId": "rec-1",
+                "attempts": 1,
+            }
+        ],
+        "lastSentHour": "2026-11-26T03:00:00Z",
+    },
+}
+
+
+def status_wire() -> dict[str, Any]:
+    """A full MeteredProduct status as the operator writes it (a fresh copy each call)."""
+    return copy.deepcopy(_STATUS_WIRE)

@@ -2,7 +2,9 @@
 
 Metric names follow Prometheus conventions (``_total`` counters, base units in seconds). Label
 values are bounded: product codes and dimension names come from MeteredProducts, error codes from
-the AWS model, never from pod names.
+the AWS model, never from pod names. The gate's per-product series carry the MeteredProduct's
+``namespace`` and ``product`` (name) next to its ``product_code``: one code may be sold through
+products in several namespaces, and each must keep its own series.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ NAMESPACE = "marketplace_metering"
 REGISTRATIONS = Counter(
     "registrations_total",
     "RegisterUsage outcomes per pod, by product and result (granted, denied, error, retried).",
-    ["product_code", "result"],
+    ["namespace", "product", "product_code", "result"],
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
 GATE_LATENCY = Histogram(
     "gate_latency_seconds",
     "Time from pod creation to the entitlement gate being removed.",
-    ["product_code"],
+    ["namespace", "product", "product_code"],
     namespace=NAMESPACE,
     registry=REGISTRY,
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
@@ -30,7 +32,15 @@ GATE_LATENCY = Histogram(
 PODS_GATED = Gauge(
     "pods_gated",
     "Pods currently held behind the entitlement scheduling gate, by product and state.",
-    ["product_code", "state"],
+    ["namespace", "product", "product_code", "state"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+UNGATED_PODS = Counter(
+    "ungated_pods_total",
+    "Enforce-mode pods found running without a verified grant and denied (or failing for good), "
+    "by product and what was done (evicted, reported).",
+    ["namespace", "product", "product_code", "action"],
     namespace=NAMESPACE,
     registry=REGISTRY,
 )

@@ -9,6 +9,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from metering_operator.domain.entitlement import UngatedPodAction
+
 
 class LogFormat(StrEnum):
     TEXT = "text"
@@ -61,6 +63,11 @@ class OperatorSettings(BaseModel):
         description="Name of the MutatingWebhookConfiguration the operator manages in local mode.",
     )
     token_expiration_seconds: int = Field(default=600, ge=600)
+    ungated_pod_action: UngatedPodAction = Field(
+        default=UngatedPodAction.EVICT,
+        description="Enforce: what to do with a pod running without the gate whose registration is "
+        "denied (or fails for good): Evict (Eviction API) or Report (Events only).",
+    )
 
     # --- metering (issue 5) ---
     sample_interval_seconds: float | None = Field(

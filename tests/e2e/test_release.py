@@ -27,6 +27,7 @@ from metering_operator.gate.runtime import GateRuntime
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.observed import ObservedIndex
 from metering_operator.kube.pods import PodApi
+from metering_operator.kube.records import DenialRecords
 from tests.e2e.conftest import TEST_REGION, wait_for
 from tests.e2e.test_metering import VCPU_DIM
 from tests.e2e.test_metering import product as metered_product
@@ -79,18 +80,22 @@ def test_informers_end_with_the_last_product_that_uses_them(kube: client.ApiClie
 def gate_runtime(kube: client.ApiClient) -> Iterator[GateRuntime]:
     pods = PodApi(kube)
     clock = SystemClock()
-    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-gate")
+    aws_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-gate-aws")
+    kube_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-gate-kube")
     # Entitlement mode Off below: the registrar is never called, so no AWS endpoint is needed.
     yield GateRuntime(
         api=kube,
         pods=pods,
         events=EventPoster(kube),
         registrar=Registrar(kube, pods, TEST_REGION, clock),
-        pool=pool,
+        aws_pool=aws_pool,
+        kube_pool=kube_pool,
         clock=clock,
         trusted_product_codes=frozenset(),
+        records=DenialRecords(kube, "default"),
     )
-    pool.shutdown(wait=True, cancel_futures=True)
+    for pool in (aws_pool, kube_pool):
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def metered_only_product(kube: client.ApiClient, namespace: str) -> None:

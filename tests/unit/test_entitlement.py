@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import copy
-import random
 from datetime import UTC, datetime
 from typing import Any
 
 import jsonpatch
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from metering_operator.domain import entitlement as ent
-from metering_operator.domain.entitlement import Action
 from metering_operator.domain.product import (
     ANNOTATION_ENTITLEMENT,
     ANNOTATION_PRODUCT,
@@ -21,8 +21,10 @@ from metering_operator.domain.product import (
     EntitlementMode,
     EntitlementState,
     LabelSelector,
+    PodCounts,
 )
 from metering_operator.domain.selectors import matches, to_query
+from metering_operator.domain.signature import ProductKey
 
 ENFORCE, AUDIT, OFF = EntitlementMode.ENFORCE, EntitlementMode.AUDIT, EntitlementMode.OFF
 G, D, P, E = (
@@ -66,50 +68,37 @@ def apply(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-# --- decide -----------------------------------------------------------------------------------------
+# --- proof: only a signature for the pod's own uid ----------------------------------------------------
+# (Replaces the former ``decide`` table, which took a pre-set ``Granted`` or ``Denied`` annotation as
+# final -- the threat model forbids that; the state machine's tests cover what happens to such pods.)
 
 
-@pytest.mark.parametrize(
-    ("mode", "kwargs", "action"),
-    [
-        (ENFORCE, {}, Action.REGISTER),
-        (ENFORCE, {"state": "Pending"}, Action.REGISTER),
-        (ENFORCE, {"state": "Error"}, Action.REGISTER),
-        (ENFORCE, {"state": "Granted", "gated": False}, Action.SKIP),
-        (ENFORCE, {"state": "Granted", "gated": True}, Action.RELEASE),
-        (ENFORCE, {"state": "Denied"}, Action.SKIP),
-        (ENFORCE, {"state": "Denied", "gated": False}, Action.SKIP),
-        (ENFORCE, {"deleting": True}, Action.SKIP),
-        (ENFORCE, {"phase": "Succeeded", "gated": False}, Action.SKIP),
-        (ENFORCE, {"state": "garbage"}, Action.REGISTER),
-        (AUDIT, {"gated": False}, Action.REGISTER),
-        (AUDIT, {"state": "Denied", "gated": True}, Action.RELEASE),
-        (AUDIT, {"state": "Denied", "gated": False}, Action.SKIP),
-        (AUDIT, {"state": "Granted", "gated": False}, Action.SKIP),
-        (OFF, {}, Action.SKIP),
-        (OFF, {"gated": False}, Action.SKIP),
-    ],
-)
-def test_decide(mode: EntitlementMode, kwargs: dict[str, Any], action: Action) -> None:
-    assert ent.decide(pod(**kwargs), mode).action is action
+@pytest.fixture(scope="module")
+def signing_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def test_enforce_pod_without_gate_is_registered_and_flagged() -> None:
-    decision = ent.decide(pod(gated=False), ENFORCE)
-    assert decision.action is Action.REGISTER
-    assert decision.ungated
-    assert not ent.decide(pod(gated=True), ENFORCE).ungated
-    assert not ent.decide(pod(gated=False), AUDIT).ungated
+def signed(private: rsa.RSAPrivateKey, nonce: str) -> str:
+    claims = {"productCode": "code", "publicKeyVersion": 1, "nonce": nonce, "iat": 1_900_000_000}
+    return jwt.encode(claims, private, algorithm="PS256")
 
 
-def test_backoff_grows_with_jitter_and_is_capped() -> None:
-    rng = random.Random(7)
-    delays = [ent.backoff_delay(n, base=0.1, cap=2.0, rng=rng) for n in range(1, 12)]
-    assert 0.05 <= delays[0] <= 0.1
-    assert all(1.0 <= d <= 2.0 for d in delays[6:])
-    assert len({round(d, 6) for d in delays}) == len(delays)
-    with pytest.raises(ValueError, match="attempt"):
-        ent.backoff_delay(0)
+def test_proven_grant_needs_a_signature_for_the_pods_own_uid(signing_key: rsa.RSAPrivateKey) -> None:
+    key = ProductKey("code", 1, signing_key.public_key())
+    own = pod(state="Granted")
+    own["metadata"]["annotations"][ANNOTATION_SIGNATURE] = signed(signing_key, "u-1")
+    verified = ent.proven_grant(own, key)
+    assert verified is not None
+    assert verified.nonce == "u-1"
+    copied = pod(state="Granted")
+    copied["metadata"]["annotations"][ANNOTATION_SIGNATURE] = signed(signing_key, "another-pod")
+    assert ent.proven_grant(copied, key) is None
+    assert ent.proven_grant(pod(state="Granted"), key) is None  # the word "Granted" proves nothing
+    garbage = pod()
+    garbage["metadata"]["annotations"][ANNOTATION_SIGNATURE] = "not-a-jwt"
+    assert ent.proven_grant(garbage, key) is None
+    # Scope Cluster: the nonce is the kube-system uid, given explicitly.
+    assert ent.proven_grant(copied, key, nonce="another-pod") is not None
 
 
 # --- patches ----------------------------------------------------------------------------------------
@@ -193,44 +182,41 @@ def test_needs_state_write() -> None:
 
 
 def test_count_and_workload_summary() -> None:
-    assert ent.count_pods([G, G, None, P, E, D]) == ent.PodCounts(registered=2, pending=3, denied=1)
+    assert ent.count_pods([G, G, None, P, E, D]) == PodCounts(registered=2, pending=3, denied=1)
     assert ent.workload_summary([G, G, G]) == "Granted 3/3"
     assert ent.workload_summary([G, None, P]) == "Pending 1/3"
     assert ent.workload_summary([G, D, None]) == "Denied 1/3"
 
 
-def test_workload_annotations_carry_the_summary_and_the_latest_signature() -> None:
-    def signed(token: str, at: str) -> dict[str, Any]:
-        return {"metadata": {"annotations": {ANNOTATION_SIGNATURE: token, ANNOTATION_REGISTERED_AT: at}}}
-
+def test_workload_annotations_carry_the_summary_and_the_latest_verified_signature() -> None:
+    older = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    newest = datetime(2026, 3, 4, 6, 0, tzinfo=UTC)
     members = [
-        (signed("older", "2026-03-04T05:06:07Z"), G),
-        (signed("newest", "2026-03-04T06:00:00Z"), G),
-        ({"metadata": {}}, None),
+        ent.MemberView(G, "older", older),
+        ent.MemberView(G, "newest", newest),
+        ent.MemberView(None),
     ]
     assert ent.workload_annotations(members) == {
         ANNOTATION_ENTITLEMENT: "Pending 2/3",
         ANNOTATION_SIGNATURE: "newest",
         ANNOTATION_REGISTERED_AT: "2026-03-04T06:00:00Z",
     }
-    assert ent.workload_annotations([({"metadata": {}}, D)]) == {ANNOTATION_ENTITLEMENT: "Denied 1/1"}
+    assert ent.workload_annotations([ent.MemberView(D)]) == {ANNOTATION_ENTITLEMENT: "Denied 1/1"}
 
 
 def test_entitled_condition_reasons() -> None:
-    c = ent.entitled_condition(
-        ENFORCE, ent.PodCounts(0, 0, 2), last_denial="CustomerNotEntitledException: nope"
-    )
+    c = ent.entitled_condition(ENFORCE, PodCounts(denied=2), last_denial="CustomerNotEntitledException: nope")
     assert (c.status, c.reason) == ("False", "CustomerNotEntitled")
     assert "2 pod(s) denied" in c.message
     assert "nope" in c.message
-    c = ent.entitled_condition(ENFORCE, ent.PodCounts(3, 0, 0))
+    c = ent.entitled_condition(ENFORCE, PodCounts(registered=3))
     assert (c.status, c.reason) == ("True", "Registered")
-    c = ent.entitled_condition(ENFORCE, ent.PodCounts(1, 2, 0), last_error="ThrottlingException")
+    c = ent.entitled_condition(ENFORCE, PodCounts(registered=1, pending=2), last_error="ThrottlingException")
     assert (c.status, c.reason) == ("Unknown", "RegistrationFailing")
-    c = ent.entitled_condition(AUDIT, ent.PodCounts(1, 0, 0), ungated=1)
+    c = ent.entitled_condition(AUDIT, PodCounts(registered=1), ungated=1)
     assert "without the entitlement gate" in c.message
-    assert ent.entitled_condition(OFF, ent.PodCounts()).reason == "EntitlementOff"
-    assert ent.entitled_condition(ENFORCE, ent.PodCounts()).reason == "NoPods"
+    assert ent.entitled_condition(OFF, PodCounts()).reason == "EntitlementOff"
+    assert ent.entitled_condition(ENFORCE, PodCounts()).reason == "NoPods"
 
 
 # --- selectors -----------------------------------------------------------------------------------------
@@ -269,4 +255,6 @@ def test_gating_product() -> None:
     assert ent.gating_product(pod(gated=False), [audit, untrusted, other, enforce]) == "ns/a"
     assert ent.gating_product(pod(gated=False), [audit, untrusted, other]) is None
     assert ent.gating_product(pod(gated=True), [enforce]) is None
-    assert ent.gating_product(pod(gated=False, state="Granted"), [enforce]) is None
+    # Annotations are no reason to skip the gate: whoever creates the pod can write them.
+    for preset in ("Granted", "Denied", "Pending"):
+        assert ent.gating_product(pod(gated=False, state=preset), [enforce]) == "ns/a"

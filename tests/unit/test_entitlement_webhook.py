@@ -48,3 +48,16 @@ def test_no_patch_for_audit_untrusted_unselected_or_already_gated() -> None:
         None,
         [],
     )
+
+
+def test_preset_entitlement_annotations_do_not_skip_the_gate() -> None:
+    """Anyone who creates a pod can write its annotations: they never exempt it from the gate."""
+    for preset in ("Granted", "Denied", "Pending"):
+        body = new_pod({"app": "web"})
+        body["metadata"]["annotations"] = {
+            "marketplace.metering.dev/entitlement": preset,
+            "marketplace.metering.dev/signature": "eyJhbGciOiJQUzI1NiJ9.e30.c2ln",
+        }
+        chosen, ops = json_patch(body, [("ns/p", ENFORCE, True, WEB)])
+        assert chosen == "ns/p"
+        assert ops == [{"op": "add", "path": "/spec/schedulingGates", "value": [{"name": SCHEDULING_GATE}]}]

@@ -116,6 +116,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=600,
         help="lifetime of the pod-bound tokens minted for STS (>= 600)",
     )
+    gate.add_argument(
+        "--ungated-pod-action",
+        choices=["Evict", "Report"],
+        default=os.environ.get("MMO_UNGATED_POD_ACTION", "Evict"),
+        help="Enforce mode: a pod found running without the gate whose registration is denied (or "
+        "fails for good) is evicted through the Eviction API (Evict, the default) or only reported "
+        "with Events (Report)",
+    )
     meter = parser.add_argument_group("metering")
     meter.add_argument(
         "--sample-interval-seconds",
@@ -157,6 +165,7 @@ def build_settings(args: argparse.Namespace) -> Any:
         webhook_url=args.webhook_url,
         webhook_configuration_name=args.webhook_configuration_name,
         token_expiration_seconds=args.token_expiration_seconds,
+        ungated_pod_action=args.ungated_pod_action,
         sample_interval_seconds=args.sample_interval_seconds,
         ledger_history=args.ledger_history,
         lease_name=args.lease_name,

@@ -1,8 +1,10 @@
 """metav1.Condition helpers and "write status only when it changed".
 
 Conditions are handled as plain JSON dicts (the shape the API server stores and kopf hands to
-handlers) so the same helpers serve the entitlement and the metering handlers, whatever model
-layer sits on top. Two rules from the Kubernetes API conventions are enforced here:
+handlers) so the same helpers serve the entitlement and the metering handlers; a fresh one is
+built by the pydantic :class:`~metering_operator.domain.product.Condition` that also generates
+the CRD's schema, so there is one definition of the shape. Two rules from the Kubernetes API
+conventions are enforced here:
 
 * ``lastTransitionTime`` moves only when ``status`` changes; a new reason or message with the
   same status keeps the old timestamp (otherwise every resync would look like a transition).
@@ -19,25 +21,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 from metering_operator.domain.clock import ensure_utc
+from metering_operator.domain.product import Condition
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 _VALID_STATUS = ("True", "False", "Unknown")
 # metav1.Condition: reason is CamelCase, 1..1024 chars; message at most 32768 chars.
 _MAX_MESSAGE = 32768
-
-
-class Condition(TypedDict):
-    """The metav1.Condition shape, as stored in ``status.conditions``."""
-
-    type: str
-    status: str
-    reason: str
-    message: str
-    observedGeneration: int
-    lastTransitionTime: str
 
 
 @dataclass(frozen=True)
@@ -72,22 +64,24 @@ def make_condition(
     message: str,
     observed_generation: int,
     now: datetime,
-) -> Condition:
-    """A fresh condition; raises ValueError on a shape the API server would refuse."""
+) -> dict[str, Any]:
+    """A fresh condition (wire shape); raises ValueError on a shape the API server would refuse."""
     if status not in _VALID_STATUS:
         raise ValueError(f"condition status must be one of {_VALID_STATUS}, not {status!r}")
     if not type_:
         raise ValueError("condition type must not be empty")
     if not reason or not reason[0].isalpha() or not all(c.isalnum() or c in "_,:" for c in reason):
         raise ValueError(f"condition reason must be CamelCase letters/digits, not {reason!r}")
-    return Condition(
+    condition = Condition(
         type=type_,
         status=status,
         reason=reason,
         message=message[:_MAX_MESSAGE],
-        observedGeneration=int(observed_generation),
-        lastTransitionTime=format_time(now),
-    )
+        observed_generation=int(observed_generation),
+        last_transition_time=ensure_utc(now).replace(microsecond=0),
+    ).to_kube()
+    condition["lastTransitionTime"] = format_time(now)  # metav1.Time: seconds, "Z"
+    return condition
 
 
 def get_condition(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
@@ -116,7 +110,7 @@ def set_condition(
     ``lastTransitionTime`` is carried over from the existing condition when its status is the
     same, so only real transitions move it.
     """
-    fresh: dict[str, Any] = dict(make_condition(type_, status, reason, message, observed_generation, now))
+    fresh = make_condition(type_, status, reason, message, observed_generation, now)
     result: list[dict[str, Any]] = []
     replaced = False
     for existing in conditions or ():

@@ -1,12 +1,14 @@
-"""Entitlement decisions: what to do with a pod, what a result means, and what to write.
+"""Entitlement rules over plain pod dicts: what proves a grant, what to write, what to report.
 
 Pure functions over plain pod dicts and the MeteredProduct models, so every rule of the gate is
-unit-tested without a cluster:
+unit-tested without a cluster. The per-pod state machine that uses them is
+:mod:`metering_operator.gate.machine`.
 
-* :func:`decide` -- given a pod and the product's mode: register it, release it, or leave it.
-  Granted and Denied are final: a restarted operator never registers such a pod again, and a
-  denied pod is never released in Enforce mode (AWS refuses only a pod's *first* call, so a
-  retry would let an unentitled pod through).
+* Nothing a user can write is an input to a decision: :func:`proven_grant` accepts a pod's
+  ``signature`` annotation only when it verifies (PS256, product code, key version) with the pod's
+  *own* uid as nonce; the ``entitlement`` annotation, ``reason`` and the rest are records the
+  operator writes for people, never read back as proof. A copied signature carries another pod's
+  nonce and fails.
 * Which AWS errors deny (final), are retried or are errors is
   :mod:`metering_operator.aws.errors`' classification, not repeated here.
 * :func:`grant_patch` & co. -- the single JSON patch per transition, guarded by a
@@ -16,7 +18,6 @@ unit-tested without a cluster:
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,31 +34,12 @@ from metering_operator.domain.product import (
     SCHEDULING_GATE,
     EntitlementMode,
     EntitlementState,
+    PodCounts,
 )
+from metering_operator.domain.signature import ProductKey, SignatureError, VerifiedSignature
 
 #: Why a pod is Denied / Pending / Error (``<Code>: <message>``); absent when Granted.
 ANNOTATION_REASON = f"{GROUP}/reason"
-
-
-class Action(StrEnum):
-    REGISTER = "register"
-    RELEASE = "release"
-    SKIP = "skip"
-
-
-class Outcome(StrEnum):
-    GRANTED = "Granted"
-    DENIED = "Denied"
-    ERROR = "Error"
-
-
-@dataclass(frozen=True)
-class Decision:
-    action: Action
-    reason: str
-    #: Enforce mode, but the pod carries no gate (webhook unreachable at creation): it runs
-    #: already, so it is registered and reported, never silently ignored.
-    ungated: bool = False
 
 
 # --- reading a pod ---------------------------------------------------------------------------------
@@ -89,37 +71,29 @@ def is_terminating(pod: Mapping[str, Any]) -> bool:
     return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
 
 
-# --- the decision ----------------------------------------------------------------------------------
+# --- proof ----------------------------------------------------------------------------------------
 
 
-def decide(pod: Mapping[str, Any], mode: EntitlementMode) -> Decision:
-    """What to do with a pod selected by a product in ``mode``."""
-    if mode is EntitlementMode.OFF:
-        return Decision(Action.SKIP, "entitlement mode is Off")
-    if is_terminating(pod):
-        return Decision(Action.SKIP, "pod is terminating")
-    state = entitlement_state(pod)
-    gated = is_gated(pod)
-    if state is EntitlementState.GRANTED:
-        # Granted and gated only if something re-added a gate we own; releasing is safe.
-        return Decision(Action.RELEASE, "already granted") if gated else Decision(Action.SKIP, "granted")
-    if state is EntitlementState.DENIED:
-        if mode is EntitlementMode.AUDIT and gated:
-            return Decision(Action.RELEASE, "audit mode never holds a pod")
-        return Decision(Action.SKIP, "denied (final)")
-    if mode is EntitlementMode.ENFORCE and not gated:
-        return Decision(Action.REGISTER, "running without the gate", ungated=True)
-    return Decision(Action.REGISTER, "not registered yet")
+def annotated_signature(pod: Mapping[str, Any]) -> str | None:
+    """The ``signature`` annotation as written (by the operator -- or by anyone: check it)."""
+    token = pod_annotations(pod).get(ANNOTATION_SIGNATURE)
+    return token.strip() if token else None
 
 
-def backoff_delay(
-    attempt: int, *, base: float = 0.2, cap: float = 30.0, rng: random.Random | None = None
-) -> float:
-    """Exponential backoff with full jitter (attempt 1 -> up to ``base``, doubling, capped)."""
-    if attempt < 1:
-        raise ValueError("attempt starts at 1")
-    ceiling = min(cap, base * (2 ** min(attempt - 1, 30)))
-    return (rng or random).uniform(ceiling / 2, ceiling)
+def proven_grant(
+    pod: Mapping[str, Any], key: ProductKey, nonce: str | None = None
+) -> VerifiedSignature | None:
+    """The pod's grant if its ``signature`` annotation verifies for ``key`` and ``nonce`` (the pod's
+    own uid unless given), else None. The ``entitlement: Granted`` annotation is not consulted:
+    only the signature proves anything, and only for the uid it was issued for."""
+    token = annotated_signature(pod)
+    expected = nonce if nonce is not None else pod.get("metadata", {}).get("uid")
+    if not token or not expected:
+        return None
+    try:
+        return key.verify(token, expected)
+    except SignatureError:
+        return None
 
 
 # --- patches ---------------------------------------------------------------------------------------
@@ -223,16 +197,6 @@ def needs_state_write(pod: Mapping[str, Any], state: EntitlementState, reason: s
 # --- summaries -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PodCounts:
-    registered: int = 0
-    pending: int = 0
-    denied: int = 0
-
-    def to_status(self) -> dict[str, int]:
-        return {"registered": self.registered, "pending": self.pending, "denied": self.denied}
-
-
 def count_pods(states: Iterable[EntitlementState | None]) -> PodCounts:
     """Granted -> registered, Denied -> denied, anything else (waiting, Pending, Error) -> pending."""
     registered = pending = denied = 0
@@ -243,7 +207,7 @@ def count_pods(states: Iterable[EntitlementState | None]) -> PodCounts:
             denied += 1
         else:
             pending += 1
-    return PodCounts(registered, pending, denied)
+    return PodCounts(registered=registered, pending=pending, denied=denied)
 
 
 def workload_summary(states: Sequence[EntitlementState | None]) -> str:
@@ -257,21 +221,24 @@ def workload_summary(states: Sequence[EntitlementState | None]) -> str:
     return f"Pending {counts.registered}/{total}"
 
 
-def workload_annotations(
-    members: Sequence[tuple[Mapping[str, Any], EntitlementState | None]],
-) -> dict[str, str]:
-    """A workload's annotations from its pods and their states: the summary, and the latest
-    signature with its time (``registered-at`` is RFC 3339 UTC, so it sorts as text)."""
-    annotations = {ANNOTATION_ENTITLEMENT: workload_summary([state for _, state in members])}
-    latest_sig, latest_at = None, ""
-    for pod, _ in members:
-        notes = pod_annotations(pod)
-        at = notes.get(ANNOTATION_REGISTERED_AT, "")
-        if notes.get(ANNOTATION_SIGNATURE) and at >= latest_at:
-            latest_sig, latest_at = notes[ANNOTATION_SIGNATURE], at
-    if latest_sig:
-        annotations[ANNOTATION_SIGNATURE] = latest_sig
-        annotations[ANNOTATION_REGISTERED_AT] = latest_at
+@dataclass(frozen=True)
+class MemberView:
+    """One pod of a workload as the operator knows it: its state and, when granted, the proof."""
+
+    state: EntitlementState | None
+    signature: str | None = None
+    registered_at: datetime | None = None
+
+
+def workload_annotations(members: Sequence[MemberView]) -> dict[str, str]:
+    """A workload's annotations from its pods' states: the summary, and the latest verified
+    signature with its time (never a signature merely found in a pod's annotations)."""
+    annotations = {ANNOTATION_ENTITLEMENT: workload_summary([m.state for m in members])}
+    signed = [m for m in members if m.signature and m.registered_at is not None]
+    latest = max(signed, key=lambda m: m.registered_at or datetime.min, default=None)
+    if latest is not None and latest.signature and latest.registered_at is not None:
+        annotations[ANNOTATION_SIGNATURE] = latest.signature
+        annotations[ANNOTATION_REGISTERED_AT] = format_time(latest.registered_at)
     return annotations
 
 
@@ -295,7 +262,8 @@ def entitled_condition(
             f"{counts.denied} pod(s) denied by RegisterUsage: {last_denial or 'denied'}",
         )
     suffix = (
-        f"; {ungated} pod(s) started without the entitlement gate (webhook unreachable at creation)"
+        f"; {ungated} pod(s) started without the entitlement gate (admitted while the gate was not "
+        "enforced, or the gate was removed)"
         if ungated
         else ""
     )
@@ -332,11 +300,22 @@ def gating_product(pod: Mapping[str, Any], candidates: Iterable[GateCandidate]) 
     """The product (``namespace/name``) whose gate a new pod must carry, or None.
 
     Only trusted Enforce-mode products gate; a pod already carrying the gate (written into its
-    template by the seller) is left alone, as is one already annotated by an earlier admission.
+    template by the seller) is not gated twice. Annotations are never a reason to skip the gate:
+    anyone who can create the pod can write them.
     """
-    if is_gated(pod) or entitlement_state(pod) is not None:
+    if is_gated(pod):
         return None
     for candidate in sorted(candidates, key=lambda c: c.key):
         if candidate.selects and candidate.trusted and candidate.mode is EntitlementMode.ENFORCE:
             return candidate.key
     return None
+
+
+# --- pods that run without a grant -------------------------------------------------------------
+
+
+class UngatedPodAction(StrEnum):
+    """What Enforce does with a pod that runs without the gate and is denied (or fails for good)."""
+
+    EVICT = "Evict"  # through the Eviction API (PodDisruptionBudgets are honoured)
+    REPORT = "Report"  # Events on the pod and the product only

@@ -46,6 +46,25 @@ def load_public_key(pem: str | bytes) -> RSAPublicKey:
     return key
 
 
+@dataclass(frozen=True)
+class ProductKey:
+    """What proves a registration for one product: its code, key version and public key."""
+
+    product_code: str
+    public_key_version: int
+    public_key: RSAPublicKey
+
+    def verify(self, token: str, nonce: str) -> VerifiedSignature:
+        """Check a RegisterUsage signature for this product and ``nonce``; raises SignatureError."""
+        return verify_signature(
+            token,
+            self.public_key,
+            product_code=self.product_code,
+            public_key_version=self.public_key_version,
+            nonce=nonce,
+        )
+
+
 def verify_signature(
     token: str,
     public_key: RSAPublicKey | str | bytes,

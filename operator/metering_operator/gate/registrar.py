@@ -1,6 +1,7 @@
 """One RegisterUsage for a pod (its own IRSA identity) or for the cluster (the operator's identity).
 
-Blocking (TokenRequest, STS, RegisterUsage): runs in the gate's worker threads.
+Blocking (TokenRequest, STS, RegisterUsage): runs in the gate's AWS worker threads, one attempt
+per call (retries are the state machine's, :mod:`metering_operator.gate.machine`).
 """
 
 from __future__ import annotations
@@ -8,17 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from kubernetes import client
 
 from metering_operator.aws.client import MeteringClient, MeteringClientFactory
 from metering_operator.aws.irsa import ROLE_ARN_ANNOTATION, IrsaCredentialCache, WebIdentityExchanger
 from metering_operator.aws.models import RegisterUsageRequest
 from metering_operator.domain.clock import Clock
-from metering_operator.domain.signature import VerifiedSignature, verify_signature
+from metering_operator.domain.signature import ProductKey, VerifiedSignature
 from metering_operator.kube.pods import PodApi
 from metering_operator.kube.tokens import request_pod_token
 
@@ -35,32 +34,14 @@ class RegistrationSetupError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class ProductKey:
-    """What a registration needs to know about the product."""
-
-    product_code: str
-    public_key_version: int
-    public_key: RSAPublicKey
-
-    def verify(self, token: str, nonce: str) -> VerifiedSignature:
-        """Check a RegisterUsage signature for this product and ``nonce``; raises SignatureError."""
-        return verify_signature(
-            token,
-            self.public_key,
-            product_code=self.product_code,
-            public_key_version=self.public_key_version,
-            nonce=nonce,
+def register(metering: MeteringClient, key: ProductKey, nonce: str) -> VerifiedSignature:
+    """RegisterUsage with ``metering``'s credentials, then verify: a bad signature is an error."""
+    result = metering.register_usage(
+        RegisterUsageRequest(
+            product_code=key.product_code, public_key_version=key.public_key_version, nonce=nonce
         )
-
-    def register(self, metering: MeteringClient, nonce: str) -> VerifiedSignature:
-        """RegisterUsage with ``metering``'s credentials, then verify: a bad signature is an error."""
-        result = metering.register_usage(
-            RegisterUsageRequest(
-                product_code=self.product_code, public_key_version=self.public_key_version, nonce=nonce
-            )
-        )
-        return self.verify(result.signature, nonce)
+    )
+    return key.verify(result.signature, nonce)
 
 
 class Registrar:
@@ -120,8 +101,8 @@ class Registrar:
             )
 
         creds = self.credentials.get(role_arn, uid, mint)
-        return product.register(self.factory.for_credentials(creds), nonce=uid)
+        return register(self.factory.for_credentials(creds), product, nonce=uid)
 
     def register_cluster(self, product: ProductKey, nonce: str) -> VerifiedSignature:
         """One RegisterUsage as the operator itself (its own IRSA identity), nonce = kube-system uid."""
-        return product.register(self.factory.default(), nonce=nonce)
+        return register(self.factory.default(), product, nonce=nonce)

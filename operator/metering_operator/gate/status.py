@@ -30,7 +30,7 @@ from metering_operator.domain.conditions import (
     set_condition,
     status_patch,
 )
-from metering_operator.domain.product import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from metering_operator.domain.product import API_VERSION, GROUP, KIND, PLURAL, VERSION, PodCounts
 from metering_operator.domain.readiness import ready_condition
 from metering_operator.gate.runtime import GateRuntime, ProductInfo
 from metering_operator.kube.pods import object_ref
@@ -49,7 +49,7 @@ EventSpec = tuple[Literal["Normal", "Warning"], str, str]
 class GateView:
     """What the controller knows that the status reports."""
 
-    counts: ent.PodCounts
+    counts: PodCounts
     ungated: int = 0
     last_denial: str | None = None
     last_error: str | None = None
@@ -119,7 +119,7 @@ class StatusWriter:
                 conditions, spec.type, spec.status, spec.reason, spec.message, generation, now
             )
         mine = [c for c in conditions if c["type"] in MINE]
-        status: dict[str, Any] = {"observedGeneration": generation, "pods": view.counts.to_status()}
+        status: dict[str, Any] = {"observedGeneration": generation, "pods": view.counts.to_kube()}
         if view.registration is not None:
             status["registration"] = view.registration
         if status_patch(current, {**status, "conditions": conditions}) is None:

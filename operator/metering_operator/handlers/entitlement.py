@@ -39,17 +39,20 @@ from metering_operator.gate.runtime import GateRuntime
 from metering_operator.kube.apiclient import new_api_client
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.pods import PodApi
+from metering_operator.kube.records import DenialRecords
 from metering_operator.kube.webhook import HANDLER_ID, delete_webhook_configuration
 from metering_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 
-#: Worker threads for blocking calls (TokenRequest, STS, RegisterUsage, pod patches).
-WORKERS = 32
+#: Worker threads for RegisterUsage attempts (TokenRequest, STS, RegisterUsage: one attempt each).
+AWS_WORKERS = 32
+#: Worker threads for Kubernetes writes (pod patches, evictions, Events, status, workloads).
+KUBE_WORKERS = 16
 
 
 def build_runtime(settings: OperatorSettings, clock: Clock | None = None) -> GateRuntime:
-    api = new_api_client(pool_size=WORKERS + 8)
+    api = new_api_client(pool_size=AWS_WORKERS + KUBE_WORKERS + 8)
     pods = PodApi(api)
     clock = clock or SystemClock()
     return GateRuntime(
@@ -57,9 +60,12 @@ def build_runtime(settings: OperatorSettings, clock: Clock | None = None) -> Gat
         pods=pods,
         events=EventPoster(api),
         registrar=Registrar(api, pods, settings.region, clock, settings.token_expiration_seconds),
-        pool=ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="gate"),
+        aws_pool=ThreadPoolExecutor(max_workers=AWS_WORKERS, thread_name_prefix="gate-aws"),
+        kube_pool=ThreadPoolExecutor(max_workers=KUBE_WORKERS, thread_name_prefix="gate-kube"),
         clock=clock,
         trusted_product_codes=settings.trusted_product_codes,
+        records=DenialRecords(api, settings.operator_namespace),
+        ungated_pod_action=settings.ungated_pod_action,
     )
 
 
@@ -106,7 +112,7 @@ async def gate_daemon(
 async def gate_cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime: GateRuntime | None = getattr(memo, "gate_runtime", None)
     if runtime is not None:
-        await asyncio.to_thread(runtime.pool.shutdown, wait=False, cancel_futures=True)
+        await asyncio.to_thread(runtime.shutdown)
     settings: OperatorSettings | None = getattr(memo, "settings", None)
     if settings is not None and settings.webhook_enabled and settings.webhook_url:
         # Local mode: the configuration points at this process's own URL. Left behind, it would make

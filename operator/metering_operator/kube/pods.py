@@ -155,6 +155,23 @@ class PodApi:
                 raise PodGone(f"{namespace}/{name} was replaced")
         raise RuntimeError(f"pod {namespace}/{name}: still conflicting after {attempts} attempts")
 
+    def evict(self, namespace: str, name: str, uid: str) -> None:
+        """Evict through the Eviction API (``pods/eviction`` create): PodDisruptionBudgets are
+        honoured (429 while one disallows it) and the uid precondition makes sure a pod re-created
+        under the same name is never hit. A pod already gone is not an error."""
+        body = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+            "deleteOptions": {"preconditions": {"uid": uid}},
+        }
+        try:
+            self.core.create_namespaced_pod_eviction(name, namespace, body, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise PodGone(f"{namespace}/{name}") from None
+            raise
+
     # -- owners -----------------------------------------------------------------------------
     def owner_workload(self, pod: Mapping[str, Any]) -> WorkloadRef | None:
         """The Deployment / StatefulSet / DaemonSet owning the pod (through its ReplicaSet)."""

@@ -51,6 +51,7 @@ NEEDED = [
     *[Access(v, "meteredproducts", GROUP) for v in ("get", "list", "watch", "patch")],
     *[Access(v, "meteredproducts", GROUP, "status") for v in ("get", "patch", "update")],
     *[Access(v, "pods") for v in ("get", "list", "watch", "patch")],
+    Access("create", "pods", subresource="eviction"),
     Access("get", "serviceaccounts"),
     Access("create", "serviceaccounts", subresource="token"),
     Access("get", "configmaps"),
@@ -63,6 +64,7 @@ NEEDED = [
     Access("get", "replicasets", "apps"),
     *[Access(v, "leases", "coordination.k8s.io", namespace=RELEASE_NS) for v in ("get", "create", "update")],
     Access("create", "events", namespace=RELEASE_NS),
+    *[Access(v, "configmaps", namespace=RELEASE_NS) for v in ("get", "create", "patch")],
     *[
         Access(v, "customresourcedefinitions", "apiextensions.k8s.io", namespace=CLUSTER)
         for v in ("get", "list", "watch")
@@ -83,7 +85,6 @@ FORBIDDEN = [
     Access("create", "pods"),
     Access("update", "pods"),
     Access("create", "pods", subresource="exec"),
-    Access("create", "pods", subresource="eviction"),
     Access("patch", "pods", subresource="status"),
     Access("get", "pods", subresource="log"),
     Access("create", "meteredproducts", GROUP),
@@ -95,6 +96,9 @@ FORBIDDEN = [
     Access("list", "replicasets", "apps"),
     Access("list", "configmaps"),
     Access("update", "configmaps"),
+    Access("create", "configmaps"),
+    Access("patch", "configmaps"),
+    Access("delete", "configmaps", namespace=RELEASE_NS),
     Access("create", "serviceaccounts"),
     Access("patch", "serviceaccounts"),
     Access("delete", "events"),

@@ -160,6 +160,7 @@ def test_values_become_operator_flags(helm: Helm) -> None:
                 "trustedProductCodes": ["1fszvu527waovqeuhpkyx2b5d", "abc123"],
                 "watchNamespaces": ["shop", "billing"],
                 "logFormat": "text",
+                "ungatedPodAction": "Report",
                 "metrics": {"port": 9100},
                 "webhook": {"port": 10250},
             }
@@ -174,6 +175,7 @@ def test_values_become_operator_flags(helm: Helm) -> None:
         "--trusted-product-code=abc123",
         "--region=eu-central-1",
         "--log-format=text",
+        "--ungated-pod-action=Report",
         "--metrics-port=9100",
         "--webhook-port=10250",
         "--webhook-cert-dir=/etc/metering-operator/webhook-tls",
@@ -213,6 +215,7 @@ def test_rendered_flags_are_accepted_by_the_operator(helm: Helm) -> None:
     assert args.trusted_product_codes == ["1fszvu527waovqeuhpkyx2b5d"]
     assert args.region == "us-east-1"
     assert args.log_format == "json"
+    assert args.ungated_pod_action == "Evict"  # the chart's default, accepted by the CLI
     assert (args.metrics_port, args.health_port, args.webhook_port) == (9100, 9101, 9443)
     assert args.webhook_cert_dir == "/etc/metering-operator/webhook-tls"
     assert args.no_webhook is False
@@ -511,6 +514,7 @@ BAD_VALUES = [
     ("replicas=two", "/replicas"),
     ("replica=2", "replica"),
     ("logFormat=xml", "/logFormat"),
+    ("ungatedPodAction=Delete", "/ungatedPodAction"),
     ("region=EU-WEST-1", "/region"),
     ("region=eu_west_1", "/region"),
     ("serviceAccount.roleArn=my-role", "/serviceAccount/roleArn"),

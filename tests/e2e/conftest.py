@@ -44,6 +44,8 @@ CRD_FILE = REPO_ROOT / "manifests" / "crd" / "meteredproducts.yaml"
 #: A made-up Region for the emulator and the operator; tests pass it explicitly, nothing defaults to it.
 TEST_REGION = "eu-north-7"
 PRODUCT_CODE = "e2etestproduct0000000001"
+#: A second product the same buyer is entitled to (tests that need two products' AWS calls apart).
+OTHER_PRODUCT_CODE = "e2etestproduct0000000002"
 BUYER_ACCOUNT = "111122223333"
 OTHER_ACCOUNT = "999988887777"
 BUYER_ROLE = f"arn:aws:iam::{BUYER_ACCOUNT}:role/buyer-product"
@@ -106,6 +108,11 @@ def emulator_config(cluster: ClusterInfo, **overrides: Any) -> dict[str, Any]:
         "region": TEST_REGION,
         "products": [
             {"productCode": PRODUCT_CODE, "publicKeyVersions": [1], "entitledAccounts": [BUYER_ACCOUNT]},
+            {
+                "productCode": OTHER_PRODUCT_CODE,
+                "publicKeyVersions": [1],
+                "entitledAccounts": [BUYER_ACCOUNT],
+            },
         ],
         "roles": [{"arn": BUYER_ROLE, "trust": trust}, {"arn": UNENTITLED_ROLE, "trust": trust}],
         "issuers": [{"issuer": cluster.issuer, "jwksUrl": cluster.jwks_uri, "caFile": str(cluster.ca_file)}],

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from devtools.cluster import ClusterInfo
 from kubernetes import client, watch
+from prometheus_client.parser import text_string_to_metric_families
 
 from metering_operator.domain.product import (
     ANNOTATION_ENTITLEMENT,
@@ -33,6 +36,7 @@ from metering_operator.domain.product import (
 from metering_operator.domain.signature import SignatureError, verify_signature
 from tests.e2e.conftest import (
     BUYER_ROLE,
+    OTHER_PRODUCT_CODE,
     PRODUCT_CODE,
     UNENTITLED_ROLE,
     WAIT,
@@ -227,11 +231,16 @@ def registrations_by_pod(emulator: EmulatorProcess) -> dict[str, dict[str, Any]]
     return {r["identity"].get("podUid"): r for r in emulator.admin.registrations(PRODUCT_CODE)}
 
 
-def gate_latency_count(op: OperatorProcess) -> float:
-    prefix = f'marketplace_metering_gate_latency_seconds_count{{product_code="{PRODUCT_CODE}"}}'
-    for line in op.metrics().splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
+def gate_latency_count(op: OperatorProcess, namespace: str, product: str = "paid") -> float:
+    """The gate latency histogram's count for one MeteredProduct (series keyed by namespace and name)."""
+    for family in text_string_to_metric_families(op.metrics()):
+        for sample in family.samples:
+            if sample.name == "marketplace_metering_gate_latency_seconds_count" and sample.labels == {
+                "namespace": namespace,
+                "product": product,
+                "product_code": PRODUCT_CODE,
+            }:
+                return float(sample.value)
     return 0.0
 
 
@@ -341,7 +350,7 @@ def test_deployment_pods_are_gated_registered_verified_and_released(buyer: Buyer
             )
 
     # Each pod was held by the gate (the latency histogram counts only gated pods) ...
-    assert gate_latency_count(op) == 3
+    assert gate_latency_count(op, namespace) == 3
     # ... and AWS registered each pod once, under its own identity: 3 pods billed.
     billing = buyer_emulator.admin.billing(PRODUCT_CODE)
     assert sorted(p["podUid"] for p in billing["pods"]) == sorted(p["metadata"]["uid"] for p in granted)
@@ -690,3 +699,414 @@ def test_local_webhook_configuration_is_removed_on_graceful_shutdown(buyer: Buye
     with pytest.raises(client.ApiException) as err:
         admission.read_mutating_webhook_configuration(op.webhook_configuration)
     assert err.value.status == 404
+
+
+# --- The buyer as attacker: a namespace user bound to the built-in `edit` ClusterRole -------------------
+#
+# Until the admission policies are installed, the API server accepts some of these writes; what these
+# tests prove is the operator's own defence: the pod ends up registered by the operator, not running, or
+# evicted -- whatever the buyer wrote.
+
+
+@pytest.fixture
+def edit_user(cluster: ClusterInfo, kube: client.ApiClient, namespace: str) -> Iterator[client.ApiClient]:
+    """A client acting as a ServiceAccount bound to ClusterRole `edit` in the namespace (not admin)."""
+    core = client.CoreV1Api(kube)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "buyer-dev"}})
+    client.RbacAuthorizationV1Api(kube).create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "buyer-dev-edit"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+            "subjects": [{"kind": "ServiceAccount", "name": "buyer-dev", "namespace": namespace}],
+        },
+    )
+    token = core.create_namespaced_service_account_token(
+        "buyer-dev", namespace, {"spec": {"audiences": [cluster.issuer], "expirationSeconds": 3600}}
+    ).status.token
+    configuration = client.Configuration()
+    configuration.host = cluster.server
+    configuration.ssl_ca_cert = str(cluster.ca_file)
+    configuration.api_key = {"authorization": token}
+    configuration.api_key_prefix = {"authorization": "Bearer"}
+    api = client.ApiClient(configuration)
+    review = client.AuthenticationV1Api(api).create_self_subject_review(client.V1SelfSubjectReview())
+    assert review.status.user_info.username == f"system:serviceaccount:{namespace}:buyer-dev"
+    assert "system:masters" not in (review.status.user_info.groups or [])
+
+    def may(verb: str, resource: str, subresource: str | None = None) -> bool:
+        attributes = client.V1ResourceAttributes(
+            verb=verb, resource=resource, subresource=subresource, namespace=namespace
+        )
+        spec = client.V1SelfSubjectAccessReviewSpec(resource_attributes=attributes)
+        answer = client.AuthorizationV1Api(api).create_self_subject_access_review(
+            client.V1SelfSubjectAccessReview(spec=spec)
+        )
+        return bool(answer.status.allowed)
+
+    wait_for("the edit binding to take effect", lambda: may("create", "pods"))
+    assert may("patch", "pods")
+    assert not may("patch", "meteredproducts", "status")
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def apiserver_pod_patches(kube: client.ApiClient) -> float:
+    """PATCHes of pods (not subresources) the API server has served: on this test cluster, only the
+    operator patches pods (the scheduler binds, KWOK writes status)."""
+    response = kube.call_api(
+        "/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True
+    )
+    total = 0.0
+    for family in text_string_to_metric_families(response.data.decode()):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "apiserver_request_total"
+                and labels.get("verb") == "PATCH"
+                and labels.get("resource") == "pods"
+                and not labels.get("subresource")
+            ):
+                total += sample.value
+    return total
+
+
+def read_pod(kube: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    return dict(
+        client.ApiClient().sanitize_for_serialization(
+            client.CoreV1Api(kube).read_namespaced_pod(name, namespace)
+        )
+    )
+
+
+def pod_gone(kube: client.ApiClient, namespace: str, name: str, uid: str) -> bool:
+    try:
+        current = read_pod(kube, namespace, name)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return True
+        raise
+    return current["metadata"]["uid"] != uid or bool(current["metadata"].get("deletionTimestamp"))
+
+
+def event_reasons(kube: client.ApiClient, namespace: str, name: str) -> set[str]:
+    return {e.reason for e in pod_events(kube, namespace, name)}
+
+
+def forged_annotations(signature: str = "eyJhbGciOiJub25lIn0.eyJub25jZSI6IngifQ.") -> dict[str, str]:
+    return {
+        ANNOTATION_ENTITLEMENT: "Granted",
+        ANNOTATION_SIGNATURE: signature,
+        ANNOTATION_REGISTERED_AT: "2020-01-01T00:00:00Z",
+        ANNOTATION_PRODUCT: "someone/else",
+        REASON: "",
+    }
+
+
+def user_deployment(
+    api: client.ApiClient, namespace: str, name: str, *, sa: str, replicas: int, notes: dict[str, str]
+) -> None:
+    client.AppsV1Api(api).create_namespaced_deployment(
+        namespace,
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}, "annotations": notes},
+                    "spec": {
+                        "serviceAccountName": sa,
+                        "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+                    },
+                },
+            },
+        },
+    )
+
+
+def user_pod(
+    api: client.ApiClient, namespace: str, *, app: str, sa: str, notes: dict[str, str] | None = None
+) -> dict[str, Any]:
+    created = client.CoreV1Api(api).create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {
+                "name": f"{app}-{uuid.uuid4().hex[:6]}",
+                "labels": {"app": app},
+                "annotations": notes or {},
+            },
+            "spec": {
+                "serviceAccountName": sa,
+                "containers": [{"name": "app", "image": "registry.invalid/a:1"}],
+            },
+        },
+    )
+    return dict(client.ApiClient().sanitize_for_serialization(created))
+
+
+def test_template_granted_annotation_is_registered_by_the_operator_not_trusted(
+    buyer: Buyer, edit_user: client.ApiClient
+) -> None:
+    """Entitled buyer: the forged `Granted` template is gated anyway, each pod gets its own
+    RegisterUsage (exactly one) and exactly one operator write, and its own verified signature."""
+    kube, namespace = buyer.kube, buyer.namespace
+    buyer.product()
+    buyer.start()
+    patches_before = apiserver_pod_patches(kube)
+    user_deployment(edit_user, namespace, "paid", sa="buyer", replicas=3, notes=forged_annotations())
+
+    granted = wait_for(
+        "3 pods granted by the operator",
+        lambda: (
+            (ps := all_in_state(kube, namespace, "paid", 3, "Granted"))
+            and all(not gated(p) and notes(p)[ANNOTATION_PRODUCT] == f"{namespace}/paid" for p in ps)
+            and ps
+        ),
+    )
+    for pod in granted:
+        verify_signature(
+            notes(pod)[ANNOTATION_SIGNATURE],
+            buyer.key_pem,
+            product_code=PRODUCT_CODE,
+            public_key_version=1,
+            nonce=pod["metadata"]["uid"],
+        )
+    regs = registrations_by_pod(buyer.emulator)
+    assert sorted(regs) == sorted(p["metadata"]["uid"] for p in granted)
+    assert [r["calls"] for r in regs.values()] == [1, 1, 1]
+    assert len(buyer.emulator.admin.events(operation="RegisterUsage")) == 3
+    # One guarded patch per pod removed the gate and wrote the proof; nothing else wrote a pod.
+    assert apiserver_pod_patches(kube) - patches_before == 3
+
+
+def test_template_granted_annotation_of_an_unentitled_buyer_never_runs(
+    buyer: Buyer, edit_user: client.ApiClient
+) -> None:
+    kube, namespace = buyer.kube, buyer.namespace
+    buyer.product(sa="freeloader", role=UNENTITLED_ROLE)
+    buyer.start()
+    user_deployment(edit_user, namespace, "paid", sa="freeloader", replicas=2, notes=forged_annotations())
+
+    denied = buyer.pods_in_state(2, "Denied")
+    for pod in denied:
+        assert gated(pod)
+        assert pod["status"].get("phase") == "Pending"
+        assert notes(pod)[REASON].startswith("CustomerNotEntitledException")
+        assert "EntitlementDenied" in event_reasons(kube, namespace, pod["metadata"]["name"])
+    status = buyer.condition("paid", "Entitled", "False")
+    assert status["status"]["pods"] == {"registered": 0, "pending": 0, "denied": 2}
+
+
+def test_signature_copied_from_another_pod_is_not_accepted(buyer: Buyer, edit_user: client.ApiClient) -> None:
+    kube, namespace = buyer.kube, buyer.namespace
+    service_account(kube, namespace, "freeloader", UNENTITLED_ROLE)
+    buyer.product()
+    buyer.start()
+    paying = buyer.pod()
+    (granted,) = buyer.pods_in_state(1, "Granted")
+    stolen = notes(granted)[ANNOTATION_SIGNATURE]
+
+    copy = user_pod(edit_user, namespace, app="paid", sa="freeloader", notes=forged_annotations(stolen))
+    assert gated(copy), "the gate is added whatever the pod's annotations say"
+    name, uid = copy["metadata"]["name"], copy["metadata"]["uid"]
+    pod = wait_for(
+        "the copy to be denied",
+        lambda: (
+            (p := read_pod(kube, namespace, name)) and notes(p).get(ANNOTATION_ENTITLEMENT) == "Denied" and p
+        ),
+    )
+    assert gated(pod)
+    assert pod["status"].get("phase") == "Pending"
+    assert notes(pod)[REASON].startswith("CustomerNotEntitledException")
+    # The operator asked AWS for the copy itself (its own nonce): the stolen proof decided nothing.
+    nonces = [e["requestParameters"]["Nonce"] for e in buyer.emulator.admin.events(operation="RegisterUsage")]
+    assert sorted(nonces) == sorted([paying["metadata"]["uid"], uid])
+
+
+def test_gate_removed_by_the_buyer_from_a_denied_pod_gets_it_evicted(
+    buyer: Buyer, edit_user: client.ApiClient
+) -> None:
+    kube, namespace = buyer.kube, buyer.namespace
+    buyer.product(sa="freeloader", role=UNENTITLED_ROLE)
+    buyer.start()
+    created = user_pod(edit_user, namespace, app="paid", sa="freeloader")
+    name, uid = created["metadata"]["name"], created["metadata"]["uid"]
+    (denied,) = buyer.pods_in_state(1, "Denied")
+    assert gated(denied)
+
+    # The buyer removes the gate (today's API server lets an `edit` user do that).
+    client.CoreV1Api(edit_user).patch_namespaced_pod(
+        name, namespace, [{"op": "replace", "path": "/spec/schedulingGates", "value": []}]
+    )
+    wait_for("the pod to be evicted", lambda: pod_gone(kube, namespace, name, uid))
+    assert "UngatedPodEvicted" in event_reasons(kube, namespace, name)
+    assert "UngatedPodEvicted" in event_reasons(kube, namespace, "paid")
+    # The denial was final: nobody asked AWS again.
+    assert len(buyer.emulator.admin.events(operation="RegisterUsage")) == 1
+
+
+def test_pod_created_before_the_product_and_denied_is_evicted(
+    buyer: Buyer, edit_user: client.ApiClient
+) -> None:
+    kube, namespace = buyer.kube, buyer.namespace
+    service_account(kube, namespace, "freeloader", UNENTITLED_ROLE)
+    early = user_pod(edit_user, namespace, app="paid", sa="freeloader")  # no product, no gate
+    assert not gated(early)
+    name, uid = early["metadata"]["name"], early["metadata"]["uid"]
+    wait_for(
+        "the early pod to run", lambda: read_pod(kube, namespace, name)["status"].get("phase") == "Running"
+    )
+    buyer.product()
+    buyer.start(ready=None)
+
+    wait_for("the early pod to be evicted", lambda: pod_gone(kube, namespace, name, uid))
+    reasons = event_reasons(kube, namespace, name)
+    assert {"NotGated", "EntitlementDenied", "UngatedPodEvicted"} <= reasons
+    assert "UngatedPodEvicted" in event_reasons(kube, namespace, "paid")
+
+
+def test_report_mode_reports_an_ungated_denied_pod_and_leaves_it(
+    buyer: Buyer, edit_user: client.ApiClient
+) -> None:
+    kube, namespace = buyer.kube, buyer.namespace
+    service_account(kube, namespace, "freeloader", UNENTITLED_ROLE)
+    early = user_pod(edit_user, namespace, app="paid", sa="freeloader")
+    name = early["metadata"]["name"]
+    buyer.product()
+    buyer.start(ready=None, extra_args=["--ungated-pod-action", "Report"])
+
+    wait_for("the report", lambda: "UngatedPodReported" in event_reasons(kube, namespace, name))
+    assert "UngatedPodReported" in event_reasons(kube, namespace, "paid")
+    pod = read_pod(kube, namespace, name)
+    assert pod["metadata"]["uid"] == early["metadata"]["uid"]
+    assert not pod["metadata"].get("deletionTimestamp")
+    assert notes(pod)[ANNOTATION_ENTITLEMENT] == "Denied"
+
+
+def test_cluster_scope_restore_of_a_forged_status_registers_again(
+    buyer: Buyer, edit_user: client.ApiClient, tmp_path: Path
+) -> None:
+    kube, namespace, key_pem, emulator = buyer.kube, buyer.namespace, buyer.key_pem, buyer.emulator
+    service_account(kube, namespace, "operator", BUYER_ROLE)
+    token = (
+        client.CoreV1Api(kube)
+        .create_namespaced_service_account_token(
+            "operator", namespace, {"spec": {"audiences": ["sts.amazonaws.com"], "expirationSeconds": 3600}}
+        )
+        .status.token
+    )
+    token_file = tmp_path / "operator-token"
+    token_file.write_text(token + "\n")
+    identity = {"AWS_ROLE_ARN": BUYER_ROLE, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token_file)}
+    buyer.product()  # Pod scope: its grant gives a genuine signature for a pod's uid to forge with
+    buyer.product("site", sa="plain", role=None, scope="Cluster")
+    op = buyer.start(ready="site", extra_env=identity)
+    paying = buyer.pod()
+    (granted,) = buyer.pods_in_state(1, "Granted")
+    wait_for(
+        "the cluster registration",
+        lambda: (
+            read_product(kube, namespace, "site")["status"].get("registration", {}).get("state") == "Granted"
+        ),
+    )
+    calls = len(emulator.admin.events(operation="RegisterUsage"))
+    assert calls == 2
+    op.stop()
+
+    forged = {
+        "state": "Granted",
+        "nonce": paying["metadata"]["uid"],
+        "signature": notes(granted)[ANNOTATION_SIGNATURE],
+        "registeredAt": "2999-01-01T00:00:00Z",
+        "attempts": 1,
+    }
+    patch = {"status": {"registration": forged}}
+    custom_as_user = client.CustomObjectsApi(edit_user)
+    with pytest.raises(client.ApiException) as refused:
+        custom_as_user.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "site", patch)
+    assert refused.value.status == 403  # an `edit` user cannot write status at all ...
+    # ... someone who can (a namespace admin with status rights) forges it while the operator is down:
+    client.CustomObjectsApi(kube).patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "site", patch
+    )
+    assert (
+        read_product(kube, namespace, "site")["status"]["registration"]["nonce"] == paying["metadata"]["uid"]
+    )
+
+    op.start().wait_ready()
+    kube_system_uid = client.CoreV1Api(kube).read_namespace("kube-system").metadata.uid
+    status = wait_for(
+        "a fresh cluster registration",
+        lambda: (
+            (p := read_product(kube, namespace, "site"))["status"].get("registration", {}).get("nonce")
+            == kube_system_uid
+            and p
+        ),
+    )
+    registration = status["status"]["registration"]
+    verified = verify_signature(
+        registration["signature"],
+        key_pem,
+        product_code=PRODUCT_CODE,
+        public_key_version=1,
+        nonce=kube_system_uid,
+    )
+    assert verified.issued_at is not None
+    assert registration["registeredAt"] == verified.issued_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert len(emulator.admin.events(operation="RegisterUsage")) == calls + 1
+
+
+def test_a_throttled_product_does_not_delay_another_products_pod(buyer: Buyer) -> None:
+    """40 pods of one product throttled without end; another product's new pod is granted at once."""
+    kube, namespace, emulator = buyer.kube, buyer.namespace, buyer.emulator
+    emulator.admin.set_fault("RegisterUsage", throttle_rate=1.0, product_codes=(PRODUCT_CODE,))
+    buyer.product("slow")
+    other_key = emulator.admin.public_key_pem(OTHER_PRODUCT_CODE, 1)
+    product(kube, namespace, "fast", other_key, app="fast", product_code=OTHER_PRODUCT_CODE)
+    buyer.start(ready="slow")
+    wait_product_ready(kube, namespace, "fast")
+    buyer.deployment("slow", replicas=40, sa="buyer")
+    wait_for(
+        "40 throttled pods",
+        lambda: (
+            len(
+                {
+                    e["requestParameters"]["Nonce"]
+                    for e in emulator.admin.events(
+                        operation="RegisterUsage", error_code="ThrottlingException"
+                    )
+                }
+            )
+            >= 40
+        ),
+        timeout=120,
+    )
+
+    created = buyer.pod("fast")
+    started = time.monotonic()
+    (pod,) = buyer.pods_in_state(1, "Granted", app="fast", timeout=30)
+    latency = time.monotonic() - started
+    assert pod["metadata"]["uid"] == created["metadata"]["uid"]
+    fast_calls = [
+        e
+        for e in emulator.admin.events(operation="RegisterUsage")
+        if e["requestParameters"]["ProductCode"] == OTHER_PRODUCT_CODE
+    ]
+    assert [e["errorCode"] for e in fast_calls] == [None], "one call, answered at the first attempt"
+    assert latency < 10, f"the healthy pod waited {latency:.1f}s behind the throttled product"
+    # The slow product was being throttled before and after: its retries went on the whole time.
+    fast_at = fast_calls[0]["wallTime"]
+    throttled = emulator.admin.events(operation="RegisterUsage", error_code="ThrottlingException")
+    assert throttled[0]["wallTime"] < fast_at
+    wait_for(
+        "a throttled retry after the healthy grant",
+        lambda: any(
+            e["wallTime"] > fast_at
+            for e in emulator.admin.events(operation="RegisterUsage", error_code="ThrottlingException")
+        ),
+        timeout=60,
+    )
+    assert not any(notes(p).get(ANNOTATION_ENTITLEMENT) == "Granted" for p in pods(kube, namespace, "slow"))

@@ -126,11 +126,13 @@ class AdminClient:
         fail_with: str | None = None,
         fail_all: bool = False,
         unprocessed_rate: float = 0.0,
+        product_codes: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """Inject faults for one operation (``"*"`` = all operations without their own entry).
 
         ``fail_with``: an error code every call answers; ``fail_all``: every call is an internal
-        error (an outage); ``unprocessed_rate``: BatchMeterUsage records left unprocessed.
+        error (an outage); ``unprocessed_rate``: BatchMeterUsage records left unprocessed;
+        ``product_codes``: only calls for these products are hit (metering operations).
         """
         body = {
             "operation": operation,
@@ -140,6 +142,7 @@ class AdminClient:
             "failWith": fail_with,
             "failAll": fail_all,
             "unprocessedRate": unprocessed_rate,
+            "productCodes": list(product_codes),
         }
         result: dict[str, Any] = self.post("/faults", body)
         return result

@@ -258,3 +258,17 @@ def test_latency_injection_is_reported_in_the_event_log(emulator: EmulatorProces
         emulator.admin.clear_faults()
     event = emulator.admin.events(operation="MeterUsage")[-1]
     assert event["durationMs"] >= 300
+
+
+def test_fault_limited_to_product_codes_spares_other_products(emulator: EmulatorProcess, client: Any) -> None:
+    """One product throttled, another healthy: what the gate's fairness test needs."""
+    emulator.admin.set_fault("MeterUsage", throttle_rate=1.0, product_codes=(CUSTOM,))
+    try:
+        with pytest.raises(ClientError) as exc:
+            meter(client, hours_ago=2, dimension="cpu")
+        assert code_of(exc) == "ThrottlingException"
+        # HOURLY has no dimensions: its answer is a validation error, not the injected throttling.
+        with pytest.raises(client.exceptions.InvalidUsageDimensionException):
+            meter(client, ProductCode=HOURLY)
+    finally:
+        emulator.admin.clear_faults()

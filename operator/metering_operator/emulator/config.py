@@ -215,6 +215,9 @@ class Fault(_Model):
     fail_with: str | None = None
     # Every call fails with an internal error (an outage); fail_with wins when both are set.
     fail_all: bool = False
+    # Metering operations only: the fault hits only calls for these product codes (empty: all), so
+    # one product can be throttled while another is healthy.
+    product_codes: list[str] = Field(default_factory=list)
 
 
 class EmulatorConfig(_Model):

@@ -56,10 +56,12 @@ class Faults:
                 return table["*"]
         return None
 
-    async def apply(self, operation: str) -> None:
+    async def apply(self, operation: str, product_code: str | None = None) -> None:
         """Sleep the injected latency, then raise an injected error if the dice say so."""
         fault = self.for_operation(operation)
         if fault is None:
+            return
+        if fault.product_codes and product_code not in fault.product_codes:
             return
         if fault.latency_ms:
             await asyncio.sleep(fault.latency_ms / 1000)

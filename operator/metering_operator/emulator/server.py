@@ -121,8 +121,9 @@ class AwsFrontend:
                 dialect="json",
                 unknown_key_error=unknown_key,
             )
-            await self.ctx.faults.apply(operation)
             body = _parse_json(raw)
+            product_code = body.get("ProductCode") if isinstance(body, dict) else None
+            await self.ctx.faults.apply(operation, product_code if isinstance(product_code, str) else None)
             validation.validate("meteringmarketplace", operation, body, metering.EXEMPT_SHAPES)
             result = handler(self.ctx, caller, body)
         except AwsError as err:

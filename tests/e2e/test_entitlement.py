@@ -727,8 +727,7 @@ def edit_user(cluster: ClusterInfo, kube: client.ApiClient, namespace: str) -> I
     configuration = client.Configuration()
     configuration.host = cluster.server
     configuration.ssl_ca_cert = str(cluster.ca_file)
-    configuration.api_key = {"authorization": token}
-    configuration.api_key_prefix = {"authorization": "Bearer"}
+    configuration.api_key = {"authorization": f"Bearer {token}"}
     api = client.ApiClient(configuration)
     review = client.AuthenticationV1Api(api).create_self_subject_review(client.V1SelfSubjectReview())
     assert review.status.user_info.username == f"system:serviceaccount:{namespace}:buyer-dev"
@@ -942,8 +941,13 @@ def test_gate_removed_by_the_buyer_from_a_denied_pod_gets_it_evicted(
         name, namespace, [{"op": "replace", "path": "/spec/schedulingGates", "value": []}]
     )
     wait_for("the pod to be evicted", lambda: pod_gone(kube, namespace, name, uid))
-    assert "UngatedPodEvicted" in event_reasons(kube, namespace, name)
-    assert "UngatedPodEvicted" in event_reasons(kube, namespace, "paid")
+    wait_for(
+        "UngatedPodEvicted on the pod and the product",
+        lambda: (
+            "UngatedPodEvicted" in event_reasons(kube, namespace, name)
+            and "UngatedPodEvicted" in event_reasons(kube, namespace, "paid")
+        ),
+    )
     # The denial was final: nobody asked AWS again.
     assert len(buyer.emulator.admin.events(operation="RegisterUsage")) == 1
 
@@ -963,9 +967,13 @@ def test_pod_created_before_the_product_and_denied_is_evicted(
     buyer.start(ready=None)
 
     wait_for("the early pod to be evicted", lambda: pod_gone(kube, namespace, name, uid))
-    reasons = event_reasons(kube, namespace, name)
-    assert {"NotGated", "EntitlementDenied", "UngatedPodEvicted"} <= reasons
-    assert "UngatedPodEvicted" in event_reasons(kube, namespace, "paid")
+    wait_for(
+        "the Events that explain it",
+        lambda: (
+            {"NotGated", "EntitlementDenied", "UngatedPodEvicted"} <= event_reasons(kube, namespace, name)
+            and "UngatedPodEvicted" in event_reasons(kube, namespace, "paid")
+        ),
+    )
 
 
 def test_report_mode_reports_an_ungated_denied_pod_and_leaves_it(
@@ -978,8 +986,13 @@ def test_report_mode_reports_an_ungated_denied_pod_and_leaves_it(
     buyer.product()
     buyer.start(ready=None, extra_args=["--ungated-pod-action", "Report"])
 
-    wait_for("the report", lambda: "UngatedPodReported" in event_reasons(kube, namespace, name))
-    assert "UngatedPodReported" in event_reasons(kube, namespace, "paid")
+    wait_for(
+        "the reports on the pod and the product",
+        lambda: (
+            "UngatedPodReported" in event_reasons(kube, namespace, name)
+            and "UngatedPodReported" in event_reasons(kube, namespace, "paid")
+        ),
+    )
     pod = read_pod(kube, namespace, name)
     assert pod["metadata"]["uid"] == early["metadata"]["uid"]
     assert not pod["metadata"].get("deletionTimestamp")
@@ -1096,6 +1109,7 @@ def test_a_throttled_product_does_not_delay_another_products_pod(buyer: Buyer) -
         if e["requestParameters"]["ProductCode"] == OTHER_PRODUCT_CODE
     ]
     assert [e["errorCode"] for e in fast_calls] == [None], "one call, answered at the first attempt"
+    print(f"healthy pod of another product granted {latency:.2f}s after creation")
     assert latency < 10, f"the healthy pod waited {latency:.1f}s behind the throttled product"
     # The slow product was being throttled before and after: its retries went on the whole time.
     fast_at = fast_calls[0]["wallTime"]

@@ -53,6 +53,7 @@ from metering_operator.gate import machine as m
 from metering_operator.gate.runtime import GateRuntime, ProductInfo
 from metering_operator.gate.status import GateView, StatusWrite, StatusWriter
 from metering_operator.kube.pods import WorkloadRef
+from metering_operator.kube.records import record_name
 from metering_operator.kube.watch import WatchExpired, WatchStream
 
 log = logging.getLogger(__name__)
@@ -340,6 +341,18 @@ class ProductController:
                             self._queue.put((token, m.PodUpdated(obj)))
             except WatchExpired:
                 continue
+            except ApiException as exc:
+                # E.g. 403 on the denial record: no pod is decided without it (a denial must stay final).
+                log.error(
+                    "pod list/watch for %s/%s failed: %s %s (denial record: ConfigMap %s/%s); retrying",
+                    self.namespace,
+                    self.name,
+                    exc.status,
+                    exc.reason,
+                    self.rt.records.namespace,
+                    record_name(self.namespace, self.name),
+                )
+                stop.wait(1.0)
             except Exception:
                 log.exception("pod watch for %s/%s failed; listing again", self.namespace, self.name)
                 stop.wait(1.0)

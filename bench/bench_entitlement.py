@@ -607,7 +607,8 @@ def render(r: dict[str, Any]) -> str:
 - 1-minute load average {r["load_start"]:.1f} at the start and {r["load_end"]:.1f} at the end (other work on
   the machine shares the same 2 cores: above ~2, every component waits for CPU and latency grows).
 - Operator: `metering-operator run` as a subprocess (one namespace, webhook in local mode,
-  32 worker threads), emulator as AWS (STS + Metering) on loopback.
+  32 AWS worker threads, at most 16 RegisterUsage per product at once, 16 Kubernetes worker threads),
+  emulator as AWS (STS + Metering) on loopback.
 
 ## (a) Steady stream: {s["pods"]} gated pods at a fixed rate
 

@@ -27,7 +27,7 @@ from metering_operator.domain.product import (
 )
 from metering_operator.gate import cluster as cluster_scope
 from metering_operator.gate import machine as m
-from metering_operator.gate.runtime import ProductInfo
+from metering_operator.gate.product import ProductInfo
 
 CODE = "1fszvu527waovqeuhpkyx2b5d"
 T0 = datetime(2031, 3, 4, 10, 0, tzinfo=UTC)

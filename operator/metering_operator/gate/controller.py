@@ -50,7 +50,8 @@ from metering_operator.domain.readiness import metering_rejects
 from metering_operator.domain.signature import SignatureError, load_public_key
 from metering_operator.gate import effects as fx
 from metering_operator.gate import machine as m
-from metering_operator.gate.runtime import GateRuntime, ProductInfo
+from metering_operator.gate.product import ProductInfo
+from metering_operator.gate.runtime import GateRuntime
 from metering_operator.gate.status import GateView, StatusWrite, StatusWriter
 from metering_operator.kube.pods import WorkloadRef
 from metering_operator.kube.records import record_name

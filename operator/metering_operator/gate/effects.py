@@ -22,8 +22,9 @@ from metering_operator.domain.product import EntitlementMode, EntitlementState
 from metering_operator.domain.signature import SignatureError
 from metering_operator.gate import cluster as cluster_scope
 from metering_operator.gate import machine as m
+from metering_operator.gate.product import ProductInfo
 from metering_operator.gate.registrar import RegistrationSetupError
-from metering_operator.gate.runtime import GateRuntime, ProductInfo
+from metering_operator.gate.runtime import GateRuntime
 from metering_operator.kube.pods import JsonPatch, PodGone, WorkloadRef, object_ref
 
 log = logging.getLogger(__name__)

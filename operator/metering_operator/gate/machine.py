@@ -40,7 +40,7 @@ from metering_operator.aws.backoff import Backoff
 from metering_operator.domain import entitlement as ent
 from metering_operator.domain.product import SCHEDULING_GATE, EntitlementMode, EntitlementState, PodCounts
 from metering_operator.gate.cluster import ClusterRegistration
-from metering_operator.gate.runtime import ProductInfo
+from metering_operator.gate.product import ProductInfo
 from metering_operator.kube.pods import WorkloadRef, object_ref
 
 Pod = Mapping[str, Any]

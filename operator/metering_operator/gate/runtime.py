@@ -1,8 +1,7 @@
-"""What the entitlement gate's parts share: the product as the gate sees it, and the runtime.
+"""What every product controller of the entitlement gate shares: the runtime.
 
-:class:`ProductInfo` is one parsed, checked snapshot of a MeteredProduct (spec, trust, loaded
-public key); :class:`GateRuntime` holds the clients, the worker pools and the settings that every
-product controller shares.
+:class:`GateRuntime` holds the clients, the worker pools and the settings. (The product as the
+gate sees it is :class:`metering_operator.gate.product.ProductInfo`.)
 
 Two pools, so that one kind of work never waits behind the other: ``aws_pool`` runs single
 RegisterUsage attempts (TokenRequest, STS, RegisterUsage -- seconds when AWS is slow), and
@@ -15,70 +14,14 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from kubernetes import client
 
 from metering_operator.domain.clock import Clock
 from metering_operator.domain.entitlement import UngatedPodAction
-from metering_operator.domain.product import (
-    API_VERSION,
-    KIND,
-    EntitlementMode,
-    EntitlementScope,
-    MeteredProductSpec,
-)
-from metering_operator.domain.selectors import to_query
-from metering_operator.domain.signature import ProductKey
 from metering_operator.gate.registrar import Registrar
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.pods import PodApi
 from metering_operator.kube.records import DenialRecords
-
-
-@dataclass(frozen=True)
-class ProductInfo:
-    namespace: str
-    name: str
-    uid: str
-    generation: int
-    spec: MeteredProductSpec
-    trusted: bool
-    public_key: RSAPublicKey | None
-    key_error: str | None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def mode(self) -> EntitlementMode:
-        return self.spec.entitlement.mode
-
-    @property
-    def cluster_scope(self) -> bool:
-        return self.spec.entitlement.scope is EntitlementScope.CLUSTER
-
-    @property
-    def selector(self) -> str:
-        return to_query(self.spec.selector)
-
-    @property
-    def active(self) -> bool:
-        """Whether pods are handled at all (trusted, key usable, mode not Off)."""
-        return self.trusted and self.public_key is not None and self.mode is not EntitlementMode.OFF
-
-    def product_key(self) -> ProductKey:
-        assert self.public_key is not None
-        return ProductKey(self.spec.product_code, self.spec.public_key_version, self.public_key)
-
-    def ref(self) -> dict[str, str]:
-        return {
-            "kind": KIND,
-            "apiVersion": API_VERSION,
-            "name": self.name,
-            "namespace": self.namespace,
-            "uid": self.uid,
-        }
 
 
 @dataclass

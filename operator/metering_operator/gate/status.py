@@ -32,7 +32,8 @@ from metering_operator.domain.conditions import (
 )
 from metering_operator.domain.product import API_VERSION, GROUP, KIND, PLURAL, VERSION, PodCounts
 from metering_operator.domain.readiness import ready_condition
-from metering_operator.gate.runtime import GateRuntime, ProductInfo
+from metering_operator.gate.product import ProductInfo
+from metering_operator.gate.runtime import GateRuntime
 from metering_operator.kube.pods import object_ref
 
 log = logging.getLogger(__name__)

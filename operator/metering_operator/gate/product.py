@@ -1,0 +1,69 @@
+"""The product as the gate sees it: one parsed, checked snapshot of a MeteredProduct.
+
+Kept apart from the runtime (clients, pools) so the pure state machine
+(:mod:`metering_operator.gate.machine`) depends on data only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+from metering_operator.domain.product import (
+    API_VERSION,
+    KIND,
+    EntitlementMode,
+    EntitlementScope,
+    MeteredProductSpec,
+)
+from metering_operator.domain.selectors import to_query
+from metering_operator.domain.signature import ProductKey
+
+
+@dataclass(frozen=True)
+class ProductInfo:
+    """Spec, trust and loaded public key of one MeteredProduct generation."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: MeteredProductSpec
+    trusted: bool
+    public_key: RSAPublicKey | None
+    key_error: str | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def mode(self) -> EntitlementMode:
+        return self.spec.entitlement.mode
+
+    @property
+    def cluster_scope(self) -> bool:
+        return self.spec.entitlement.scope is EntitlementScope.CLUSTER
+
+    @property
+    def selector(self) -> str:
+        return to_query(self.spec.selector)
+
+    @property
+    def active(self) -> bool:
+        """Whether pods are handled at all (trusted, key usable, mode not Off)."""
+        return self.trusted and self.public_key is not None and self.mode is not EntitlementMode.OFF
+
+    def product_key(self) -> ProductKey:
+        assert self.public_key is not None
+        return ProductKey(self.spec.product_code, self.spec.public_key_version, self.public_key)
+
+    def ref(self) -> dict[str, str]:
+        return {
+            "kind": KIND,
+            "apiVersion": API_VERSION,
+            "name": self.name,
+            "namespace": self.namespace,
+            "uid": self.uid,
+        }

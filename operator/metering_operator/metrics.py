@@ -80,3 +80,26 @@ METERED_QUANTITY = Counter(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+PIN_VIOLATIONS = Gauge(
+    "pin_violations",
+    "Fields where a MeteredProduct is weaker than the seller's pin (1 while violated; the pin is "
+    "obeyed instead), or that uses a product code pinned to another MeteredProduct.",
+    ["namespace", "product", "product_code", "field"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+PINNED_PRODUCT_MISSING = Gauge(
+    "pinned_product_missing",
+    "1 while the MeteredProduct a seller pin names does not exist (or is being deleted), else 0.",
+    ["namespace", "product", "product_code"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+SPEC_CHANGES = Counter(
+    "spec_changes_total",
+    "Changes of a MeteredProduct's product code, entitlement mode or scope, dryRun or dimensions, "
+    "by field and whether the change weakens the product.",
+    ["namespace", "product", "field", "weakens"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from metering_operator.domain.entitlement import UngatedPodAction
+from metering_operator.domain.pins import Pins
 
 
 class LogFormat(StrEnum):
@@ -27,6 +28,11 @@ class OperatorSettings(BaseModel):
     trusted_product_codes: frozenset[str] = Field(
         default=frozenset(),
         description="If non-empty, MeteredProducts whose productCode is not listed are refused.",
+    )
+    pins: Pins = Field(
+        default_factory=Pins,
+        description="Seller pins per product code (--pin, --pins-file): what a product must be, "
+        "whatever its MeteredProduct says.",
     )
     region: str = Field(description="AWS Region the cluster runs in; resolved at start-up, never hard-coded.")
     log_format: LogFormat = LogFormat.TEXT
@@ -76,3 +82,17 @@ class OperatorSettings(BaseModel):
     ledger_history: int = Field(default=48, ge=1, description="Closed ledger entries kept per dimension.")
     lease_name: str = Field(default="marketplace-metering-operator-leader")
     lease_duration_seconds: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _pins_fit(self) -> OperatorSettings:
+        for pin in self.pins.pins:
+            if self.namespaces and pin.namespace not in self.namespaces:
+                raise ValueError(
+                    f"the pin for product code {pin.product_code} names MeteredProduct {pin.key}, "
+                    f"in a namespace the operator does not watch ({', '.join(self.namespaces)})"
+                )
+            if self.trusted_product_codes and pin.product_code not in self.trusted_product_codes:
+                raise ValueError(
+                    f"pinned product code {pin.product_code} is not among the trusted product codes"
+                )
+        return self

@@ -410,6 +410,8 @@ def test_crd_cel_rules_sit_on_the_right_objects() -> None:
         "has(self.from) != has(self.fromLabel)"
     ]
     assert len(rules("spec.selector.matchExpressions.[]")) == 1
+    # The one transition rule: a product keeps its code (mirrored by transitions.immutable_changes).
+    assert rules("spec.productCode") == ["self == oldSelf"]
 
 
 def test_every_pattern_in_the_crd_compiles_and_accepts_the_sample() -> None:

@@ -57,6 +57,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="only MeteredProducts with one of these product codes are served; repeatable "
         "(also MMO_TRUSTED_PRODUCT_CODES, comma-separated). None given: every code is trusted.",
     )
+    pins = parser.add_argument_group("seller pins (what a MeteredProduct must be, see README)")
+    pins.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        dest="pins",
+        metavar="JSON",
+        help='a pin as a JSON object: {"productCode", "namespace", "name", "minMode", "scope", '
+        '"dimensions", "publicKey", "publicKeyVersion"}; repeatable',
+    )
+    pins.add_argument(
+        "--pins-file",
+        default=None,
+        metavar="PATH",
+        help="a YAML or JSON file with a list of pins (or {pins: [...]}), added to --pin",
+    )
     aws = parser.add_argument_group("AWS")
     aws.add_argument(
         "--region",
@@ -138,19 +154,77 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     meter.add_argument("--lease-duration-seconds", type=float, default=15.0)
 
 
+def load_pins(pin_args: list[str], pins_file: str | None) -> Any:
+    """Pins from ``--pin`` JSON objects and a ``--pins-file``; ValueError naming what is wrong."""
+    import json
+
+    import yaml
+    from pydantic import ValidationError
+
+    from metering_operator.domain.pins import Pins
+
+    items: list[Any] = []
+    for n, text in enumerate(pin_args, 1):
+        try:
+            items.append(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--pin #{n} is not a JSON object: {exc}") from None
+    if pins_file:
+        try:
+            loaded = yaml.safe_load(Path(pins_file).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"--pins-file {pins_file}: {exc}") from None
+        if isinstance(loaded, dict) and set(loaded) == {"pins"}:
+            loaded = loaded["pins"]
+        if not isinstance(loaded, list):
+            raise ValueError(f"--pins-file {pins_file}: expected a list of pins (or {{pins: [...]}})")
+        items.extend(loaded)
+    try:
+        return Pins.parse(items)
+    except ValidationError as exc:
+        raise ValueError(f"invalid pins: {_validation_text(exc)}") from None
+
+
+def _validation_text(exc: Any) -> str:
+    """pydantic's errors as one line: ``pin #2.minMode: Input should be ...``."""
+    parts = []
+    for error in exc.errors():
+        loc = list(error["loc"])
+        if len(loc) >= 2 and loc[0] == "pins" and isinstance(loc[1], int):
+            loc = [f"pin #{loc[1] + 1}", *loc[2:]]
+        where = ".".join(str(p) for p in loc)
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
 def build_settings(args: argparse.Namespace) -> Any:
     """OperatorSettings from the parsed flags; raises ValueError with a clear message."""
+    from pydantic import ValidationError
+
     from metering_operator.aws.region import resolve_region
-    from metering_operator.settings import LogFormat, OperatorSettings
 
     if args.all_namespaces and args.namespaces:
         raise ValueError("--all-namespaces and --namespace exclude each other")
+    pins = load_pins(args.pins, args.pins_file)
     region = resolve_region(args.region)
     trusted = frozenset(args.trusted_product_codes) | frozenset(_env_list("MMO_TRUSTED_PRODUCT_CODES"))
     identity = args.operator_identity or f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        return _settings(args, pins, region, trusted, identity)
+    except ValidationError as exc:
+        raise ValueError(_validation_text(exc)) from None
+
+
+def _settings(
+    args: argparse.Namespace, pins: Any, region: str, trusted: frozenset[str], identity: str
+) -> Any:
+    from metering_operator.settings import LogFormat, OperatorSettings
+
     return OperatorSettings(
         namespaces=tuple(dict.fromkeys(args.namespaces)),
         trusted_product_codes=trusted,
+        pins=pins,
         region=region,
         log_format=LogFormat(args.log_format),
         metrics_port=args.metrics_port,
@@ -256,7 +330,7 @@ def main(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from metering_operator import metrics
-    from metering_operator.handlers import entitlement, metering  # noqa: F401
+    from metering_operator.handlers import entitlement, metering, pins  # noqa: F401
 
     _configure_logging(settings, args.verbose)
     if settings.metrics_port:
@@ -287,10 +361,11 @@ def main(args: argparse.Namespace) -> int:
 
     memo = kopf.Memo(settings=settings, clock=clock, gate_runtime=entitlement.build_runtime(settings, clock))
     log.info(
-        "starting: region=%s namespaces=%s trusted=%s webhook=%s",
+        "starting: region=%s namespaces=%s trusted=%s pinned=%s webhook=%s",
         settings.region,
         ",".join(settings.namespaces) or "(all)",
         ",".join(sorted(settings.trusted_product_codes)) or "(any)",
+        ",".join(p.product_code for p in settings.pins.pins) or "(none)",
         settings.webhook_url or ("on" if settings.webhook_enabled else "off"),
     )
     kopf.run(

@@ -533,6 +533,11 @@ class Metering(_SpecModel):
         return self
 
 
+PRODUCT_CODE_IMMUTABLE = (
+    "productCode is immutable: a MeteredProduct keeps the product code it was created with "
+    "(create a new MeteredProduct for another product)"
+)
+
 _MODE_OFF = "has(self.entitlement) && has(self.entitlement.mode) && self.entitlement.mode == 'Off'"
 _NO_DIMENSIONS_MESSAGE = (
     "entitlement.mode Off needs at least one metering dimension: otherwise the product is neither "
@@ -567,7 +572,11 @@ class MeteredProductSpec(_SpecModel):
         max_length=PRODUCT_CODE_MAX_LENGTH,
         pattern=PRODUCT_CODE_PATTERN,
         description="The AWS Marketplace product code of the listing. Must be in the operator's "
-        "trusted product codes if the operator has a list.",
+        "trusted product codes if the operator has a list. Immutable: set when the MeteredProduct "
+        "is created, never changed (a transition rule refuses the update).",
+        # A transition rule (oldSelf): only an update can break it, so no single-object validator
+        # mirrors it; domain.transitions.immutable_changes does, for two specs.
+        json_schema_extra={"x-kubernetes-validations": [_cel("self == oldSelf", PRODUCT_CODE_IMMUTABLE)]},
     )
     public_key_version: int = Field(
         strict=True,  # the API server refuses "1" for an integer; so do the models
@@ -777,6 +786,18 @@ class Registration(_StatusModel):
     last_error: str | None = Field(default=None, description="The last call's error, if it failed.")
 
 
+class ObservedSpec(_StatusModel):
+    """The spec fields that decide how much the product protects the seller, as last seen."""
+
+    product_code: str = Field(max_length=PRODUCT_CODE_MAX_LENGTH, description="spec.productCode.")
+    mode: EntitlementMode = Field(description="spec.entitlement.mode.")
+    scope: EntitlementScope = Field(description="spec.entitlement.scope.")
+    dry_run: bool = Field(description="spec.metering.dryRun.")
+    dimensions: list[Annotated[str, Field(max_length=DIMENSION_NAME_MAX_LENGTH)]] = Field(
+        default_factory=list, max_length=MAX_DIMENSIONS, description="spec.metering.dimensions names."
+    )
+
+
 class MeteredProductStatus(_StatusModel):
     """What the operator observed and did; written only by the operator."""
 
@@ -794,6 +815,12 @@ class MeteredProductStatus(_StatusModel):
     )
     metering: MeteringStatus = Field(
         default_factory=MeteringStatus, description="Hourly metering state and ledger."
+    )
+    observed_spec: ObservedSpec | None = Field(
+        default=None,
+        description="Product code, entitlement mode and scope, dryRun and dimension names as the "
+        "operator last saw them in the spec (as written, before any seller pin): a change to any of "
+        "them is reported with an Event, also when it happened while the operator was down.",
     )
 
     def condition(self, type_: str) -> Condition | None:

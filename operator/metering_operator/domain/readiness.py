@@ -8,6 +8,11 @@ The rule, first match wins:
 
 1. the spec does not parse                      -> False ``InvalidSpec``
 2. the product code is not trusted               -> False ``UntrustedProductCode``
+   the product code is pinned to another MeteredProduct
+                                                 -> False ``PinnedElsewhere``
+   the spec is weaker than the seller's pin (the pin is obeyed instead)
+                                                 -> False ``PinViolated``, naming the fields
+                                                    (:mod:`metering_operator.domain.pins`)
 3. entitlement needs the public key, and it does not load
                                                  -> False ``PublicKeyUnavailable``
 4. the product meters (has dimensions) and its ``Metering`` condition is False for a reason
@@ -41,6 +46,7 @@ def ready_condition(
     *,
     spec_error: str | None = None,
     trusted: bool = True,
+    pinned: ConditionSpec | None = None,
     product_code: str = "",
     key_error: str | None = None,
     meters: bool = False,
@@ -50,7 +56,8 @@ def ready_condition(
 
     ``key_error`` is the reason the public key does not load, or None when it loads or
     entitlement does not need it (mode Off). ``metering`` is the product's current Metering
-    condition (None when absent).
+    condition (None when absent). ``pinned`` is the pins' verdict
+    (:meth:`metering_operator.domain.pins.Resolution.ready`), None when the pin is met or absent.
     """
     if spec_error is not None:
         return ConditionSpec(READY, "False", "InvalidSpec", spec_error)
@@ -62,6 +69,8 @@ def ready_condition(
             f"product code {product_code!r} is not in the operator's trusted product codes; "
             "its pods are neither gated nor registered, nor is it metered",
         )
+    if pinned is not None:
+        return pinned
     if key_error:
         return ConditionSpec(READY, "False", "PublicKeyUnavailable", key_error)
     if meters and metering is not None and metering_rejects(metering):

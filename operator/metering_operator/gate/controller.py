@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from metering_operator import metrics
 from metering_operator.domain import entitlement as ent
 from metering_operator.domain.conditions import get_condition
+from metering_operator.domain.pins import resolve
 from metering_operator.domain.product import EntitlementMode, MeteredProductSpec
 from metering_operator.domain.readiness import metering_rejects
 from metering_operator.domain.signature import SignatureError, load_public_key
@@ -242,6 +243,9 @@ class ProductController:
             log.error("MeteredProduct %s/%s has an invalid spec: %s", self.namespace, self.name, exc)
             self.dispatch(m.ProductChanged(None))
             return
+        # The seam: from here on the gate sees the effective spec, the seller's pins applied.
+        resolution = resolve(self.rt.pins, self.namespace, self.name, spec)
+        spec = resolution.spec
         trusted = not self.rt.trusted_product_codes or spec.product_code in self.rt.trusted_product_codes
         public_key, key_error = self._load_key(spec)
         if (
@@ -260,6 +264,7 @@ class ProductController:
             trusted=trusted,
             public_key=public_key,
             key_error=key_error,
+            resolution=resolution,
         )
         if info.selector != self._watch_selector:
             self._restart_watch(info.selector)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from metering_operator.domain.pins import Resolution
 from metering_operator.domain.product import (
     API_VERSION,
     KIND,
@@ -33,6 +34,8 @@ class ProductInfo:
     trusted: bool
     public_key: RSAPublicKey | None
     key_error: str | None
+    #: How the seller's pins apply (``spec`` is already the effective spec); None: not resolved.
+    resolution: Resolution | None = None
 
     @property
     def key(self) -> str:
@@ -52,8 +55,18 @@ class ProductInfo:
 
     @property
     def active(self) -> bool:
-        """Whether pods are handled at all (trusted, key usable, mode not Off)."""
-        return self.trusted and self.public_key is not None and self.mode is not EntitlementMode.OFF
+        """Whether pods are handled at all (trusted, obeyed, key usable, mode not Off)."""
+        return (
+            self.trusted
+            and self.obeyed
+            and self.public_key is not None
+            and self.mode is not EntitlementMode.OFF
+        )
+
+    @property
+    def obeyed(self) -> bool:
+        """False when the product's code is pinned to another MeteredProduct."""
+        return self.resolution is None or self.resolution.obeyed
 
     def product_key(self) -> ProductKey:
         assert self.public_key is not None

@@ -12,12 +12,13 @@ Kubernetes call). Neither ever sleeps: retries are timers of the products' state
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubernetes import client
 
 from metering_operator.domain.clock import Clock
 from metering_operator.domain.entitlement import UngatedPodAction
+from metering_operator.domain.pins import Pins
 from metering_operator.gate.registrar import Registrar
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.pods import PodApi
@@ -38,6 +39,7 @@ class GateRuntime:
     trusted_product_codes: frozenset[str]
     records: DenialRecords
     ungated_pod_action: UngatedPodAction = UngatedPodAction.EVICT
+    pins: Pins = field(default_factory=Pins)
     post_grant_events: bool = True
     _kube_system_uid: str | None = None
 

@@ -68,6 +68,7 @@ def gate_conditions(
         )
     ready = ready_condition(
         trusted=info.trusted,
+        pinned=info.resolution.ready() if info.resolution is not None else None,
         product_code=info.spec.product_code,
         key_error=info.key_error,
         meters=bool(info.spec.metering.dimensions),
@@ -75,6 +76,8 @@ def gate_conditions(
     )
     if not info.trusted:
         return ready, ConditionSpec("Entitled", "False", "UntrustedProductCode", ready.message)
+    if not info.obeyed:
+        return ready, ConditionSpec("Entitled", "False", ready.reason, ready.message)
     entitled = ent.entitled_condition(
         info.mode,
         view.counts,

@@ -23,6 +23,7 @@ import kopf
 
 from metering_operator.domain import entitlement as ent
 from metering_operator.domain.clock import Clock, SystemClock
+from metering_operator.domain.pins import resolve
 from metering_operator.domain.product import (
     GROUP,
     PLURAL,
@@ -66,6 +67,7 @@ def build_runtime(settings: OperatorSettings, clock: Clock | None = None) -> Gat
         trusted_product_codes=settings.trusted_product_codes,
         records=DenialRecords(api, settings.operator_namespace),
         ungated_pod_action=settings.ungated_pod_action,
+        pins=settings.pins,
     )
 
 
@@ -81,7 +83,12 @@ def gate_products(namespace: str | None, name: str, spec: Any, memo: Any, **_: A
     except ValueError:
         return {}
     settings: OperatorSettings = memo.settings
-    trusted = not settings.trusted_product_codes or parsed.product_code in settings.trusted_product_codes
+    # The effective spec: a pinned product keeps its pinned minimum mode here too.
+    resolution = resolve(settings.pins, namespace or "", name, parsed)
+    parsed = resolution.spec
+    trusted = resolution.obeyed and (
+        not settings.trusted_product_codes or parsed.product_code in settings.trusted_product_codes
+    )
     return {namespace or "": (f"{namespace}/{name}", parsed.entitlement.mode, trusted, parsed.selector)}
 
 

@@ -47,6 +47,7 @@ from metering_operator.domain import ledger
 from metering_operator.domain.aggregation import Aggregation, Rounding
 from metering_operator.domain.clock import Clock, SystemClock, hour_start
 from metering_operator.domain.conditions import get_condition, set_condition
+from metering_operator.domain.pins import Pins, effective
 from metering_operator.domain.product import GROUP, PLURAL, VERSION, MeteredProduct, MeteringStatus
 from metering_operator.domain.sampling import Source, TagRule, measure
 from metering_operator.kube.apiclient import new_api_client
@@ -151,9 +152,15 @@ class MeteringRuntime:
         """
         stale = time.monotonic() - self._owners_read > OWNERS_REFRESH_SECONDS
         if stale or product_code not in self._owners:
-            self._owners = metering_owners(self.store.list_products(self.settings.namespaces))
+            self._owners = metering_owners(
+                self.store.list_products(self.settings.namespaces), self.settings.pins
+            )
             self._owners_read = time.monotonic()
         return self._owners.get(product_code)
+
+    def _product(self, obj: Mapping[str, Any]) -> MeteredProduct:
+        """The seam: the product as metering obeys it (the seller's pins applied)."""
+        return effective(self.settings.pins, MeteredProduct.from_kube(obj))
 
     def release(self, namespace: str, name: str) -> None:
         """The product was deleted or stopped metering: drop its informers, gauges and state."""
@@ -185,7 +192,7 @@ class MeteringRuntime:
         key = f"{namespace}/{name}"
         obj = self.store.read(namespace, name)
         try:
-            product = MeteredProduct.from_kube(obj)
+            product = self._product(obj)
         except ValueError as exc:
             log.warning("%s/%s: cannot meter an invalid MeteredProduct: %s", namespace, name, exc)
             return None
@@ -271,11 +278,18 @@ class MeteringRuntime:
     def _refuse_duplicate(
         self, obj: dict[str, Any], plan: ProductPlan, owner: tuple[str, str], now: datetime
     ) -> None:
-        message = (
-            f"product code {plan.product.spec.product_code} is already metered by MeteredProduct "
-            f"{owner[0]}/{owner[1]}; AWS keeps one record per product code, dimension and hour, so "
-            "this one is not metered"
-        )
+        code = plan.product.spec.product_code
+        if self.settings.pins.for_code(code) is not None:
+            message = (
+                f"product code {code} is pinned to MeteredProduct {owner[0]}/{owner[1]} by the "
+                "seller; this one is not metered"
+            )
+        else:
+            message = (
+                f"product code {code} is already metered by MeteredProduct "
+                f"{owner[0]}/{owner[1]}; AWS keeps one record per product code, dimension and hour, "
+                "so this one is not metered"
+            )
         status = dict(obj.get("status") or {})
         before = get_condition(status.get("conditions"), "Metering")
         if before and (before.get("reason"), before.get("message")) == ("DuplicateProductCode", message):
@@ -296,7 +310,7 @@ class MeteringRuntime:
     def _send_due(self, obj: dict[str, Any]) -> None:
         """Send what is due, starting from ``obj`` as just read or written (its resourceVersion)."""
         namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-        product = MeteredProduct.from_kube(obj)
+        product = self._product(obj)
         plan = ProductPlan.of(product)
         now = self.clock.now()
         status = product.status.metering
@@ -397,7 +411,7 @@ class MeteringRuntime:
         """Apply an outcome to a fresh read, retrying on conflicts: an outcome is never lost."""
 
         def apply(obj: dict[str, Any]) -> dict[str, Any] | None:
-            product = MeteredProduct.from_kube(obj)
+            product = self._product(obj)
             current = product.status.metering
             try:
                 found = ledger.find(current, entry.hour, entry.dimension)
@@ -438,8 +452,12 @@ class MeteringRuntime:
                 )
 
 
-def metering_owners(products: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
-    """Product code -> (namespace, name) of the oldest MeteredProduct with dimensions using it."""
+def metering_owners(
+    products: Sequence[Mapping[str, Any]], pins: Pins | None = None
+) -> dict[str, tuple[str, str]]:
+    """Product code -> (namespace, name) of the MeteredProduct that meters it: the pinned one for a
+    pinned code (whatever exists, however old), otherwise the oldest with dimensions using it."""
+    pinned = {p.product_code: (p.namespace, p.name) for p in (pins.pins if pins else ())}
     candidates: dict[str, tuple[str, str, str]] = {}
     for item in products:
         meta = item.get("metadata") or {}
@@ -454,7 +472,7 @@ def metering_owners(products: Sequence[Mapping[str, Any]]) -> dict[str, tuple[st
         )
         if code and (code not in candidates or key < candidates[code]):
             candidates[code] = key
-    return {code: (key[1], key[2]) for code, key in candidates.items()}
+    return {code: (key[1], key[2]) for code, key in candidates.items()} | pinned
 
 
 def _values_changed(before: MeteringStatus, after: MeteringStatus) -> bool:
@@ -547,8 +565,14 @@ def runtime(memo: Any) -> MeteringRuntime:
         return _runtime
 
 
-def _has_dimensions(spec: Mapping[str, Any], **_: Any) -> bool:
-    return bool((spec.get("metering") or {}).get("dimensions"))
+def _has_dimensions(spec: Mapping[str, Any], namespace: str | None, name: str, memo: Any, **_: Any) -> bool:
+    """Whether the product meters: its effective spec has dimensions (a pinned product keeps its
+    pinned dimensions when the buyer removes them, so its daemon keeps running)."""
+    if (spec.get("metering") or {}).get("dimensions"):
+        return True
+    settings: OperatorSettings | None = getattr(memo, "settings", None)
+    pin = settings.pins.at(namespace or "", name) if settings is not None else None
+    return pin is not None and bool(pin.dimensions)
 
 
 def interval_for(settings: OperatorSettings, spec: Mapping[str, Any]) -> float:

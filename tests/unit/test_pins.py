@@ -1,0 +1,373 @@
+"""Seller pins (domain/pins.py) and spec transitions (domain/transitions.py): pure, no cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import cache
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import ValidationError
+
+from metering_operator.commands import run
+from metering_operator.domain import transitions
+from metering_operator.domain.pins import Pin, Pins, effective, resolve
+from metering_operator.domain.product import (
+    PRODUCT_CODE_IMMUTABLE,
+    EntitlementMode,
+    EntitlementScope,
+    MeteredProduct,
+    MeteredProductSpec,
+)
+from metering_operator.domain.readiness import ready_condition
+from metering_operator.handlers.metering import metering_owners
+
+CODE = "pinnedproduct0001"
+REPLICAS = {"name": "replicas", "source": "Replicas", "aggregation": "Average", "rounding": "Up"}
+VCPU = {"name": "vcpu", "source": "CPURequests", "aggregation": "Maximum", "rounding": "Decimal"}
+
+
+@cache
+def pem(n: int = 0) -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def pin(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "productCode": CODE,
+        "namespace": "shop",
+        "name": "db",
+        "minMode": "Enforce",
+        "scope": "Pod",
+        "dimensions": [REPLICAS, VCPU],
+        "publicKey": pem(),
+        "publicKeyVersion": 2,
+    }
+    base.update(overrides)
+    return base
+
+
+def pins(*items: dict[str, Any]) -> Pins:
+    return Pins.parse(list(items) or [pin()])
+
+
+def spec(**overrides: Any) -> MeteredProductSpec:
+    base: dict[str, Any] = {
+        "productCode": CODE,
+        "publicKeyVersion": 2,
+        "publicKey": {"pem": pem()},
+        "selector": {"matchLabels": {"app": "db"}},
+        "entitlement": {"mode": "Enforce", "scope": "Pod"},
+        "metering": {"dimensions": [REPLICAS, VCPU]},
+    }
+    for key, value in overrides.items():
+        if key in ("entitlement", "metering"):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return MeteredProductSpec.model_validate(base)
+
+
+# --- parsing -----------------------------------------------------------------------------------------
+
+
+def test_a_complete_pin_parses_with_camel_case_keys() -> None:
+    parsed = pins().pins[0]
+    assert (parsed.key, parsed.min_mode, parsed.scope) == (
+        "shop/db",
+        EntitlementMode.ENFORCE,
+        EntitlementScope.POD,
+    )
+    assert [d.name for d in parsed.dimensions] == ["replicas", "vcpu"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"minMode": "Strict"}, "Input should be 'Enforce', 'Audit' or 'Off'"),
+        ({"scope": "Node"}, "Input should be 'Pod' or 'Cluster'"),
+        ({"productCode": "has space"}, "should match pattern"),
+        ({"namespace": "Shop"}, "should match pattern"),
+        ({"publicKey": None, "publicKeyVersion": None}, "minMode Enforce needs publicKey"),
+        ({"publicKeyVersion": None}, "publicKey and publicKeyVersion are pinned together"),
+        ({"publicKey": "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n"}, "not a valid PEM"),
+        ({"dimensions": [REPLICAS, REPLICAS]}, "duplicate dimension names: replicas"),
+        ({"dimensions": [{"name": "x", "source": "Nodes"}]}, "Input should be 'Replicas'"),
+        ({"dimensionz": []}, "Extra inputs are not permitted"),
+    ],
+)
+def test_malformed_pins_are_refused_naming_the_problem(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        pins(pin(**change))
+
+
+def test_an_ec_key_is_refused_as_not_rsa() -> None:
+    ec_pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    with pytest.raises(ValidationError, match="must be RSA"):
+        pins(pin(publicKey=ec_pem))
+
+
+def test_two_pins_for_one_code_or_one_product_are_refused() -> None:
+    with pytest.raises(ValidationError, match=f"more than one pin for product code {CODE}"):
+        pins(pin(), pin(name="other"))
+    with pytest.raises(ValidationError, match="more than one pin for MeteredProduct shop/db"):
+        pins(pin(), pin(productCode="othercode"))
+
+
+def test_minimum_off_needs_no_key() -> None:
+    parsed = pins(pin(minMode="Off", publicKey=None, publicKeyVersion=None)).pins[0]
+    assert parsed.public_key is None
+
+
+# --- the CLI -----------------------------------------------------------------------------------------
+
+
+def parse_run(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    run.configure_parser(parser)
+    return parser.parse_args(["--region", "eu-north-7", *argv])
+
+
+def test_pin_flags_and_a_pins_file_are_merged(tmp_path: Any) -> None:
+    path = tmp_path / "pins.yaml"
+    path.write_text(json.dumps({"pins": [pin(productCode="second", name="db2")]}))
+    settings = run.build_settings(parse_run("--pin", json.dumps(pin()), "--pins-file", str(path)))
+    assert [p.product_code for p in settings.pins.pins] == [CODE, "second"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--pin", "{not json"], "--pin #1 is not a JSON object"),
+        (["--pin", json.dumps(pin(minMode="Never"))], "pin #1.minMode: Input should be"),
+        (["--pin", json.dumps(pin()), "-n", "elsewhere"], "in a namespace the operator does not watch"),
+        (
+            ["--pin", json.dumps(pin()), "--trusted-product-code", "another"],
+            f"pinned product code {CODE} is not among the trusted product codes",
+        ),
+        (["--pins-file", "/nonexistent/pins.yaml"], "--pins-file /nonexistent/pins.yaml"),
+    ],
+)
+def test_bad_pin_flags_are_a_clear_error_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        run.build_settings(parse_run(*argv))
+    assert run.main(parse_run(*argv)) == 2
+    assert message.split(":")[0] in capsys.readouterr().err
+
+
+# --- resolution --------------------------------------------------------------------------------------
+
+
+def test_without_pins_the_spec_is_obeyed_as_written() -> None:
+    weak = spec(entitlement={"mode": "Audit", "scope": "Cluster"}, metering={"dryRun": True})
+    resolution = resolve(Pins(), "shop", "db", weak)
+    assert resolution.spec is weak
+    assert (resolution.violations, resolution.refusal, resolution.ready()) == ((), None, None)
+
+
+def test_a_product_that_meets_its_pin_has_no_violation() -> None:
+    resolution = resolve(pins(), "shop", "db", spec())
+    assert resolution.violations == ()
+    assert resolution.ready() is None
+    assert resolution.spec == spec()
+
+
+@pytest.mark.parametrize(
+    ("weaker", "field", "message"),
+    [
+        (
+            {"entitlement": {"mode": "Audit"}},
+            "spec.entitlement.mode",
+            "spec.entitlement.mode is Audit, pinned minimum Enforce",
+        ),
+        (
+            {"entitlement": {"mode": "Off"}, "publicKey": None},
+            "spec.entitlement.mode",
+            "spec.entitlement.mode is Off, pinned minimum Enforce",
+        ),
+        (
+            {"entitlement": {"scope": "Cluster"}},
+            "spec.entitlement.scope",
+            "spec.entitlement.scope is Cluster, pinned Pod",
+        ),
+        ({"metering": {"dryRun": True}}, "spec.metering.dryRun", "spec.metering.dryRun is true"),
+        (
+            {"metering": {"dimensions": [REPLICAS]}},
+            "spec.metering.dimensions",
+            "lacks pinned dimension(s) vcpu",
+        ),
+        (
+            {"metering": {"dimensions": []}},
+            "spec.metering.dimensions",
+            "lacks pinned dimension(s) replicas, vcpu",
+        ),
+        (
+            {"metering": {"dimensions": [{**REPLICAS, "rounding": "Down"}, VCPU]}},
+            "spec.metering.dimensions",
+            "replicas is Replicas/Average/Down, pinned Replicas/Average/Up",
+        ),
+        ({"publicKeyVersion": 1}, "spec.publicKeyVersion", "spec.publicKeyVersion is 1, pinned 2"),
+        ({"publicKey": {"pem": pem(1)}}, "spec.publicKey", "not the pinned public key"),
+        ({"productCode": "decoycode"}, "spec.productCode", f"spec.productCode is decoycode, pinned {CODE}"),
+    ],
+)
+def test_each_weaker_field_is_not_obeyed_and_is_named(
+    weaker: dict[str, Any], field: str, message: str
+) -> None:
+    resolution = resolve(pins(), "shop", "db", spec(**weaker))
+    assert [v.field for v in resolution.violations] == [field]
+    assert message in resolution.violations[0].message
+    # The pin wins: whatever was weakened, the effective spec is exactly the pinned product.
+    assert resolution.spec == spec()
+    ready = resolution.ready()
+    assert ready is not None
+    assert (ready.type, ready.status, ready.reason) == ("Ready", "False", "PinViolated")
+    assert message in ready.message
+    assert ready_condition(pinned=ready, trusted=True) == ready
+
+
+def test_everything_weakened_at_once_is_every_field_reported() -> None:
+    weak = spec(
+        entitlement={"mode": "Audit", "scope": "Cluster"},
+        metering={"dimensions": [], "dryRun": True},
+        publicKeyVersion=1,
+    )
+    resolution = resolve(pins(), "shop", "db", weak)
+    assert {v.field for v in resolution.violations} == {
+        "spec.entitlement.mode",
+        "spec.entitlement.scope",
+        "spec.metering.dimensions",
+        "spec.metering.dryRun",
+        "spec.publicKeyVersion",
+    }
+    assert resolution.spec == spec()
+
+
+def test_stronger_than_the_pin_is_obeyed_and_extra_dimensions_are_kept() -> None:
+    extra = {"name": "memory", "source": "MemoryRequestsGiB"}
+    relaxed = pins(pin(minMode="Audit", dimensions=[REPLICAS]))
+    resolution = resolve(relaxed, "shop", "db", spec(metering={"dimensions": [REPLICAS, VCPU, extra]}))
+    assert resolution.violations == ()
+    assert resolution.spec.entitlement.mode is EntitlementMode.ENFORCE
+    assert [d.name for d in resolution.spec.metering.dimensions] == ["replicas", "vcpu", "memory"]
+
+
+def test_a_key_from_a_config_map_is_replaced_by_the_pinned_key_without_a_violation() -> None:
+    from_cm = spec(publicKey={"configMapKeyRef": {"name": "keys", "key": "pem"}})
+    resolution = resolve(pins(), "shop", "db", from_cm)
+    assert resolution.violations == ()
+    assert resolution.spec.public_key is not None
+    assert resolution.spec.public_key.pem == pem()
+
+
+def test_a_pinned_code_elsewhere_is_not_obeyed_at_all() -> None:
+    resolution = resolve(pins(), "other", "decoy", spec())
+    assert not resolution.obeyed
+    ready = resolution.ready()
+    assert ready is not None
+    assert (ready.status, ready.reason) == ("False", "PinnedElsewhere")
+    assert f"product code {CODE} is pinned to MeteredProduct shop/db" in ready.message
+    # An unpinned code elsewhere is untouched.
+    assert resolve(pins(), "other", "decoy", spec(productCode="unpinned")).obeyed
+
+
+def test_effective_product_keeps_metadata_and_status() -> None:
+    obj = {
+        "metadata": {"name": "db", "namespace": "shop", "uid": "u1", "generation": 3},
+        "spec": spec(metering={"dryRun": True, "dimensions": []}).to_kube(),
+    }
+    product = effective(pins(), MeteredProduct.from_kube(obj))
+    assert product.metadata.uid == "u1"
+    assert product.spec == spec()
+
+
+def test_the_pinned_product_owns_metering_of_its_code_not_the_oldest() -> None:
+    def item(ns: str, name: str, created: str, code: str = CODE) -> dict[str, Any]:
+        return {
+            "metadata": {"namespace": ns, "name": name, "creationTimestamp": created},
+            "spec": {"productCode": code, "metering": {"dimensions": [REPLICAS]}},
+        }
+
+    decoy, real = item("other", "decoy", "2026-01-01T00:00:00Z"), item("shop", "db", "2026-06-01T00:00:00Z")
+    assert metering_owners([decoy, real])[CODE] == ("other", "decoy")  # unpinned: the oldest wins
+    assert metering_owners([decoy, real], pins())[CODE] == ("shop", "db")
+    # Even while the pinned product is missing, the decoy does not take over.
+    assert metering_owners([decoy], pins())[CODE] == ("shop", "db")
+
+
+# --- transitions -------------------------------------------------------------------------------------
+
+
+def test_each_protection_change_is_one_change_weakening_or_not() -> None:
+    base = transitions.observe(spec())
+    cases = {
+        "spec.entitlement.mode": (spec(entitlement={"mode": "Audit"}), True, "Enforce", "Audit"),
+        "spec.entitlement.scope": (spec(entitlement={"scope": "Cluster"}), True, "Pod", "Cluster"),
+        "spec.metering.dryRun": (spec(metering={"dryRun": True}), True, "false", "true"),
+        "spec.metering.dimensions": (spec(metering={"dimensions": [VCPU]}), True, "replicas,vcpu", "vcpu"),
+        "spec.productCode": (spec(productCode="other"), True, CODE, "other"),
+    }
+    for field, (changed, weakens, old, new) in cases.items():
+        found = transitions.changes(base, transitions.observe(changed))
+        assert [(c.field, c.weakens, c.old, c.new) for c in found] == [(field, weakens, old, new)]
+        back = transitions.changes(transitions.observe(changed), base)
+        assert [(c.field, c.weakens) for c in back] == [(field, field == "spec.productCode")]
+    assert transitions.changes(base, base) == []
+    assert transitions.changes(None, base) == []
+
+
+def test_audit_to_off_weakens_and_off_to_audit_does_not() -> None:
+    audit = transitions.observe(spec(entitlement={"mode": "Audit"}))
+    off = transitions.observe(spec(entitlement={"mode": "Off"}, publicKey=None))
+    assert [c.weakens for c in transitions.changes(audit, off)] == [True]
+    assert [c.weakens for c in transitions.changes(off, audit)] == [False]
+    assert transitions.changes(audit, off)[0].message == "spec.entitlement.mode changed from Audit to Off"
+
+
+@pytest.mark.parametrize(
+    ("changed", "status", "reason"),
+    [
+        (spec(), "True", "Enforced"),
+        (spec(entitlement={"mode": "Audit"}), "False", "EntitlementAudit"),
+        (spec(entitlement={"mode": "Off"}, publicKey=None), "False", "EntitlementOff"),
+        (spec(entitlement={"scope": "Cluster"}), "False", "ClusterScope"),
+        (spec(metering={"dryRun": True}), "False", "DryRun"),
+        (
+            spec(entitlement={"mode": "Audit", "scope": "Cluster"}, metering={"dryRun": True}),
+            "False",
+            "EntitlementAudit,ClusterScope,DryRun",
+        ),
+    ],
+)
+def test_enforced_condition_names_every_weakness(
+    changed: MeteredProductSpec, status: str, reason: str
+) -> None:
+    condition = transitions.enforced_condition(changed)
+    assert (condition.type, condition.status, condition.reason) == ("Enforced", status, reason)
+    assert CODE in condition.message
+
+
+def test_a_product_not_obeyed_is_not_enforced() -> None:
+    condition = transitions.enforced_condition(spec(), obeyed=False)
+    assert (condition.status, condition.reason) == ("False", "NotObeyed")
+
+
+def test_product_code_is_immutable_in_the_models_mirror_of_the_cel_rule() -> None:
+    assert transitions.immutable_changes(spec(), spec(productCode="other")) == [PRODUCT_CODE_IMMUTABLE]
+    assert transitions.immutable_changes(spec(), spec(entitlement={"mode": "Audit"})) == []
+    assert Pin.model_validate(pin()).key == "shop/db"

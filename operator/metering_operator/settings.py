@@ -68,6 +68,14 @@ class OperatorSettings(BaseModel):
         default="marketplace-metering-operator",
         description="Name of the MutatingWebhookConfiguration the operator manages in local mode.",
     )
+    admission_policies: bool = Field(
+        default=False,
+        description="Local mode: install the admission policies bound to the operator's own identity.",
+    )
+    admission_policy_prefix: str = Field(
+        default="marketplace-metering-operator",
+        description="Name prefix and policy-set label of the admission policies installed in local mode.",
+    )
     token_expiration_seconds: int = Field(default=600, ge=600)
     ungated_pod_action: UngatedPodAction = Field(
         default=UngatedPodAction.EVICT,

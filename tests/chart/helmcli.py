@@ -19,13 +19,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "marketplace-metering-operator"
 CRD_SOURCE = REPO / "manifests" / "crd"
+POLICY_SOURCE = REPO / "manifests" / "admission" / "policy-fragments.yaml"
+CHART_POLICIES = CHART / "files" / "admission-policies.yaml"
 INSTALL_BUNDLE = REPO / "manifests" / "install" / "marketplace-metering-operator.yaml"
 # The release name and namespace the install bundle is rendered for.
 BUNDLE_RELEASE = "marketplace-metering-operator"
 BUNDLE_NAMESPACE = "marketplace-metering"
-# The plain-YAML bundle cannot generate a private key per install, and committing one would give
-# every cluster that applies it the same webhook key; so it takes its certificate from cert-manager.
-BUNDLE_SET = ("webhook.certificate.source=certManager",)
+# The plain-YAML bundle targets Kubernetes >= 1.36, where a MutatingAdmissionPolicy adds the gate:
+# no webhook, so no private key to generate per install (committing one would give every cluster
+# the same key) and no cert-manager. Older servers: install the chart, which picks the webhook.
+BUNDLE_SET = ("admissionPolicies.gate=policy",)
 
 
 class HelmError(RuntimeError):

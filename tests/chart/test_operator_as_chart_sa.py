@@ -24,7 +24,6 @@ from devtools.cluster import ClusterInfo
 from kubernetes import client
 
 from tests.chart.helmcli import Helm
-from tests.chart.test_rbac import token_kubeconfig
 from tests.conftest import temporary_namespace
 from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importing them)
     BUYER_ROLE,
@@ -35,6 +34,7 @@ from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importi
     operator,
 )
 from tests.emulator.harness import EmulatorProcess
+from tests.identities import token_kubeconfig
 
 pytestmark = pytest.mark.cluster
 

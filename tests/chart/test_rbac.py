@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from devtools.cluster import ClusterInfo
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from tests.chart.helmcli import Helm
 from tests.conftest import temporary_namespace
+from tests.identities import token_kubeconfig
 
 pytestmark = pytest.mark.cluster
 
@@ -167,38 +167,6 @@ def can_i(api: client.ApiClient, access: Access) -> bool:
         )
     )
     return bool(review.status.allowed)
-
-
-def token_kubeconfig(
-    cluster: ClusterInfo, kube: client.ApiClient, namespace: str, sa: str, path: Path
-) -> Path:
-    """A kubeconfig that authenticates only with a fresh token of the chart's ServiceAccount."""
-    request = client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[cluster.issuer], expiration_seconds=3600)
-    )
-    token = (
-        client.CoreV1Api(kube).create_namespaced_service_account_token(sa, namespace, request).status.token
-    )
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "local",
-                        "cluster": {"server": cluster.server, "certificate-authority": str(cluster.ca_file)},
-                    }
-                ],
-                "users": [{"name": sa, "user": {"token": token}}],
-                "contexts": [
-                    {"name": "operator", "context": {"cluster": "local", "user": sa, "namespace": namespace}}
-                ],
-                "current-context": "operator",
-            }
-        )
-    )
-    return path
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import difflib
 
 import yaml
 
-from tests.chart.helmcli import CHART, CRD_SOURCE, INSTALL_BUNDLE, Helm
+from tests.chart.helmcli import CHART, CHART_POLICIES, CRD_SOURCE, INSTALL_BUNDLE, POLICY_SOURCE, Helm
 from tests.chart.sync import render_bundle
 
 HINT = "run `.venv/bin/python -m tests.chart.sync`"
@@ -29,6 +29,14 @@ def test_chart_crds_are_identical_to_manifests() -> None:
         for doc in yaml.safe_load_all(content):
             if doc:
                 assert doc["kind"] == "CustomResourceDefinition"
+
+
+def test_chart_policy_fragments_are_identical_to_manifests() -> None:
+    assert POLICY_SOURCE.is_file(), f"{POLICY_SOURCE} is missing: run `make manifests`"
+    assert CHART_POLICIES.is_file(), f"{CHART_POLICIES} is missing: {HINT}"
+    assert CHART_POLICIES.read_bytes() == POLICY_SOURCE.read_bytes(), (
+        f"{CHART_POLICIES} differs from {POLICY_SOURCE}: {HINT}"
+    )
 
 
 def test_install_bundle_matches_the_chart(helm: Helm) -> None:
@@ -52,12 +60,16 @@ def test_install_bundle_is_complete() -> None:
         "CustomResourceDefinition",
         "ServiceAccount",
         "Deployment",
-        "MutatingWebhookConfiguration",
-        "Certificate",
+        "MutatingAdmissionPolicy",
+        "MutatingAdmissionPolicyBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
         "ClusterRole",
+        "Role",
     } <= kinds
     assert "Secret" not in kinds, "the bundle must not carry a private key"
+    assert "MutatingWebhookConfiguration" not in kinds, "on >= 1.36 the gate needs no webhook"
     namespace = next(o for o in objects if o["kind"] == "Namespace")["metadata"]["name"]
     for obj in objects:
-        if obj["kind"] in ("Deployment", "ServiceAccount", "Service", "Role", "Certificate"):
+        if obj["kind"] in ("Deployment", "ServiceAccount", "Service", "Certificate"):
             assert obj["metadata"]["namespace"] == namespace

@@ -125,6 +125,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default="marketplace-metering-operator",
         help="name of the MutatingWebhookConfiguration managed in local mode",
     )
+    policies = parser.add_argument_group("admission policies (enforcement inside the API server)")
+    policies.add_argument(
+        "--admission-policies",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="local mode: install the ValidatingAdmissionPolicies (and, where served, the "
+        "MutatingAdmissionPolicy that adds the gate) bound to the identity this process runs as; "
+        "they stay in force after it stops. Default: on with --webhook-url (in a cluster the chart "
+        "installs them)",
+    )
+    policies.add_argument(
+        "--admission-policy-prefix",
+        default=None,
+        help="name prefix (and policy-set label) of the installed policies "
+        "(default: --webhook-configuration-name)",
+    )
     gate = parser.add_argument_group("entitlement")
     gate.add_argument(
         "--token-expiration-seconds",
@@ -238,6 +254,10 @@ def _settings(
         webhook_cert_dir=args.webhook_cert_dir,
         webhook_url=args.webhook_url,
         webhook_configuration_name=args.webhook_configuration_name,
+        admission_policies=(
+            bool(args.webhook_url) if args.admission_policies is None else args.admission_policies
+        ),
+        admission_policy_prefix=args.admission_policy_prefix or args.webhook_configuration_name,
         token_expiration_seconds=args.token_expiration_seconds,
         ungated_pod_action=args.ungated_pod_action,
         sample_interval_seconds=args.sample_interval_seconds,
@@ -319,6 +339,44 @@ def _webhook_server(settings: Any) -> Any:
     )
 
 
+def _install_admission_policies(settings: Any) -> None:
+    """Local mode: the chart's policies, bound to whoever this process authenticates as."""
+    from metering_operator.admission import install
+    from metering_operator.admission.objects import Install, service_account_of
+    from metering_operator.kube.apiclient import new_api_client
+
+    api = new_api_client(pool_size=1)
+    try:
+        user = install.whoami(api)
+        kinds = install.served_kinds(api)
+        if "ValidatingAdmissionPolicy" not in kinds:
+            raise ValueError(
+                "this API server serves no ValidatingAdmissionPolicy (Kubernetes >= 1.30 needed)"
+            )
+        account = service_account_of(user)
+        target = Install(
+            prefix=settings.admission_policy_prefix,
+            operator_user=user,
+            operator_namespace=account[0] if account else "",
+            operator_service_account=account[1] if account else "",
+            namespaces=settings.namespaces,
+            trusted_codes=tuple(sorted(settings.trusted_product_codes)),
+            mutating="MutatingAdmissionPolicy" in kinds,
+            # A person's own credentials keep their rights; only a service account is narrowed.
+            bound_operator=account is not None,
+        )
+        applied = install.apply(api, target)
+    finally:
+        api.close()
+    log.info(
+        "admission policies for %s (%s): %s%s",
+        user,
+        ",".join(settings.namespaces) or "all namespaces but kube-system",
+        ", ".join(applied),
+        "" if target.mutating else " (no MutatingAdmissionPolicy served: the webhook adds the gate)",
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         settings = build_settings(args)
@@ -342,6 +400,15 @@ def main(args: argparse.Namespace) -> int:
         clock = EmulatorClock(settings.emulator_clock_url)
 
     entitlement.register(settings)  # the metering handlers register themselves on import
+
+    if settings.admission_policies:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            _install_admission_policies(settings)
+        except (ApiException, ValueError) as exc:
+            print(f"metering-operator run: admission policies: {exc}", file=sys.stderr)
+            return 2
 
     server = None
     if settings.webhook_enabled:

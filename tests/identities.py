@@ -94,3 +94,12 @@ def refusal(call: Any, *args: Any, **kwargs: Any) -> ApiException:
     except ApiException as err:
         return err
     raise AssertionError(f"{getattr(call, '__name__', call)} was accepted; expected the API server to refuse")
+
+
+def outcome(call: Any, *args: Any, **kwargs: Any) -> ApiException | None:
+    """Make ``call``; the API server's refusal, or None if it was accepted."""
+    try:
+        call(*args, **kwargs)
+    except ApiException as err:
+        return err
+    return None

@@ -35,6 +35,7 @@ from devtools.stack import AWS_IDENTITY_VARIABLES, free_port, operator_command, 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from metering_operator.admission.install import delete as delete_policies
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 from tests.emulator.harness import EmulatorProcess, start_emulator
 
@@ -225,8 +226,14 @@ def launch_operator(
     extra_args: Sequence[str] = (),
     extra_env: dict[str, str] | None = None,
     webhook: bool = True,
+    policies: bool = False,
 ) -> OperatorProcess:
-    """Start ``metering-operator run`` for ``namespace`` (not waiting for readiness)."""
+    """Start ``metering-operator run`` for ``namespace`` (not waiting for readiness).
+
+    Local mode installs the admission policies by default; tests of the operator's own logic run
+    without them (``policies=False``), so a pod can be given exactly the state a test needs. The
+    policies' own tests (tests/e2e/test_admission_policies.py, tests/chart) turn them on.
+    """
     namespaces = [namespace] if isinstance(namespace, str) else list(namespace)
     metrics_port, health_port, webhook_port = free_port(), free_port(), free_port()
     mwc = f"mmo-e2e-{namespaces[0]}-{log_path.stem}" if webhook else None
@@ -237,7 +244,7 @@ def launch_operator(
         health_port=health_port,
         webhook_port=webhook_port,
         webhook_configuration=mwc,
-        extra_args=extra_args,
+        extra_args=[*extra_args, *([] if policies or not webhook else ["--no-admission-policies"])],
     )
     env = dict(os.environ)
     env.update(cluster.env())
@@ -259,7 +266,11 @@ def launch_operator(
 def operator(
     cluster: ClusterInfo, kube: client.ApiClient, metered_product_crd: dict[str, Any], tmp_path: Path
 ) -> Iterator[OperatorFactory]:
-    """Factory: ``operator(namespace, emulator, extra_args=(), extra_env=None, webhook=True)``."""
+    """Factory: ``operator(namespace, emulator, extra_args=(), extra_env=None, webhook=True, policies=...)``.
+
+    Admission policies a local-mode operator installed stay after it stops (by design); the
+    factory removes them at the end of the test.
+    """
     started: list[OperatorProcess] = []
 
     def start(
@@ -269,6 +280,7 @@ def operator(
         extra_args: Sequence[str] = (),
         extra_env: dict[str, str] | None = None,
         webhook: bool = True,
+        policies: bool = False,
         wait: bool = True,
     ) -> OperatorProcess:
         proc = launch_operator(
@@ -279,6 +291,7 @@ def operator(
             extra_args=extra_args,
             extra_env=extra_env,
             webhook=webhook,
+            policies=policies,
         )
         started.append(proc)
         if wait:
@@ -297,6 +310,8 @@ def operator(
             except ApiException as err:
                 if err.status != 404:
                     raise
+            # Named after the webhook configuration (the default --admission-policy-prefix).
+            delete_policies(kube, proc.webhook_configuration)
 
 
 def remove_products(kube: client.ApiClient, namespaces: Sequence[str], *, operator_alive: bool) -> None:

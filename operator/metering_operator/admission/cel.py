@@ -146,7 +146,7 @@ IS_OPERATOR = "request.userInfo.username == variables.operatorUser"
 #: The object's name for messages (a pod made from generateName has none yet at admission).
 NAME = _var(
     "name",
-    "request.name != '' ? request.name : object.?metadata.?generateName.orValue('')",
+    "request.?name.orValue('') != '' ? request.name : object.?metadata.?generateName.orValue('')",
 )
 
 
@@ -231,10 +231,11 @@ def _granted(obj: str) -> str:
     or by its product code.
     """
     ann = f"{obj}.metadata.?annotations.orValue({{}})"
+    product = f"{ann}[?{_q(ANNOTATION_PRODUCT)}].orValue('')"
     return (
         f"({ann}[?{_q(ANNOTATION_ENTITLEMENT)}].orValue('') == 'Granted' && "
-        f"({ann}[?{_q(ANNOTATION_PRODUCT)}].orValue('') in "
-        f"[request.namespace + '/' + params.metadata.name, params.spec.productCode]))"
+        f"({product} == request.namespace + '/' + params.metadata.name || "
+        f"{product} == params.spec.productCode))"
     )
 
 
@@ -413,7 +414,7 @@ def product_pods() -> dict[str, Any]:
                 # An update may not turn a compliant pod into one that runs without its grant. A pod
                 # that already ran ungated (created before its product) is the operator's to handle.
                 "expression": (
-                    "request.operation != 'UPDATE' || request.subResource != '' || "
+                    "request.operation != 'UPDATE' || request.?subResource.orValue('') != '' || "
                     "!variables.violates || variables.violatedBefore"
                 ),
                 "messageExpression": (
@@ -426,7 +427,7 @@ def product_pods() -> dict[str, Any]:
             },
             {
                 "expression": (
-                    "request.subResource != 'ephemeralcontainers' || !variables.enforced || "
+                    "request.?subResource.orValue('') != 'ephemeralcontainers' || !variables.enforced || "
                     "!variables.selects || variables.own || variables.granted || "
                     "size(object.spec.?ephemeralContainers.orValue([])) <= "
                     "size(oldObject.spec.?ephemeralContainers.orValue([]))"
@@ -462,10 +463,10 @@ def operator_writes() -> dict[str, Any]:
         "variables": [
             NAME,
             _var("kind", "request.resource.resource"),
-            _var("isPod", "request.resource.resource == 'pods' && request.subResource == ''"),
+            _var("isPod", "request.resource.resource == 'pods' && request.?subResource.orValue('') == ''"),
             _var(
                 "isWorkload",
-                "request.resource.group in ['apps', 'batch'] && request.subResource == ''",
+                "request.resource.group in ['apps', 'batch'] && request.?subResource.orValue('') == ''",
             ),
         ],
         "validations": [

@@ -72,7 +72,11 @@ class Helm:
         return env
 
     def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        offline = ["--kube-version", kube_version()] if args and args[0] in ("template", "lint") else []
+        offline = (
+            ["--kube-version", kube_version()]
+            if args and args[0] in ("template", "lint") and "--kube-version" not in args
+            else []
+        )
         result = subprocess.run(
             [str(self.binary), *args, *offline],
             capture_output=True,

@@ -76,10 +76,17 @@ def pod_body(name: str, labels: dict[str, str], sa: str = "default", **extra: An
         "containers": [{"name": "app", "image": "example.invalid/product:1"}],
     }
     spec.update(extra.pop("spec", {}))
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels, **extra}, "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels, **extra},
+        "spec": spec,
+    }
 
 
-def template(labels: dict[str, str], annotations: dict[str, str] | None = None, sa: str = "default") -> dict[str, Any]:
+def template(
+    labels: dict[str, str], annotations: dict[str, str] | None = None, sa: str = "default"
+) -> dict[str, Any]:
     return {
         "metadata": {"labels": labels, "annotations": annotations},
         "spec": {
@@ -91,7 +98,11 @@ def template(labels: dict[str, str], annotations: dict[str, str] | None = None, 
 
 
 def forged(signature: str = FAKE_JWT) -> dict[str, str]:
-    return {ANNOTATION_ENTITLEMENT: "Granted", ANNOTATION_PRODUCT: PRODUCT_CODE, ANNOTATION_SIGNATURE: signature}
+    return {
+        ANNOTATION_ENTITLEMENT: "Granted",
+        ANNOTATION_PRODUCT: PRODUCT_CODE,
+        ANNOTATION_SIGNATURE: signature,
+    }
 
 
 def gates_of(p: Any) -> set[str]:
@@ -145,7 +156,9 @@ Attempt = Callable[[World, str], Any]
 
 def forged_pod(w: World, tag: str) -> Any:
     """A product pod created with the operator's Granted annotations and no gate."""
-    return outcome(w.core.create_namespaced_pod, w.ns, pod_body(f"forged-{tag}", PRODUCT_LABELS, annotations=forged()))
+    return outcome(
+        w.core.create_namespaced_pod, w.ns, pod_body(f"forged-{tag}", PRODUCT_LABELS, annotations=forged())
+    )
 
 
 def copied_signature_pod(w: World, tag: str) -> Any:
@@ -160,7 +173,11 @@ def copied_signature_pod(w: World, tag: str) -> Any:
 def forged_deployment(w: World, tag: str) -> Any:
     body = {
         "metadata": {"name": f"forged-{tag}"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": PRODUCT_LABELS}, "template": template(PRODUCT_LABELS, forged())},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": PRODUCT_LABELS},
+            "template": template(PRODUCT_LABELS, forged()),
+        },
     }
     return outcome(w.apps.create_namespaced_deployment, w.ns, body)
 
@@ -188,7 +205,11 @@ def forged_daemonset(w: World, tag: str) -> Any:
 def forged_replicaset(w: World, tag: str) -> Any:
     body = {
         "metadata": {"name": f"forged-rs-{tag}"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": PRODUCT_LABELS}, "template": template(PRODUCT_LABELS, forged())},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": PRODUCT_LABELS},
+            "template": template(PRODUCT_LABELS, forged()),
+        },
     }
     return outcome(w.apps.create_namespaced_replica_set, w.ns, body)
 
@@ -196,7 +217,11 @@ def forged_replicaset(w: World, tag: str) -> Any:
 def forged_job(w: World, tag: str) -> Any:
     tpl = template(PRODUCT_LABELS, forged())
     tpl["spec"]["restartPolicy"] = "Never"
-    return outcome(w.batch.create_namespaced_job, w.ns, {"metadata": {"name": f"forged-job-{tag}"}, "spec": {"template": tpl}})
+    return outcome(
+        w.batch.create_namespaced_job,
+        w.ns,
+        {"metadata": {"name": f"forged-job-{tag}"}, "spec": {"template": tpl}},
+    )
 
 
 def forged_cronjob(w: World, tag: str) -> Any:
@@ -215,7 +240,11 @@ def annotate_deployment_summary(w: World, tag: str) -> Any:
         w.ns,
         {
             "metadata": {"name": f"plain-{tag}"},
-            "spec": {"replicas": 0, "selector": {"matchLabels": OTHER_LABELS}, "template": template(OTHER_LABELS)},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": OTHER_LABELS},
+                "template": template(OTHER_LABELS),
+            },
         },
     )
     patch = {"metadata": {"annotations": {ANNOTATION_ENTITLEMENT: "Granted 3/3"}}}
@@ -246,10 +275,18 @@ def statefulset_of_product(w: World, tag: str) -> Any:
         w.ns,
         {
             "metadata": {"name": f"sts-{tag}"},
-            "spec": {"serviceName": "x", "selector": {"matchLabels": PRODUCT_LABELS}, "template": template(PRODUCT_LABELS)},
+            "spec": {
+                "serviceName": "x",
+                "selector": {"matchLabels": PRODUCT_LABELS},
+                "template": template(PRODUCT_LABELS),
+            },
         },
     )
-    wait_for("the StatefulSet's pod", lambda: outcome(w.core.read_namespaced_pod, f"sts-{tag}-0", w.ns) is None, 120)
+    wait_for(
+        "the StatefulSet's pod",
+        lambda: outcome(w.core.read_namespaced_pod, f"sts-{tag}-0", w.ns) is None,
+        120,
+    )
     return f"sts-{tag}-0"
 
 
@@ -272,7 +309,9 @@ def operators_service_account_name(w: World, tag: str) -> Any:
 
 
 def remove_gate_json_patch(w: World, tag: str) -> Any:
-    return outcome(w.core.patch_namespaced_pod, f"held-{tag}", w.ns, [{"op": "remove", "path": "/spec/schedulingGates"}])
+    return outcome(
+        w.core.patch_namespaced_pod, f"held-{tag}", w.ns, [{"op": "remove", "path": "/spec/schedulingGates"}]
+    )
 
 
 def remove_gate_merge_patch(w: World, tag: str) -> Any:
@@ -289,12 +328,16 @@ def replace_without_gate(w: World, tag: str) -> Any:
 
 
 def annotate_granted(w: World, tag: str) -> Any:
-    patch = {"metadata": {"annotations": {ANNOTATION_ENTITLEMENT: "Granted", ANNOTATION_PRODUCT: PRODUCT_CODE}}}
+    patch = {
+        "metadata": {"annotations": {ANNOTATION_ENTITLEMENT: "Granted", ANNOTATION_PRODUCT: PRODUCT_CODE}}
+    }
     return outcome(w.core.patch_namespaced_pod, f"held-{tag}", w.ns, patch)
 
 
 def copied_signature_onto_held(w: World, tag: str) -> Any:
-    return outcome(w.core.patch_namespaced_pod, f"held-{tag}", w.ns, {"metadata": {"annotations": forged(w.signature)}})
+    return outcome(
+        w.core.patch_namespaced_pod, f"held-{tag}", w.ns, {"metadata": {"annotations": forged(w.signature)}}
+    )
 
 
 def ephemeral_container(w: World, tag: str) -> Any:
@@ -310,7 +353,9 @@ def pinned_node(w: World, tag: str) -> Any:
 
 
 def relabel_bystander(w: World, tag: str) -> Any:
-    return outcome(w.core.patch_namespaced_pod, f"bystander-{tag}", w.ns, {"metadata": {"labels": PRODUCT_LABELS}})
+    return outcome(
+        w.core.patch_namespaced_pod, f"bystander-{tag}", w.ns, {"metadata": {"labels": PRODUCT_LABELS}}
+    )
 
 
 def relabel_with_kubectl(w: World, tag: str) -> Any:
@@ -320,16 +365,33 @@ def relabel_with_kubectl(w: World, tag: str) -> Any:
 
 def annotate_bystander(w: World, tag: str) -> Any:
     """Forging the grant on a running unrelated pod first, to relabel it afterwards."""
-    return outcome(w.core.patch_namespaced_pod, f"bystander-{tag}", w.ns, {"metadata": {"annotations": forged()}})
+    return outcome(
+        w.core.patch_namespaced_pod, f"bystander-{tag}", w.ns, {"metadata": {"annotations": forged()}}
+    )
 
 
 def switch_product_to_audit(w: World, tag: str) -> Any:
     patch = {"spec": {"entitlement": {"mode": "Audit"}}}
-    return outcome(client.CustomObjectsApi(w.buyer).patch_namespaced_custom_object, GROUP, VERSION, w.ns, PLURAL, "product", patch)
+    return outcome(
+        client.CustomObjectsApi(w.buyer).patch_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        w.ns,
+        PLURAL,
+        "product",
+        patch,
+    )
 
 
 def delete_product(w: World, tag: str) -> Any:
-    return outcome(client.CustomObjectsApi(w.buyer).delete_namespaced_custom_object, GROUP, VERSION, w.ns, PLURAL, "product")
+    return outcome(
+        client.CustomObjectsApi(w.buyer).delete_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        w.ns,
+        PLURAL,
+        "product",
+    )
 
 
 def decoy_product(w: World, tag: str) -> Any:
@@ -337,9 +399,17 @@ def decoy_product(w: World, tag: str) -> Any:
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "MeteredProduct",
         "metadata": {"name": f"decoy-{tag}"},
-        "spec": {"productCode": PRODUCT_CODE, "publicKeyVersion": 1, "publicKey": {"configMapKeyRef": {"name": "x", "key": "k"}}, "selector": {"matchLabels": {"x": "y"}}, "entitlement": {"mode": "Off"}},
+        "spec": {
+            "productCode": PRODUCT_CODE,
+            "publicKeyVersion": 1,
+            "publicKey": {"configMapKeyRef": {"name": "x", "key": "k"}},
+            "selector": {"matchLabels": {"x": "y"}},
+            "entitlement": {"mode": "Off"},
+        },
     }
-    return outcome(client.CustomObjectsApi(w.buyer).create_namespaced_custom_object, GROUP, VERSION, w.ns, PLURAL, body)
+    return outcome(
+        client.CustomObjectsApi(w.buyer).create_namespaced_custom_object, GROUP, VERSION, w.ns, PLURAL, body
+    )
 
 
 def delete_policy(w: World, tag: str) -> Any:
@@ -389,7 +459,9 @@ BYPASSES: dict[str, tuple[Attempt, str]] = {
 def prepare(w: World, tag: str) -> None:
     """The pods the attempts work on: one held behind the gate, one unrelated and running."""
     w.core.create_namespaced_pod(w.ns, pod_body(f"held-{tag}", PRODUCT_LABELS, sa="unentitled"))
-    assert SCHEDULING_GATE in gates_of(w.admin_pod(f"held-{tag}")), "the MutatingAdmissionPolicy adds the gate"
+    assert SCHEDULING_GATE in gates_of(w.admin_pod(f"held-{tag}")), (
+        "the MutatingAdmissionPolicy adds the gate"
+    )
     w.core.create_namespaced_pod(w.ns, pod_body(f"bystander-{tag}", {"app": "bystander"}))
     # Not selected (tier NotIn [free]): relabelling into the labels alone is allowed.
     w.core.patch_namespaced_pod(f"bystander-{tag}", w.ns, {"metadata": {"labels": {"role": "web"}}})
@@ -408,7 +480,9 @@ def try_all(w: World, tag: str) -> list[str]:
         result = attempt(w, tag)
         if expected == GATED:
             held = w.admin_pod(result)
-            scheduled = {c.type: (c.status, c.reason) for c in held.status.conditions or []}.get("PodScheduled")
+            scheduled = {c.type: (c.status, c.reason) for c in held.status.conditions or []}.get(
+                "PodScheduled"
+            )
             if SCHEDULING_GATE not in gates_of(held) or held.spec.node_name:
                 failures.append(f"{tag}: {name}: pod {result} is not held ({held.spec.node_name=})")
             elif scheduled not in (None, ("False", "SchedulingGated")):
@@ -450,7 +524,11 @@ def product_objects(namespace: str, public_key_pem: str) -> list[dict[str, Any]]
             {
                 "apiVersion": "v1",
                 "kind": "ServiceAccount",
-                "metadata": {"name": sa, "namespace": namespace, "annotations": {"eks.amazonaws.com/role-arn": role}},
+                "metadata": {
+                    "name": sa,
+                    "namespace": namespace,
+                    "annotations": {"eks.amazonaws.com/role-arn": role},
+                },
             }
             for sa, role in (("product", BUYER_ROLE), ("unentitled", UNENTITLED_ROLE))
         ],
@@ -500,8 +578,12 @@ def wait_policies(kube: client.ApiClient, namespace: str) -> None:
     core = client.CoreV1Api(kube)
     wait_for(
         "the chart's admission policies in force",
-        lambda: SCHEDULING_GATE
-        in gates_of(core.create_namespaced_pod(namespace, pod_body("probe", PRODUCT_LABELS), dry_run="All")),
+        lambda: (
+            SCHEDULING_GATE
+            in gates_of(
+                core.create_namespaced_pod(namespace, pod_body("probe", PRODUCT_LABELS), dry_run="All")
+            )
+        ),
         timeout=60,
     )
 
@@ -518,9 +600,13 @@ class PodWrites:
 
     def _run(self, kube: client.ApiClient, namespace: str, selector: str) -> None:
         core = client.CoreV1Api(kube)
-        for event in self._watch.stream(core.list_namespaced_pod, namespace, label_selector=selector, timeout_seconds=600):
+        for event in self._watch.stream(
+            core.list_namespaced_pod, namespace, label_selector=selector, timeout_seconds=600
+        ):
             p = event["object"]
-            ours = tuple(sorted((k, v) for k, v in (p.metadata.annotations or {}).items() if k.startswith(GROUP)))
+            ours = tuple(
+                sorted((k, v) for k, v in (p.metadata.annotations or {}).items() if k.startswith(GROUP))
+            )
             state = (ours, tuple(sorted(gates_of(p))))
             name = p.metadata.name
             if event["type"] == "ADDED":
@@ -554,9 +640,13 @@ def test_every_bypass_is_refused_with_the_operator_down_up_and_stopped(
     }
     try:
         cluster_helm.install(name, namespace, values=values)
-        create_all(kube, product_objects(product_namespace, buyer_emulator.admin.public_key_pem(PRODUCT_CODE, 1)))
+        create_all(
+            kube, product_objects(product_namespace, buyer_emulator.admin.public_key_pem(PRODUCT_CODE, 1))
+        )
         wait_policies(kube, product_namespace)
-        buyer_kubeconfig = token_kubeconfig(cluster, kube, product_namespace, "buyer", tmp_path / "buyer.kubeconfig")
+        buyer_kubeconfig = token_kubeconfig(
+            cluster, kube, product_namespace, "buyer", tmp_path / "buyer.kubeconfig"
+        )
         w = World(
             cluster,
             kube,
@@ -586,7 +676,11 @@ def test_every_bypass_is_refused_with_the_operator_down_up_and_stopped(
             product_namespace,
             {
                 "metadata": {"name": "paid"},
-                "spec": {"replicas": 3, "selector": {"matchLabels": paid_labels}, "template": template(paid_labels, sa="product")},
+                "spec": {
+                    "replicas": 3,
+                    "selector": {"matchLabels": paid_labels},
+                    "template": template(paid_labels, sa="product"),
+                },
             },
         )
         core = client.CoreV1Api(kube)
@@ -605,15 +699,21 @@ def test_every_bypass_is_refused_with_the_operator_down_up_and_stopped(
         for p in pods:
             assert len([r for r in registrations if r["nonce"] == p.metadata.uid]) == 1, registrations
         time.sleep(0)  # the watch thread has seen the grant writes: they came before `granted`
-        wait_for("the watch to see every grant", lambda: all(writes.counts.get(p.metadata.name) for p in pods), 30)
-        assert {p.metadata.name: writes.counts[p.metadata.name] for p in pods} == {p.metadata.name: 1 for p in pods}
+        wait_for(
+            "the watch to see every grant", lambda: all(writes.counts.get(p.metadata.name) for p in pods), 30
+        )
+        assert {p.metadata.name: writes.counts[p.metadata.name] for p in pods} == {
+            p.metadata.name: 1 for p in pods
+        }
         w.signature = (pods[0].metadata.annotations or {})[ANNOTATION_SIGNATURE]
         held = wait_for(
             "the unentitled held pod denied",
-            lambda: (core.read_namespaced_pod("held-never-ran", product_namespace).metadata.annotations or {}).get(
-                ANNOTATION_ENTITLEMENT
-            )
-            == "Denied",
+            lambda: (
+                (
+                    core.read_namespaced_pod("held-never-ran", product_namespace).metadata.annotations or {}
+                ).get(ANNOTATION_ENTITLEMENT)
+                == "Denied"
+            ),
             timeout=120,
         )
         assert held
@@ -636,7 +736,11 @@ def test_every_bypass_is_refused_with_the_operator_down_up_and_stopped(
         w.apps.patch_namespaced_deployment_scale("paid", product_namespace, {"spec": {"replicas": 4}})
         fourth = wait_for(
             "the fourth pod",
-            lambda: [p for p in core.list_namespaced_pod(product_namespace, label_selector="app=paid").items if gates_of(p)],
+            lambda: [
+                p
+                for p in core.list_namespaced_pod(product_namespace, label_selector="app=paid").items
+                if gates_of(p)
+            ],
             timeout=120,
         )
         assert len(fourth) == 1
@@ -663,8 +767,12 @@ def test_policies_leave_other_and_operator_pods_alone(
         wait_policies(kube, namespace)
         core = client.CoreV1Api(kube)
         created = {
-            "operator": core.create_namespaced_pod(namespace, pod_body("operator-like", PRODUCT_LABELS, sa=name)),
-            "product": core.create_namespaced_pod(namespace, pod_body("product", PRODUCT_LABELS, sa="product")),
+            "operator": core.create_namespaced_pod(
+                namespace, pod_body("operator-like", PRODUCT_LABELS, sa=name)
+            ),
+            "product": core.create_namespaced_pod(
+                namespace, pod_body("product", PRODUCT_LABELS, sa="product")
+            ),
             "audit": core.create_namespaced_pod(namespace, pod_body("audit", OTHER_LABELS)),
             "unrelated": core.create_namespaced_pod(namespace, pod_body("unrelated", {"app": "unrelated"})),
             "free-tier": core.create_namespaced_pod(namespace, pod_body("free", FREE_TIER)),

@@ -23,6 +23,8 @@ from tests.chart.helmcli import CHART, Helm, HelmError, by_kind, one, strict_loa
 RELEASE = "mmo"
 NAMESPACE = "metering-system"
 FULLNAME = "mmo-marketplace-metering-operator"
+# Offline rendering for 1.37 picks the MutatingAdmissionPolicy; the webhook tests ask for the webhook.
+WEBHOOK = "admissionPolicies.gate=webhook"
 
 
 def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,29 +84,49 @@ def test_rendered_yaml_has_no_duplicate_keys(helm: Helm, set_values: tuple[str, 
 
 
 def test_defaults_render_the_expected_objects(helm: Helm) -> None:
+    """Namespaced (the release namespace), admission policies with the gate added by a
+    MutatingAdmissionPolicy (offline rendering for 1.37), MeteredProduct write not in `edit`."""
     objects = helm.render(release=RELEASE, namespace=NAMESPACE)
     kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
+    policies = [
+        "pod-records",
+        "workload-records",
+        "cronjob-records",
+        "product-pods",
+        "operator",
+        "operator-tokens",
+    ]
     assert kinds == sorted(
         [
-            f"ClusterRole/{FULLNAME}",
             f"ClusterRole/{FULLNAME}-cluster",
-            f"ClusterRole/{FULLNAME}-edit",
             f"ClusterRole/{FULLNAME}-view",
-            f"ClusterRoleBinding/{FULLNAME}",
             f"ClusterRoleBinding/{FULLNAME}-cluster",
             f"Deployment/{FULLNAME}",
-            f"MutatingWebhookConfiguration/{FULLNAME}",
+            f"Role/{FULLNAME}",
+            f"RoleBinding/{FULLNAME}",
             f"Role/{FULLNAME}-leader-election",
             f"RoleBinding/{FULLNAME}-leader-election",
-            f"Secret/{FULLNAME}-webhook-tls",
             f"Service/{FULLNAME}-metrics",
-            f"Service/{FULLNAME}-webhook",
             f"ServiceAccount/{FULLNAME}",
+            *[
+                f"{kind}/{FULLNAME}-{p}"
+                for p in policies
+                for kind in ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+            ],
+            f"MutatingAdmissionPolicy/{FULLNAME}-gate",
+            f"MutatingAdmissionPolicyBinding/{FULLNAME}-gate",
         ]
-    ), "no PDB with one replica, no ServiceMonitor and no emulator unless asked"
+    ), (
+        "no webhook, no PDB with one replica, no ServiceMonitor, no emulator, no write aggregation "
+        "unless asked"
+    )
+    cluster_scoped = ("ClusterRole", "ClusterRoleBinding")
     for obj in objects:
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"):
+        if obj["kind"] not in cluster_scoped and "AdmissionPolicy" not in obj["kind"]:
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
+    assert one(objects, "Role", FULLNAME)["metadata"]["namespace"] == NAMESPACE
+    assert "--namespace=" + NAMESPACE in operator_container(objects)["args"]
+    assert "--no-webhook" in operator_container(objects)["args"]
 
 
 def test_operator_pod_is_locked_down(helm: Helm) -> None:
@@ -163,6 +185,7 @@ def test_values_become_operator_flags(helm: Helm) -> None:
                 "ungatedPodAction": "Report",
                 "metrics": {"port": 9100},
                 "webhook": {"port": 10250},
+                "admissionPolicies": {"gate": "webhook"},
             }
         )
     )
@@ -207,6 +230,7 @@ def test_rendered_flags_are_accepted_by_the_operator(helm: Helm) -> None:
             "metrics": {"port": 9100},
             "health": {"port": 9101},
             "webhook": {"port": 9443},
+            "admissionPolicies": {"gate": "webhook"},
         }
     )
     args = build_parser().parse_args(operator_container(objects)["args"])
@@ -225,8 +249,12 @@ def test_rendered_flags_are_accepted_by_the_operator(helm: Helm) -> None:
     assert webhook["clientConfig"]["service"]["path"] == WEBHOOK_PATH
     assert webhook["name"] == WEBHOOK_NAME
 
-    disabled = helm.render(set_values=["webhook.enabled=false"])
-    assert build_parser().parse_args(operator_container(disabled)["args"]).no_webhook is True
+    for no_webhook in (
+        ["webhook.enabled=false", "admissionPolicies.gate=webhook"],
+        ["admissionPolicies.gate=policy"],
+    ):
+        rendered = helm.render(set_values=no_webhook)
+        assert build_parser().parse_args(operator_container(rendered)["args"]).no_webhook is True
 
 
 # --- IRSA -------------------------------------------------------------------------------------
@@ -286,7 +314,11 @@ def rbac_rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.mark.parametrize("set_values", [(), ("watchNamespaces={a,b}",)], ids=["cluster-wide", "namespaced"])
+@pytest.mark.parametrize(
+    "set_values",
+    [(), ("watchNamespaces={a,b}",), ("watch.mode=cluster",)],
+    ids=["namespaced", "list", "cluster-wide"],
+)
 def test_operator_rbac_has_no_dangerous_rules(helm: Helm, set_values: tuple[str, ...]) -> None:
     for rule in rbac_rules(helm.render(set_values=set_values)):
         assert not set(rule["verbs"]) & FORBIDDEN_VERBS, rule
@@ -301,7 +333,11 @@ def test_operator_rbac_has_no_dangerous_rules(helm: Helm, set_values: tuple[str,
 
 
 def test_watch_namespaces_gives_one_role_per_namespace(helm: Helm) -> None:
-    objects = helm.render(release=RELEASE, namespace=NAMESPACE, set_values=["watchNamespaces={shop,billing}"])
+    objects = helm.render(
+        release=RELEASE,
+        namespace=NAMESPACE,
+        set_values=["watchNamespaces={shop,billing}", "admissionPolicies.gate=webhook"],
+    )
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(objects, "Role")}
     assert roles == {("shop", FULLNAME), ("billing", FULLNAME), (NAMESPACE, f"{FULLNAME}-leader-election")}
     for binding in by_kind(objects, "RoleBinding"):
@@ -314,9 +350,10 @@ def test_watch_namespaces_gives_one_role_per_namespace(helm: Helm) -> None:
         "namespaces",
     }
     webhook = one(objects, "MutatingWebhookConfiguration")["webhooks"][0]
-    assert webhook["namespaceSelector"]["matchExpressions"] == [
-        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["shop", "billing"]}
-    ]
+    watched = [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["billing", "shop"]}]
+    assert webhook["namespaceSelector"]["matchExpressions"] == watched
+    binding = one(objects, "ValidatingAdmissionPolicyBinding", f"{FULLNAME}-product-pods")
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == watched
 
 
 def test_rbac_can_be_left_to_the_user(helm: Helm) -> None:
@@ -332,7 +369,7 @@ def _load_pem(b64: str) -> x509.Certificate:
 
 
 def test_chart_generated_webhook_certificate_is_signed_by_the_ca_bundle(helm: Helm) -> None:
-    objects = helm.render(release=RELEASE, namespace=NAMESPACE)
+    objects = helm.render(release=RELEASE, namespace=NAMESPACE, set_values=[WEBHOOK])
     webhook_config = one(objects, "MutatingWebhookConfiguration", FULLNAME)
     (webhook,) = webhook_config["webhooks"]
     secret = one(objects, "Secret", f"{FULLNAME}-webhook-tls")
@@ -364,7 +401,7 @@ def test_webhook_wiring(helm: Helm) -> None:
     objects = helm.render(
         release=RELEASE,
         namespace=NAMESPACE,
-        set_values=["webhook.failurePolicy=Fail", "webhook.path=/mutate"],
+        set_values=["webhook.failurePolicy=Fail", "webhook.path=/mutate", WEBHOOK],
     )
     (webhook,) = one(objects, "MutatingWebhookConfiguration")["webhooks"]
     assert webhook["failurePolicy"] == "Fail"
@@ -387,12 +424,12 @@ def test_webhook_wiring(helm: Helm) -> None:
     assert port["targetPort"] in {p["name"] for p in container["ports"]}
     deployment = one(objects, "Deployment")
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
-    # The operator's own pods are never sent to the webhook.
-    own_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    (expr,) = webhook["objectSelector"]["matchExpressions"]
-    assert expr["operator"] == "NotIn"
-    assert own_labels[expr["key"]] in expr["values"]
-    assert webhook["namespaceSelector"]["matchExpressions"][0]["values"] == ["kube-system"]
+    # No exemption by a label anyone can set (the old part-of exemption is gone); the webhook sees
+    # the watched namespaces only (by default the release namespace).
+    assert "objectSelector" not in webhook
+    assert webhook["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [NAMESPACE]}
+    ]
 
 
 def test_webhook_selectors_can_be_overridden(helm: Helm) -> None:
@@ -401,7 +438,8 @@ def test_webhook_selectors_can_be_overridden(helm: Helm) -> None:
             "webhook": {
                 "namespaceSelector": {"matchLabels": {"metered": "yes"}},
                 "objectSelector": {"matchLabels": {"app": "product"}},
-            }
+            },
+            "admissionPolicies": {"gate": "webhook"},
         }
     )
     (webhook,) = one(objects, "MutatingWebhookConfiguration")["webhooks"]
@@ -411,7 +449,7 @@ def test_webhook_selectors_can_be_overridden(helm: Helm) -> None:
 
 def test_cert_manager_certificates(helm: Helm) -> None:
     objects = helm.render(
-        release=RELEASE, namespace=NAMESPACE, set_values=["webhook.certificate.source=certManager"]
+        release=RELEASE, namespace=NAMESPACE, set_values=["webhook.certificate.source=certManager", WEBHOOK]
     )
     assert not by_kind(objects, "Secret"), "cert-manager writes the Secret"
     cert = one(objects, "Certificate")
@@ -436,15 +474,21 @@ def test_cert_manager_certificates(helm: Helm) -> None:
                     "source": "certManager",
                     "certManager": {"issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}},
                 }
-            }
+            },
+            "admissionPolicies": {"gate": "webhook"},
         }
     )
     assert not by_kind(objects, "Issuer")
     assert one(objects, "Certificate")["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
 
 
-def test_webhook_disabled_renders_no_webhook_parts(helm: Helm) -> None:
-    objects = helm.render(set_values=["webhook.enabled=false"])
+@pytest.mark.parametrize(
+    "set_values",
+    [("webhook.enabled=false", WEBHOOK), ("admissionPolicies.gate=policy",), ()],
+    ids=["webhook-disabled", "policy", "auto-on-1.37"],
+)
+def test_no_webhook_renders_no_webhook_parts(helm: Helm, set_values: tuple[str, ...]) -> None:
+    objects = helm.render(set_values=set_values)
     assert not by_kind(objects, "MutatingWebhookConfiguration")
     assert not by_kind(objects, "Secret")
     container = operator_container(objects)

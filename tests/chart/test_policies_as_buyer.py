@@ -644,19 +644,11 @@ def test_every_bypass_is_refused_with_the_operator_down_up_and_stopped(
             kube, product_objects(product_namespace, buyer_emulator.admin.public_key_pem(PRODUCT_CODE, 1))
         )
         wait_policies(kube, product_namespace)
+        buyer = edit_user(cluster, kube, product_namespace, tmp_path / "buyer-client.kubeconfig")
         buyer_kubeconfig = token_kubeconfig(
             cluster, kube, product_namespace, "buyer", tmp_path / "buyer.kubeconfig"
         )
-        w = World(
-            cluster,
-            kube,
-            edit_user(cluster, kube, product_namespace, tmp_path / "buyer-check.kubeconfig"),
-            buyer_kubeconfig,
-            product_namespace,
-            namespace,
-            name,
-            tmp_path,
-        )
+        w = World(cluster, kube, buyer, buyer_kubeconfig, product_namespace, namespace, name, tmp_path)
         failures = try_all(w, "never-ran")
 
         # The operator comes up, as the chart's ServiceAccount with its token alone.
@@ -797,7 +789,7 @@ def test_install_bundle_policies_render_for_its_namespace() -> None:
 
     objects = [o for o in yaml.safe_load_all(INSTALL_BUNDLE.read_text()) if o]
     policies = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"]
-    assert len(policies) == 6
+    assert len(policies) == 5
     for policy in policies:
         user = next(v for v in policy["spec"]["variables"] if v["name"] == "operatorUser")
         assert user["expression"] == json.dumps(f"system:serviceaccount:{BUNDLE_NAMESPACE}:{BUNDLE_RELEASE}")

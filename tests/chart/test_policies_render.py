@@ -110,7 +110,7 @@ def test_gate_mechanism_follows_the_server_version(
     assert ("MutatingWebhookConfiguration" in kinds) is (expected == "webhook")
     assert ("MutatingAdmissionPolicy" in kinds) is (expected == "policy")
     # The validating policies are there either way (GA since 1.30).
-    assert len(by_kind(objects, "ValidatingAdmissionPolicy")) == 6
+    assert len(by_kind(objects, "ValidatingAdmissionPolicy")) == 5
 
 
 def helm_chart() -> Any:

@@ -94,7 +94,6 @@ def test_defaults_render_the_expected_objects(helm: Helm) -> None:
         "cronjob-records",
         "product-pods",
         "operator",
-        "operator-tokens",
     ]
     assert kinds == sorted(
         [

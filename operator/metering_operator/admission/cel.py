@@ -32,9 +32,12 @@ The policies (names are suffixes of the install's prefix):
 ``operator``
     the operator's own writes: on pods only gate removal and its annotations, on workloads only
     its annotations, nothing at all in ``kube-system``.
-``operator-tokens`` (params, none found = refused)
-    a TokenRequest by the operator only in a namespace with a MeteredProduct, bound to a Pod,
-    audience exactly ``sts.amazonaws.com``, at most one hour.
+    A TokenRequest by the operator only bound to a Pod (the API server itself then checks that
+    the pod runs as the requested ServiceAccount), audience exactly ``sts.amazonaws.com``, at
+    most one hour. "Only in a namespace with a MeteredProduct" is NOT expressible: a binding's
+    ``parameterNotFoundAction: Deny`` is applied before its match conditions, so it refused every
+    TokenRequest (the controller manager's too) in namespaces without a product; RBAC confines
+    the operator's tokens to the watched namespaces instead.
 ``gate`` (MutatingAdmissionPolicy, params)
     adds the gate to new pods a trusted ``Enforce`` product selects, without a webhook.
 
@@ -468,6 +471,11 @@ def operator_writes() -> dict[str, Any]:
                 "isWorkload",
                 "request.resource.group in ['apps', 'batch'] && request.?subResource.orValue('') == ''",
             ),
+            _var(
+                "isToken",
+                "request.resource.resource == 'serviceaccounts' && "
+                "request.?subResource.orValue('') == 'token'",
+            ),
         ],
         "validations": [
             {
@@ -518,21 +526,11 @@ def operator_writes() -> dict[str, Any]:
                 ),
                 "reason": "Forbidden",
             },
-        ],
-    }
-
-
-def operator_tokens() -> dict[str, Any]:
-    """The operator's TokenRequests (params: found only in a namespace with a MeteredProduct)."""
-    return {
-        "failurePolicy": "Fail",
-        "matchConstraints": {"resourceRules": [_rule("", ["serviceaccounts/token"], ["CREATE"])]},
-        "variables": [],
-        "validations": [
             {
                 "expression": (
-                    "has(object.spec.boundObjectRef) && object.spec.boundObjectRef.kind == 'Pod' && "
-                    "object.spec.boundObjectRef.?apiVersion.orValue('v1') == 'v1'"
+                    "!variables.isToken || (has(object.spec.boundObjectRef) && "
+                    "object.spec.boundObjectRef.kind == 'Pod' && "
+                    "object.spec.boundObjectRef.?apiVersion.orValue('v1') == 'v1')"
                 ),
                 "messageExpression": (
                     "'token for ' + request.namespace + '/' + request.name + ': the metering operator may "
@@ -541,7 +539,7 @@ def operator_tokens() -> dict[str, Any]:
                 "reason": "Forbidden",
             },
             {
-                "expression": f"object.spec.audiences == [{_q(STS_AUDIENCE)}]",
+                "expression": f"!variables.isToken || object.spec.audiences == [{_q(STS_AUDIENCE)}]",
                 "messageExpression": (
                     "'token for ' + request.namespace + '/' + request.name + ': the metering operator may "
                     f"only mint tokens for the audience {STS_AUDIENCE}'"
@@ -549,7 +547,10 @@ def operator_tokens() -> dict[str, Any]:
                 "reason": "Forbidden",
             },
             {
-                "expression": f"object.spec.?expirationSeconds.orValue(3600) <= {MAX_TOKEN_SECONDS}",
+                "expression": (
+                    "!variables.isToken || "
+                    f"object.spec.?expirationSeconds.orValue(3600) <= {MAX_TOKEN_SECONDS}"
+                ),
                 "messageExpression": (
                     "'token for ' + request.namespace + '/' + request.name + ': the metering operator may "
                     f"only mint tokens valid for at most {MAX_TOKEN_SECONDS} seconds'"
@@ -596,7 +597,6 @@ VALIDATING: Final = {
     "cronjob-records": (cronjob_records, False, False),
     "product-pods": (product_pods, True, False),
     "operator": (operator_writes, False, True),
-    "operator-tokens": (operator_tokens, True, True),
 }
 MUTATING: Final = {"gate": gate}
 

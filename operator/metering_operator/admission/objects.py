@@ -120,9 +120,9 @@ def _policy_spec(
 def _binding_spec(install: Install, name: str, params: bool, operator_only: bool) -> dict[str, Any]:
     spec: dict[str, Any] = {"policyName": name}
     if params:
-        # Every MeteredProduct in the request's namespace, each evaluated on its own. None found:
-        # the operator's tokens are refused (no product, no token); anything else is allowed.
-        spec["paramRef"] = {"selector": {}, "parameterNotFoundAction": "Deny" if operator_only else "Allow"}
+        # Every MeteredProduct in the request's namespace, each evaluated on its own; none: nothing
+        # to enforce. (Never Deny: it applies before match conditions, to everyone's requests.)
+        spec["paramRef"] = {"selector": {}, "parameterNotFoundAction": "Allow"}
     if not operator_only:
         spec["matchResources"] = {"namespaceSelector": namespace_selector(install)}
     return spec

@@ -421,8 +421,9 @@ def product_pods() -> dict[str, Any]:
                     "!variables.violates || variables.violatedBefore"
                 ),
                 "messageExpression": (
-                    "'pod ' + variables.name + ': ' + (variables.selectedBefore ? 'removing the "
-                    f"scheduling gate {SCHEDULING_GATE}' : 'relabelling a running pod into the selector') + "
+                    "'pod ' + variables.name + ': ' + (!variables.selectedBefore ? 'relabelling a "
+                    f"running pod into the selector' : {_gated('oldObject')} ? 'removing the scheduling "
+                    f"gate {SCHEDULING_GATE}' : 'changing the operator\\'s grant annotations') + "
                     "' of the Enforce MeteredProduct ' + variables.product + ' is refused without the "
                     "grant of the operator for this pod'"
                 ),

@@ -14,6 +14,7 @@ webhook wiring is covered by test_render.py and test_install.py.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from devtools.cluster import ClusterInfo
 from kubernetes import client
 
+from metering_operator.domain.product import ANNOTATION_PRODUCT, GROUP
 from tests.chart.helmcli import Helm
 from tests.conftest import temporary_namespace
 from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importing them)
@@ -270,3 +272,354 @@ def test_operator_with_chart_service_account_token_meters_an_hour(
     finally:
         emulator.stop()
         cluster_helm.run("uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)
+
+
+# --- the operator's token turned against the cluster --------------------------------------------
+
+POLICY = "ValidatingAdmissionPolicy"
+RBAC = "cannot "  # 'User "system:serviceaccount:..." cannot patch resource ...'
+POD_ONLY = "may only remove the scheduling gate marketplace.metering.dev/entitlement"
+WORKLOAD_ONLY = "may only write marketplace.metering.dev/* annotations on workloads"
+TOKEN_BOUND = "may only mint tokens bound to a Pod"
+TOKEN_AUDIENCE = "may only mint tokens for the audience sts.amazonaws.com"
+TOKEN_HOUR = "may only mint tokens valid for at most 3600 seconds"
+PRODUCT_SPEC = "never changes, creates or deletes a product"
+WRONG_SA = "cannot bind token for serviceaccount"  # the API server's own check on pod-bound tokens
+
+
+def _token(audience: str = "sts.amazonaws.com", seconds: int = 600, pod: Any = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"audiences": [audience], "expirationSeconds": seconds}
+    if pod is not None:
+        spec["boundObjectRef"] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": pod.metadata.name,
+            "uid": pod.metadata.uid,
+        }
+    return {"spec": spec}
+
+
+def _workload(kind: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    template = {
+        "metadata": {"labels": labels},
+        "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]},
+    }
+    spec: dict[str, Any] = {"selector": {"matchLabels": labels}, "template": template}
+    if kind == "Deployment":
+        spec["replicas"] = 0
+    if kind == "StatefulSet":
+        spec.update(replicas=0, serviceName=name)
+    return {"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def test_chart_service_account_cannot_be_turned_against_the_cluster(
+    cluster: ClusterInfo,
+    cluster_helm: Helm,
+    kube: client.ApiClient,
+    namespace: str,
+    product_namespace: str,
+    metered_product_crd: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """With the chart ServiceAccount's own token, every forbidden action is refused by the API
+    server, by RBAC (403, not granted) or by the chart's `-operator` admission policy (403, with its
+    message); what the operator needs still works. Issue 10: the old RBAC test forbade `update` of
+    workloads but allowed `patch`, which has the same power; now a patch of anything but the
+    operator's annotations is refused by the policy."""
+    from tests.identities import outcome, service_account_client
+
+    name = f"mmo-{namespace}"
+    attack = f"k-sys-{namespace}"  # objects placed in kube-system for the attempt, removed afterwards
+    values = {
+        "fullnameOverride": name,
+        "watchNamespaces": [product_namespace],
+        "admissionPolicies": {"gate": "policy"},
+    }
+    admin_core, admin_apps = client.CoreV1Api(kube), client.AppsV1Api(kube)
+    try:
+        cluster_helm.install(name, namespace, values=values)
+        create_all(kube, product_objects(product_namespace, "unused")[1:3])  # the SA and the product
+        labels = {"app.kubernetes.io/name": "chart-rbac-product"}
+        for ns in (product_namespace, "kube-system"):
+            for kind in ("Deployment", "DaemonSet", "StatefulSet"):
+                from kubernetes import utils
+
+                utils.create_from_dict(kube, _workload(kind, attack, {"app": attack}), namespace=ns)
+        admin_core.create_namespaced_service_account(
+            "kube-system",
+            {"metadata": {"name": attack, "annotations": {"eks.amazonaws.com/role-arn": BUYER_ROLE}}},
+        )
+        pod_spec = {
+            "serviceAccountName": "product",
+            "containers": [{"name": "app", "image": "example.invalid/p:1"}],
+        }
+        victim = wait_for_gated(
+            admin_core,
+            product_namespace,
+            {"metadata": {"name": "victim", "labels": labels}, "spec": pod_spec},
+        )
+        wait_for_gated(
+            admin_core,
+            product_namespace,
+            {"metadata": {"name": "allowed", "labels": labels}, "spec": pod_spec},
+        )
+
+        api = service_account_client(cluster, kube, namespace, name, tmp_path / "chart-sa.kubeconfig")
+        core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+        custom, rbac = client.CustomObjectsApi(api), client.RbacAuthorizationV1Api(api)
+        spec_patch = {
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {"name": "app", "image": "evil.invalid/miner:1", "command": ["/bin/sh"]}
+                        ],
+                        "hostNetwork": True,
+                    }
+                }
+            }
+        }
+        ns, ks = product_namespace, "kube-system"
+        attempts: dict[str, tuple[Any, str]] = {
+            "patch DaemonSet spec in kube-system": (
+                lambda: apps.patch_namespaced_daemon_set(attack, ks, spec_patch),
+                RBAC,
+            ),
+            "patch Deployment spec in kube-system": (
+                lambda: apps.patch_namespaced_deployment(attack, ks, spec_patch),
+                RBAC,
+            ),
+            "patch StatefulSet spec in kube-system": (
+                lambda: apps.patch_namespaced_stateful_set(attack, ks, spec_patch),
+                RBAC,
+            ),
+            "24h unbound token for a kube-system SA": (
+                lambda: core.create_namespaced_service_account_token(attack, ks, _token(seconds=86400)),
+                RBAC,
+            ),
+            "read a Secret": (lambda: core.list_namespaced_secret(ns), RBAC),
+            "read the release's Secrets": (lambda: core.list_namespaced_secret(namespace), RBAC),
+            "create a pod": (
+                lambda: core.create_namespaced_pod(ns, {"metadata": {"name": "x"}, "spec": pod_spec}),
+                RBAC,
+            ),
+            "delete a pod": (lambda: core.delete_namespaced_pod("victim", ns), RBAC),
+            "delete all pods": (lambda: core.delete_collection_namespaced_pod(ns), RBAC),
+            "update (PUT) a Deployment": (
+                lambda: apps.replace_namespaced_deployment(
+                    attack, ns, apps.read_namespaced_deployment(attack, ns)
+                ),
+                RBAC,
+            ),
+            "scale a Deployment": (
+                lambda: apps.patch_namespaced_deployment_scale(attack, ns, {"spec": {"replicas": 5}}),
+                RBAC,
+            ),
+            "create a ClusterRole": (
+                lambda: rbac.create_cluster_role({"metadata": {"name": f"{name}-x"}, "rules": []}),
+                RBAC,
+            ),
+            "bind cluster-admin in its namespace": (
+                lambda: rbac.create_namespaced_role_binding(
+                    ns,
+                    {
+                        "metadata": {"name": "x"},
+                        "roleRef": {
+                            "apiGroup": "rbac.authorization.k8s.io",
+                            "kind": "ClusterRole",
+                            "name": "cluster-admin",
+                        },
+                        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+                    },
+                ),
+                RBAC,
+            ),
+            "delete its admission policy": (
+                lambda: custom.delete_cluster_custom_object(
+                    "admissionregistration.k8s.io", "v1", "validatingadmissionpolicies", f"{name}-operator"
+                ),
+                RBAC,
+            ),
+            "create a MeteredProduct": (
+                lambda: custom.create_namespaced_custom_object(
+                    GROUP, "v1alpha1", ns, "meteredproducts", product_objects(ns, "")[2]
+                ),
+                RBAC,
+            ),
+            "delete the MeteredProduct": (
+                lambda: custom.delete_namespaced_custom_object(
+                    GROUP, "v1alpha1", ns, "meteredproducts", "product"
+                ),
+                RBAC,
+            ),
+            "patch a node": (
+                lambda: core.patch_node(cluster.nodes[0], {"metadata": {"labels": {"x": "y"}}}),
+                RBAC,
+            ),
+            "evict a kube-system pod": (
+                lambda: core.create_namespaced_pod_eviction(
+                    "kube-apiserver", ks, {"metadata": {"name": "kube-apiserver"}}
+                ),
+                RBAC,
+            ),
+            # Granted by RBAC, narrowed by the `-operator` admission policy:
+            "patch DaemonSet spec in the product namespace": (
+                lambda: apps.patch_namespaced_daemon_set(attack, ns, spec_patch),
+                WORKLOAD_ONLY,
+            ),
+            "patch Deployment spec in the product namespace": (
+                lambda: apps.patch_namespaced_deployment(attack, ns, spec_patch),
+                WORKLOAD_ONLY,
+            ),
+            "patch StatefulSet spec in the product namespace": (
+                lambda: apps.patch_namespaced_stateful_set(attack, ns, spec_patch),
+                WORKLOAD_ONLY,
+            ),
+            "relabel a Deployment": (
+                lambda: apps.patch_namespaced_deployment(
+                    attack, ns, {"metadata": {"labels": {"app": "other"}}}
+                ),
+                WORKLOAD_ONLY,
+            ),
+            "another annotation on a Deployment": (
+                lambda: apps.patch_namespaced_deployment(
+                    attack, ns, {"metadata": {"annotations": {"x": "y"}}}
+                ),
+                WORKLOAD_ONLY,
+            ),
+            "pod image": (
+                lambda: core.patch_namespaced_pod(
+                    "victim", ns, {"spec": {"containers": [{"name": "app", "image": "evil.invalid/x:1"}]}}
+                ),
+                POD_ONLY,
+            ),
+            # A gated pod's scheduling directives are mutable (Kubernetes 1.27+): steering it to a node.
+            "pod nodeSelector": (
+                lambda: core.patch_namespaced_pod(
+                    "victim", ns, {"spec": {"nodeSelector": {"kubernetes.io/hostname": "x"}}}
+                ),
+                POD_ONLY,
+            ),
+            "pod activeDeadlineSeconds": (
+                lambda: core.patch_namespaced_pod("victim", ns, {"spec": {"activeDeadlineSeconds": 1}}),
+                POD_ONLY,
+            ),
+            "pod labels": (
+                lambda: core.patch_namespaced_pod(
+                    "victim", ns, {"metadata": {"labels": {"app": "elsewhere"}}}
+                ),
+                POD_ONLY,
+            ),
+            "another pod annotation": (
+                lambda: core.patch_namespaced_pod("victim", ns, {"metadata": {"annotations": {"x": "y"}}}),
+                POD_ONLY,
+            ),
+            "pod finalizer": (
+                lambda: core.patch_namespaced_pod(
+                    "victim", ns, {"metadata": {"finalizers": ["example.com/keep"]}}
+                ),
+                POD_ONLY,
+            ),
+            "gate removal plus an image": (
+                lambda: core.patch_namespaced_pod(
+                    "victim",
+                    ns,
+                    [
+                        {"op": "remove", "path": "/spec/schedulingGates"},
+                        {"op": "replace", "path": "/spec/containers/0/image", "value": "evil.invalid/x:1"},
+                        # The grant, so that the products policy has nothing to say:
+                        {
+                            "op": "add",
+                            "path": "/metadata/annotations",
+                            "value": {ENTITLEMENT: "Granted", ANNOTATION_PRODUCT: f"{ns}/product"},
+                        },
+                    ],
+                ),
+                POD_ONLY,
+            ),
+            "switch the product to Audit": (
+                lambda: custom.patch_namespaced_custom_object(
+                    GROUP,
+                    "v1alpha1",
+                    ns,
+                    "meteredproducts",
+                    "product",
+                    {"spec": {"entitlement": {"mode": "Audit"}}},
+                ),
+                PRODUCT_SPEC,
+            ),
+            "unbound token": (
+                lambda: core.create_namespaced_service_account_token("product", ns, _token()),
+                TOKEN_BOUND,
+            ),
+            "pod-bound 24h token": (
+                lambda: core.create_namespaced_service_account_token(
+                    "product", ns, _token(seconds=86400, pod=victim)
+                ),
+                TOKEN_HOUR,
+            ),
+            "pod-bound token, audience of the API server": (
+                lambda: core.create_namespaced_service_account_token(
+                    "product", ns, _token(cluster.issuer, pod=victim)
+                ),
+                TOKEN_AUDIENCE,
+            ),
+            "token for a ServiceAccount no product pod uses": (
+                lambda: core.create_namespaced_service_account_token("default", ns, _token(pod=victim)),
+                WRONG_SA,
+            ),
+        }
+        failures = []
+        for what, (call, expected) in attempts.items():
+            err = outcome(call)
+            message = json.loads(err.body)["message"] if err is not None and err.body else str(err)
+            if err is None or err.status not in (400, 403) or expected not in message:
+                failures.append(
+                    f"{what}: expected {expected!r}, got {err.status if err else 'accepted'}: {message[:300]}"
+                )
+            elif expected not in (RBAC, WRONG_SA):
+                assert POLICY in message, message
+        assert failures == [], "\n".join(failures)
+        assert len(attempts) >= 30
+
+        # What the operator needs still works, with the same token.
+        done = core.patch_namespaced_pod(
+            "allowed",
+            ns,
+            [
+                {"op": "remove", "path": "/spec/schedulingGates"},
+                {
+                    "op": "add",
+                    "path": "/metadata/annotations",
+                    "value": {ENTITLEMENT: "Granted", ANNOTATION_PRODUCT: f"{ns}/product"},
+                },
+            ],
+        )
+        assert not done.spec.scheduling_gates
+        apps.patch_namespaced_deployment(
+            attack, ns, {"metadata": {"annotations": {ENTITLEMENT: "Granted 0/0"}}}
+        )
+        token = core.create_namespaced_service_account_token("product", ns, _token(pod=victim))
+        assert token.status.token
+        api.close()
+    finally:
+        cluster_helm.run("uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)
+        for delete in (
+            admin_apps.delete_namespaced_deployment,
+            admin_apps.delete_namespaced_daemon_set,
+            admin_apps.delete_namespaced_stateful_set,
+            admin_core.delete_namespaced_service_account,
+        ):
+            outcome(delete, attack, "kube-system")
+
+
+def wait_for_gated(core: client.CoreV1Api, namespace: str, body: dict[str, Any]) -> Any:
+    """Create a product pod as admin once the chart's MutatingAdmissionPolicy gates it."""
+    deadline = time.monotonic() + 60
+    while True:
+        created = core.create_namespaced_pod(namespace, body, dry_run="All")
+        if GATE in {g.name for g in created.spec.scheduling_gates or []}:
+            return core.create_namespaced_pod(namespace, body)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the chart's MutatingAdmissionPolicy never gated the pod")
+        time.sleep(0.3)

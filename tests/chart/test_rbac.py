@@ -81,6 +81,11 @@ FORBIDDEN = [
         for ns in (WATCHED_NS, RELEASE_NS)
     ],
     Access("delete", "pods"),
+    # Neither `update` nor `patch` of a workload's spec is the operator's: `update` is not granted,
+    # and `patch` (granted for the summary annotation) is narrowed to marketplace.metering.dev/*
+    # annotations by the `-operator` admission policy. (This list used to forbid `update` while
+    # allowing `patch` as if that made a difference; see test_operator_as_chart_sa.py for the real
+    # patch attempts refused by the policy.)
     Access("deletecollection", "pods"),
     Access("create", "pods"),
     Access("update", "pods"),
@@ -206,7 +211,7 @@ def test_cluster_wide_rbac_allows_needed_and_denies_forbidden(
 ) -> None:
     name = f"mmo-{namespace}"
     try:
-        install(cluster_helm, name, namespace, {})
+        install(cluster_helm, name, namespace, {"watch": {"mode": "cluster"}})
         api = operator_client(cluster, kube, namespace, name, tmp_path)
         try:
             # A product namespace that is not the operator's own.
@@ -218,14 +223,21 @@ def test_cluster_wide_rbac_allows_needed_and_denies_forbidden(
             # Real calls with the same token, not only reviews.
             core = client.CoreV1Api(api)
             core.list_namespaced_pod(namespace)
-            token = core.create_namespaced_service_account_token(
-                "default",
-                namespace,
-                client.AuthenticationV1TokenRequest(
-                    spec=client.V1TokenRequestSpec(audiences=["sts.amazonaws.com"], expiration_seconds=600)
-                ),
+            # RBAC grants TokenRequests cluster-wide in this mode; the chart's `-operator` admission
+            # policy narrows them (pod-bound only; tests/chart/test_operator_as_chart_sa.py has the rest).
+            unbound = client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=["sts.amazonaws.com"], expiration_seconds=600)
             )
-            assert token.status.token
+            with pytest.raises(ApiException) as refused:
+                core.create_namespaced_service_account_token("default", namespace, unbound)
+            assert refused.value.status == 403
+            assert "may only mint tokens bound to a Pod" in str(refused.value.body)
+            # ... and nothing at all in kube-system, although RBAC cannot exclude it.
+            with pytest.raises(ApiException) as refused:
+                client.AppsV1Api(api).patch_namespaced_deployment(
+                    "nothing-here", "kube-system", {"metadata": {"annotations": {"x": "y"}}}
+                )
+            assert refused.value.status in (403, 404)
             denied_calls: list[Callable[[], object]] = [
                 lambda: core.list_namespaced_secret(namespace),
                 lambda: core.read_namespaced_secret(f"{name}-webhook-tls", namespace),
@@ -274,3 +286,40 @@ def test_namespaced_rbac_is_confined_to_watched_namespaces(
             api.close()
     finally:
         cluster_helm.run("uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)
+
+
+def test_default_install_is_namespaced_and_never_kube_system(
+    cluster: ClusterInfo,
+    cluster_helm: Helm,
+    kube: client.ApiClient,
+    namespace: str,
+    other_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """`helm install` with no values: the operator may act in its own namespace only."""
+    name = f"mmo-{namespace}"
+    try:
+        install(cluster_helm, name, namespace, {})
+        api = operator_client(cluster, kube, namespace, name, tmp_path)
+        try:
+            needed = [resolve(a, namespace, namespace, other_namespace) for a in NEEDED]
+            assert check(api, needed, True) == []
+            elsewhere = [
+                resolve(a, namespace, other_namespace, other_namespace)
+                for a in NEEDED
+                if a.namespace == WATCHED_NS
+            ]
+            kube_system = [
+                resolve(a, namespace, "kube-system", "kube-system")
+                for a in NEEDED
+                if a.namespace == WATCHED_NS
+            ]
+            assert check(api, elsewhere + kube_system + forbidden_elsewhere(namespace), False) == []
+        finally:
+            api.close()
+    finally:
+        cluster_helm.run("uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)
+
+
+def forbidden_elsewhere(namespace: str) -> list[Access]:
+    return [resolve(a, namespace, "kube-system", "kube-system") for a in FORBIDDEN + FORBIDDEN_OUTSIDE]

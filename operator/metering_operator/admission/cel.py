@@ -31,7 +31,7 @@ The policies (names are suffixes of the install's prefix):
     to such a pod before its grant.
 ``operator``
     the operator's own writes: on pods only gate removal and its annotations, on workloads only
-    its annotations, nothing at all in ``kube-system``.
+    its annotations, on MeteredProducts never the spec, nothing at all in ``kube-system``.
     A TokenRequest by the operator only bound to a Pod (the API server itself then checks that
     the pod runs as the requested ServiceAccount), audience exactly ``sts.amazonaws.com``, at
     most one hour. "Only in a namespace with a MeteredProduct" is NOT expressible: a binding's
@@ -133,10 +133,10 @@ def _var(name: str, expression: str) -> dict[str, str]:
     return {"name": name, "expression": expression}
 
 
-def _rule(group: str, resources: list[str], operations: list[str]) -> dict[str, Any]:
+def _rule(group: str, resources: list[str], operations: list[str], version: str = "v1") -> dict[str, Any]:
     return {
         "apiGroups": [group],
-        "apiVersions": ["v1"],
+        "apiVersions": [version],
         "operations": operations,
         "resources": resources,
         "scope": "Namespaced",
@@ -462,6 +462,7 @@ def operator_writes() -> dict[str, Any]:
             "resourceRules": [
                 _rule("", ["pods", "pods/*", "serviceaccounts", "serviceaccounts/token"], writes),
                 *workload_rules,
+                _rule(GROUP, ["meteredproducts"], writes, version="*"),
             ]
         },
         "variables": [
@@ -472,6 +473,7 @@ def operator_writes() -> dict[str, Any]:
                 "isWorkload",
                 "request.resource.group in ['apps', 'batch'] && request.?subResource.orValue('') == ''",
             ),
+            _var("isProduct", "request.resource.resource == 'meteredproducts'"),
             _var(
                 "isToken",
                 "request.resource.resource == 'serviceaccounts' && "
@@ -528,10 +530,21 @@ def operator_writes() -> dict[str, Any]:
                 "reason": "Forbidden",
             },
             {
+                # kopf's finalizer and progress annotations only: never what the product is.
                 "expression": (
-                    "!variables.isToken || (has(object.spec.boundObjectRef) && "
-                    "object.spec.boundObjectRef.kind == 'Pod' && "
-                    "object.spec.boundObjectRef.?apiVersion.orValue('v1') == 'v1')"
+                    "!variables.isProduct || (request.operation == 'UPDATE' && object.spec == oldObject.spec)"
+                ),
+                "messageExpression": (
+                    "'MeteredProduct ' + variables.name + ': the metering operator never changes, creates "
+                    "or deletes a product, only its finalizer and status'"
+                ),
+                "reason": "Forbidden",
+            },
+            {
+                "expression": (
+                    # An unset boundObjectRef reaches CEL as a present but empty value.
+                    "!variables.isToken || (object.spec.?boundObjectRef.?kind.orValue('') == 'Pod' && "
+                    "object.spec.?boundObjectRef.?apiVersion.orValue('v1') == 'v1')"
                 ),
                 "messageExpression": (
                     "'token for ' + request.namespace + '/' + request.name + ': the metering operator may "

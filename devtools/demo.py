@@ -582,6 +582,10 @@ class Demo:
             f"webhook        https://127.0.0.1:{self.operator.webhook_port} "
             f"(MutatingWebhookConfiguration {self.webhook_configuration})"
         )
+        s.say(
+            f"policies       {self.webhook_configuration}-* (ValidatingAdmissionPolicies and the gate's "
+            "MutatingAdmissionPolicy, in force even while the operator is stopped)"
+        )
         s.say(f"AWS            {self.emulator.url} via AWS_ENDPOINT_URL_STS / _MARKETPLACE_METERING")
         s.say(f"log            {self.operator.log_path}")
         self.operator.wait_ready(self.opts.timeout)
@@ -942,6 +946,7 @@ class Demo:
             ("delete the MeteredProduct", self.delete_product),
             ("stop the operator", self.stop_operator),
             ("delete the webhook configuration", self.delete_webhook_configuration),
+            ("delete the admission policies", self.delete_admission_policies),
             ("stop the emulator", self.stop_emulator),
             ("delete the namespace", self.delete_namespace),
             ("release the cluster", self.release_cluster),
@@ -1001,6 +1006,16 @@ class Demo:
             if exc.status != 404:
                 raise
         print(f"  MutatingWebhookConfiguration {self.webhook_configuration} deleted", flush=True)
+
+    def delete_admission_policies(self) -> None:
+        """Local mode left its admission policies in force after the operator stopped (by design)."""
+        if self.api is None or self.operator is None:
+            return
+        from metering_operator.admission.install import delete
+
+        # Named after the webhook configuration (the operator's default --admission-policy-prefix).
+        removed = delete(self.api, self.webhook_configuration)
+        print(f"  {len(removed)} admission policy objects deleted", flush=True)
 
     def stop_emulator(self) -> None:
         if self.emulator is not None:

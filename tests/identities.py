@@ -103,3 +103,22 @@ def outcome(call: Any, *args: Any, **kwargs: Any) -> ApiException | None:
     except ApiException as err:
         return err
     return None
+
+
+def refused_once_in_force(call: Any, text: str, timeout: float = 30.0) -> ApiException:
+    """The refusal ``call`` gets once a just-installed admission policy is loaded.
+
+    The API server loads new policies and bindings asynchronously (about a second); until then a
+    request may still be accepted. Only for requests that change nothing when accepted (dry runs,
+    reads, or writes a test does not depend on).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        err = outcome(call)
+        if err is not None and text in str(err.body):
+            return err
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never refused with {text!r}; last answer: {err}")
+        time.sleep(0.3)

@@ -60,6 +60,16 @@ def release(cluster_helm: Helm, kube: client.ApiClient, namespace: str) -> Itera
     cluster_helm.run("uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)
 
 
+POLICIES = [
+    ("validatingadmissionpolicies", "pod-records"),
+    ("validatingadmissionpolicies", "product-pods"),
+    ("validatingadmissionpolicies", "operator"),
+    ("validatingadmissionpolicybindings", "product-pods"),
+    ("mutatingadmissionpolicies", "gate"),
+    ("mutatingadmissionpolicybindings", "gate"),
+]
+
+
 def base_values(name: str, namespace: str) -> dict[str, Any]:
     # watchNamespaces confines the webhook and the RBAC to this test's namespace, so a parallel
     # test elsewhere on the shared cluster never meets this release's webhook.
@@ -104,12 +114,19 @@ def test_install_upgrade_uninstall(
         rbac.read_cluster_role(name)
     assert missing.value.status == 404, "namespaced mode must not grant pods cluster-wide"
 
-    secret = core.read_namespaced_secret(f"{name}-webhook-tls", namespace)
-    webhook = admission.read_mutating_webhook_configuration(name).webhooks[0]
-    assert webhook.client_config.ca_bundle == secret.data["ca.crt"]
-    assert webhook.client_config.service.name == f"{name}-webhook"
-    assert webhook.namespace_selector.match_expressions[0].values == [namespace]
-    assert b"BEGIN CERTIFICATE" in base64.b64decode(secret.data["tls.crt"])
+    # On this 1.37 server `auto` found admissionregistration.k8s.io/v1 MutatingAdmissionPolicy by
+    # discovery: the gate comes from the policy, there is no webhook, no certificate.
+    custom = client.CustomObjectsApi(kube)
+    for plural, suffix in POLICIES:
+        policy_object = custom.get_cluster_custom_object(
+            "admissionregistration.k8s.io", "v1", plural, f"{name}-{suffix}"
+        )
+        assert policy_object["metadata"]["labels"]["marketplace.metering.dev/policy-set"] == name
+    with pytest.raises(ApiException) as missing:
+        admission.read_mutating_webhook_configuration(name)
+    assert missing.value.status == 404
+    assert "--no-webhook" in deployment.spec.template.spec.containers[0].args
+    assert "Gate:     added by the MutatingAdmissionPolicy" in notes
 
     # The controller manager turns the Deployment into a pod: the API server admitted it under
     # the restricted Pod Security Standard (a violation would leave the ReplicaSet without pods).
@@ -123,13 +140,18 @@ def test_install_upgrade_uninstall(
     assert pod.spec.containers[0].security_context.read_only_root_filesystem is True
     assert "marketplace.metering.dev/entitlement" not in {g.name for g in pod.spec.scheduling_gates or []}
 
-    # --- upgrade: more replicas, new role, trusted codes ---
+    # --- upgrade: more replicas, new role, trusted codes, the webhook path (servers < 1.36) ---
     new_arn = "arn:aws:iam::111122223333:role/metering-v2"
-    values = base_values(name, namespace) | {
-        "replicas": 2,
-        "serviceAccount": {"roleArn": new_arn},
-        "trustedProductCodes": ["1fszvu527waovqeuhpkyx2b5d"],
-    }
+    webhook_values = {"admissionPolicies": {"gate": "webhook"}}
+    values = (
+        base_values(name, namespace)
+        | webhook_values
+        | {
+            "replicas": 2,
+            "serviceAccount": {"roleArn": new_arn},
+            "trustedProductCodes": ["1fszvu527waovqeuhpkyx2b5d"],
+        }
+    )
     notes = cluster_helm.install(name, namespace, values=values, upgrade=True).stdout
     assert "trustedProductCodes is empty" not in notes
     assert cluster_helm.status(name, namespace)["version"] == 2
@@ -145,16 +167,27 @@ def test_install_upgrade_uninstall(
         == new_arn
     )
     assert policy.read_namespaced_pod_disruption_budget(name, namespace).spec.min_available == 1
-    # lookup() kept the webhook certificate: running pods and the caBundle still agree.
+    secret = core.read_namespaced_secret(f"{name}-webhook-tls", namespace)
+    webhook = admission.read_mutating_webhook_configuration(name).webhooks[0]
+    assert webhook.client_config.ca_bundle == secret.data["ca.crt"]
+    assert webhook.client_config.service.name == f"{name}-webhook"
+    assert webhook.namespace_selector.match_expressions[0].values == [namespace]
+    assert webhook.object_selector is None or not webhook.object_selector.match_expressions
+    assert b"BEGIN CERTIFICATE" in base64.b64decode(secret.data["tls.crt"])
+    assert gone(
+        lambda: custom.get_cluster_custom_object(
+            "admissionregistration.k8s.io", "v1", "mutatingadmissionpolicies", f"{name}-gate"
+        )
+    ), "one gate mechanism at a time"
+
+    # --- upgrade back to one replica: the PDB goes away; lookup() keeps the webhook certificate ---
+    cluster_helm.install(name, namespace, values=base_values(name, namespace) | webhook_values, upgrade=True)
     upgraded_secret = core.read_namespaced_secret(f"{name}-webhook-tls", namespace)
     assert upgraded_secret.data == secret.data
     assert (
         admission.read_mutating_webhook_configuration(name).webhooks[0].client_config.ca_bundle
         == (secret.data["ca.crt"])
     )
-
-    # --- upgrade back to one replica: the PDB goes away ---
-    cluster_helm.install(name, namespace, values=base_values(name, namespace), upgrade=True)
     assert gone(lambda: policy.read_namespaced_pod_disruption_budget(name, namespace))
     annotations = core.read_namespaced_service_account(name, namespace).metadata.annotations or {}
     assert "eks.amazonaws.com/role-arn" not in annotations
@@ -170,6 +203,17 @@ def test_install_upgrade_uninstall(
         "ClusterRole": lambda: rbac.read_cluster_role(f"{name}-cluster"),
         "ClusterRoleBinding": lambda: rbac.read_cluster_role_binding(f"{name}-cluster"),
         "MutatingWebhookConfiguration": lambda: admission.read_mutating_webhook_configuration(name),
+        **{
+            f"{plural}/{suffix}": functools.partial(
+                custom.get_cluster_custom_object,
+                "admissionregistration.k8s.io",
+                "v1",
+                plural,
+                f"{name}-{suffix}",
+            )
+            for plural, suffix in POLICIES
+            if plural.startswith("validating")
+        },
     }
     for kind, read in checks.items():
         assert wait_for(f"{kind} to be deleted", functools.partial(gone, read)), kind

@@ -326,7 +326,7 @@ def test_chart_service_account_cannot_be_turned_against_the_cluster(
     message); what the operator needs still works. Issue 10: the old RBAC test forbade `update` of
     workloads but allowed `patch`, which has the same power; now a patch of anything but the
     operator's annotations is refused by the policy."""
-    from tests.identities import outcome, service_account_client
+    from tests.identities import outcome, refused_once_in_force, service_account_client
 
     name = f"mmo-{namespace}"
     attack = f"k-sys-{namespace}"  # objects placed in kube-system for the attempt, removed afterwards
@@ -569,6 +569,11 @@ def test_chart_service_account_cannot_be_turned_against_the_cluster(
                 WRONG_SA,
             ),
         }
+        # The policies load asynchronously after `helm install`: wait until the operator's is in force.
+        refused_once_in_force(
+            lambda: apps.patch_namespaced_deployment(attack, ns, {"metadata": {"labels": {"x": "y"}}}),
+            WORKLOAD_ONLY,
+        )
         failures = []
         for what, (call, expected) in attempts.items():
             err = outcome(call)

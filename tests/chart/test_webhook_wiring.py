@@ -75,7 +75,8 @@ def test_operator_serves_the_charts_webhook_with_the_charts_certificate(
     metered_product_crd: dict[str, Any],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    objects = helm.render(release="mmo", namespace=namespace)
+    # The webhook path (servers before 1.36; this one would get the MutatingAdmissionPolicy).
+    objects = helm.render(release="mmo", namespace=namespace, set_values=["admissionPolicies.gate=webhook"])
     (webhook,) = one(objects, "MutatingWebhookConfiguration")["webhooks"]
     service_ref = webhook["clientConfig"]["service"]
     secret = one(objects, "Secret")

@@ -570,8 +570,11 @@ def test_chart_service_account_cannot_be_turned_against_the_cluster(
             ),
         }
         # The policies load asynchronously after `helm install`: wait until the operator's is in force.
+        # (A new value each time: a patch that changes nothing is no change to refuse.)
         refused_once_in_force(
-            lambda: apps.patch_namespaced_deployment(attack, ns, {"metadata": {"labels": {"x": "y"}}}),
+            lambda: apps.patch_namespaced_deployment(
+                attack, ns, {"metadata": {"labels": {"probe": str(time.monotonic_ns())}}}
+            ),
             WORKLOAD_ONLY,
         )
         failures = []

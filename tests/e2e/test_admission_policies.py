@@ -263,3 +263,43 @@ def test_local_mode_installs_policies_for_its_identity_and_leaves_them_in_force(
         client.AdmissionregistrationV1Api(kube).read_mutating_webhook_configuration(prefix)
     assert err.value.status == 404
     assert set(installed()) == expected
+
+
+def test_policies_bind_cluster_admins_too(
+    kube: client.ApiClient, namespace: str, metered_product_crd: dict[str, Any], policy_sets: list[str]
+) -> None:
+    """Admission is not authorization: the policies refuse the cluster admin as well (here: the
+    ephemeral container the `edit` role cannot even ask for, gate removal, forged grants)."""
+    core = client.CoreV1Api(kube)
+    prefix = f"mmo-t-{namespace}"
+    policy_sets.append(prefix)
+    policy_install.apply(kube, Install(prefix, OPERATOR_USER, namespaces=(namespace,)))
+    client.CustomObjectsApi(kube).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, product("enforced", {"matchLabels": {"app": "enforced"}})
+    )
+    wait_enforced(kube, namespace, {"app": "enforced"}, mutating=True)
+    held = core.create_namespaced_pod(namespace, pod("held", {"app": "enforced"}))
+    assert SCHEDULING_GATE in {g.name for g in held.spec.scheduling_gates or []}
+    attempts = {
+        "no ephemeral container may be added": lambda: core.patch_namespaced_pod_ephemeralcontainers(
+            "held",
+            namespace,
+            {"spec": {"ephemeralContainers": [{"name": "dbg", "image": "example.invalid/x:1"}]}},
+        ),
+        "scheduling gate marketplace.metering.dev/entitlement": lambda: core.patch_namespaced_pod(
+            "held", namespace, {"spec": {"schedulingGates": None}}
+        ),
+        "only the metering operator": lambda: core.patch_namespaced_pod(
+            "held",
+            namespace,
+            {"metadata": {"annotations": {"marketplace.metering.dev/entitlement": "Granted"}}},
+        ),
+    }
+    for text, call in attempts.items():
+        error = outcome(call)
+        assert error is not None, text
+        assert error.status == 403, error.body
+        assert text in error.body
+    still = core.read_namespaced_pod("held", namespace)
+    assert SCHEDULING_GATE in {g.name for g in still.spec.scheduling_gates or []}
+    assert not still.spec.ephemeral_containers

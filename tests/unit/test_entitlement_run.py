@@ -100,3 +100,27 @@ def test_local_webhook_configuration() -> None:
     assert everywhere["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["operator"] == "NotIn"
     with pytest.raises(ValueError, match="no host"):
         webhook.url_host("https://:9443")
+
+
+@pytest.mark.parametrize(
+    ("argv", "installs"),
+    [
+        (("--webhook-url", "https://127.0.0.1:9443"), True),
+        (("--webhook-url", "https://127.0.0.1:9443", "--no-admission-policies"), False),
+        ((), False),
+        (("--no-webhook", "--admission-policies"), True),
+    ],
+    ids=["local-mode", "local-opt-out", "in-cluster", "explicit"],
+)
+def test_local_mode_installs_admission_policies_by_default(argv: tuple[str, ...], installs: bool) -> None:
+    settings = run.build_settings(parse("--region", "eu-west-1", *argv))
+    assert settings.admission_policies is installs
+
+
+def test_admission_policy_prefix_defaults_to_the_webhook_configuration_name() -> None:
+    settings = run.build_settings(
+        parse("--region", "eu-west-1", "--webhook-configuration-name", "mine", "--webhook-url", "https://x:1")
+    )
+    assert settings.admission_policy_prefix == "mine"
+    settings = run.build_settings(parse("--region", "eu-west-1", "--admission-policy-prefix", "other"))
+    assert settings.admission_policy_prefix == "other"

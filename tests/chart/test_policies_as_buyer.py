@@ -52,7 +52,7 @@ from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importi
     wait_for,
 )
 from tests.emulator.harness import EmulatorProcess
-from tests.identities import edit_user, outcome, token_kubeconfig
+from tests.identities import edit_user, outcome, refused_once_in_force, token_kubeconfig
 
 pytestmark = pytest.mark.cluster
 
@@ -582,10 +582,14 @@ def create_all(kube: client.ApiClient, objects: list[dict[str, Any]]) -> None:
 
 
 def wait_policies(kube: client.ApiClient, namespace: str) -> None:
-    """Until the API server gates a product pod in ``namespace`` (policies and params loaded)."""
-    core = client.CoreV1Api(kube)
+    """Until every policy of the chart is in force in ``namespace``, probed with dry runs as admin.
+
+    The API server loads each new policy, binding and param on its own, asynchronously (seconds
+    on a loaded machine): right after `helm install` one may be enforced and another not yet.
+    """
+    core, apps, batch = client.CoreV1Api(kube), client.AppsV1Api(kube), client.BatchV1Api(kube)
     wait_for(
-        "the chart's admission policies in force",
+        "the MutatingAdmissionPolicy",
         lambda: (
             SCHEDULING_GATE
             in gates_of(
@@ -594,6 +598,44 @@ def wait_policies(kube: client.ApiClient, namespace: str) -> None:
         ),
         timeout=60,
     )
+    core.create_namespaced_pod(namespace, pod_body("probe-bystander", {"app": "probe"}))
+    cron_template = template(PRODUCT_LABELS, forged())
+    cron_template["spec"]["restartPolicy"] = "Never"
+    probes: dict[str, Callable[[], Any]] = {
+        WRITE_BY_OPERATOR_ONLY: lambda: core.create_namespaced_pod(
+            namespace, pod_body("probe-forged", PRODUCT_LABELS, annotations=forged()), dry_run="All"
+        ),
+        TEMPLATE_REFUSED: lambda: apps.create_namespaced_deployment(
+            namespace,
+            {
+                "metadata": {"name": "probe"},
+                "spec": {
+                    "selector": {"matchLabels": PRODUCT_LABELS},
+                    "template": template(PRODUCT_LABELS, forged()),
+                },
+            },
+            dry_run="All",
+        ),
+        "job template must not carry": lambda: batch.create_namespaced_cron_job(
+            namespace,
+            {
+                "metadata": {"name": "probe"},
+                "spec": {
+                    "schedule": "* * * * *",
+                    "jobTemplate": {
+                        "metadata": {"annotations": forged()},
+                        "spec": {"template": cron_template},
+                    },
+                },
+            },
+            dry_run="All",
+        ),
+        RELABEL_REFUSED: lambda: core.patch_namespaced_pod(
+            "probe-bystander", namespace, {"metadata": {"labels": PRODUCT_LABELS}}, dry_run="All"
+        ),
+    }
+    for text, probe in probes.items():
+        refused_once_in_force(probe, text, timeout=60)
 
 
 class PodWrites:

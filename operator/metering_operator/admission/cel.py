@@ -604,7 +604,8 @@ def gate() -> dict[str, Any]:
     }
 
 
-#: Suffix -> (kind, fragment builder, uses MeteredProducts as params, matched on the operator only).
+#: ValidatingAdmissionPolicies: suffix -> (fragment builder, MeteredProducts as params, matched on
+#: the operator only). MutatingAdmissionPolicies: suffix -> builder (MeteredProducts as params).
 VALIDATING: Final = {
     "pod-records": (pod_records, False, False),
     "workload-records": (workload_records, False, False),
@@ -613,10 +614,3 @@ VALIDATING: Final = {
     "operator": (operator_writes, False, True),
 }
 MUTATING: Final = {"gate": gate}
-
-
-def fragments() -> dict[str, dict[str, Any]]:
-    """Every fragment by suffix (what ``metering-operator manifests`` writes for the chart)."""
-    result = {name: build() for name, (build, _, _) in VALIDATING.items()}
-    result.update({name: build() for name, build in MUTATING.items()})
-    return result

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from devtools.cluster import ClusterInfo
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from metering_operator.domain.product import ANNOTATION_PRODUCT, GROUP
 from tests.chart.helmcli import Helm
@@ -625,8 +626,11 @@ def wait_for_gated(core: client.CoreV1Api, namespace: str, body: dict[str, Any])
     """Create a product pod as admin once the chart's MutatingAdmissionPolicy gates it."""
     deadline = time.monotonic() + 60
     while True:
-        created = core.create_namespaced_pod(namespace, body, dry_run="All")
-        if GATE in {g.name for g in created.spec.scheduling_gates or []}:
+        try:
+            created = core.create_namespaced_pod(namespace, body, dry_run="All")
+        except ApiException:
+            created = None  # refused: the validating policies loaded before the mutating one
+        if created is not None and GATE in {g.name for g in created.spec.scheduling_gates or []}:
             return core.create_namespaced_pod(namespace, body)
         if time.monotonic() > deadline:
             raise TimeoutError("the chart's MutatingAdmissionPolicy never gated the pod")

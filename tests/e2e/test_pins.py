@@ -26,7 +26,6 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from metering_operator.domain.product import ANNOTATION_ENTITLEMENT, GROUP, PLURAL, VERSION
-from tests.chart.test_rbac import token_kubeconfig
 from tests.conftest import temporary_namespace
 from tests.e2e.conftest import (
     BUYER_ACCOUNT,
@@ -40,6 +39,7 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.test_entitlement import bare_pod, gated, notes, pods, service_account
 from tests.emulator.harness import EmulatorProcess, start_emulator
+from tests.identities import token_kubeconfig
 
 pytestmark = pytest.mark.cluster
 

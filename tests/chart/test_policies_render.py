@@ -21,6 +21,8 @@ NAMESPACE = "metering-system"
 FULLNAME = "mmo-marketplace-metering-operator"
 USER = f"system:serviceaccount:{NAMESPACE}:{FULLNAME}"
 
+PIN_KEY = {"publicKey": "-----BEGIN PUBLIC KEY-----\nMA==\n-----END PUBLIC KEY-----\n", "publicKeyVersion": 1}
+
 #: Documented modes: values -> the watched namespaces ([] = every namespace but kube-system).
 MODES: dict[str, tuple[dict[str, Any], list[str]]] = {
     "namespaced": ({}, [NAMESPACE]),
@@ -31,6 +33,22 @@ MODES: dict[str, tuple[dict[str, Any], list[str]]] = {
         [NAMESPACE],
     ),
     "emulator": ({"emulator": {"enabled": True}, "trustedProductCodes": ["abc123"]}, [NAMESPACE]),
+    "pins": (
+        {
+            "watchNamespaces": ["shop"],
+            "pins": [
+                {"productCode": "abc123", "namespace": "shop", "name": "db", **PIN_KEY},
+                {
+                    "productCode": "def456",
+                    "namespace": "shop",
+                    "name": "cache",
+                    "minMode": "Audit",
+                    **PIN_KEY,
+                },
+            ],
+        },
+        ["shop"],
+    ),
 }
 
 
@@ -53,6 +71,14 @@ def test_every_mode_renders_the_local_mode_policies_bound_to_the_chart(helm: Hel
                 operator_service_account=FULLNAME,
                 namespaces=tuple(watched),
                 trusted_codes=tuple(values.get("trustedProductCodes", ())),
+                pins=tuple(
+                    (
+                        p["productCode"],
+                        f"{p['namespace']}/{p['name']}",
+                        p.get("minMode", "Enforce") == "Enforce",
+                    )
+                    for p in values.get("pins", ())
+                ),
                 mutating=not webhook,
             )
         )

@@ -195,16 +195,32 @@ def test_selector_cel_agrees_with_the_api_servers_label_selectors(
         assert disagreements == [], "(selector, labels, API server selects, VAP refused, MAP gated)"
 
 
-def test_audit_products_and_untrusted_codes_are_not_enforced(
+def test_audit_untrusted_and_decoy_products_are_not_enforced_pinned_ones_are(
     kube: client.ApiClient, namespace: str, metered_product_crd: dict[str, Any], policy_sets: list[str]
 ) -> None:
     core = client.CoreV1Api(kube)
     custom = client.CustomObjectsApi(kube)
     prefix = f"mmo-t-{namespace}"
     policy_sets.append(prefix)
+    pinned_code = "pinnedproduct00000000001"
     policy_install.apply(
-        kube, Install(prefix, OPERATOR_USER, namespaces=(namespace,), trusted_codes=(PRODUCT_CODE,))
+        kube,
+        Install(
+            prefix,
+            OPERATOR_USER,
+            namespaces=(namespace,),
+            trusted_codes=(PRODUCT_CODE, pinned_code),
+            pins=((pinned_code, f"{namespace}/pinned", True),),
+        ),
     )
+    # A seller pin: the pinned product is held in Enforce even when it says Audit; another product
+    # with the pinned code (a decoy) holds nothing.
+    pinned = product("pinned", {"matchLabels": {"app": "pinned"}}, "Audit")
+    pinned["spec"]["productCode"] = pinned_code
+    decoy = product("decoy", {"matchLabels": {"app": "decoy"}})
+    decoy["spec"]["productCode"] = pinned_code
+    for body in (pinned, decoy):
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, product("enforced", {"matchLabels": {"app": "enforced"}})
     )
@@ -215,7 +231,16 @@ def test_audit_products_and_untrusted_codes_are_not_enforced(
     untrusted["spec"]["productCode"] = "someoneelsesproduct00001"
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, untrusted)
     wait_enforced(kube, namespace, {"app": "enforced"}, mutating=True)
-    for app, gated in (("enforced", True), ("audited", False), ("untrusted", False), ("unrelated", False)):
+    wait_enforced(kube, namespace, {"app": "pinned"}, mutating=True)
+    cases = (
+        ("enforced", True),
+        ("audited", False),
+        ("untrusted", False),
+        ("unrelated", False),
+        ("pinned", True),
+        ("decoy", False),
+    )
+    for app, gated in cases:
         created = core.create_namespaced_pod(namespace, pod(app, {"app": app}))
         assert (SCHEDULING_GATE in {g.name for g in created.spec.scheduling_gates or []}) is gated, app
 

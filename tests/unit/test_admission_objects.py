@@ -59,7 +59,7 @@ def test_build_names_binds_and_labels_every_object() -> None:
     # The identity comes first, as every fragment's expressions expect.
     for policy in policies.values():
         names = [v["name"] for v in policy["spec"]["variables"]]
-        assert tuple(names[:4]) == cel.IDENTITY_VARIABLES
+        assert tuple(names[: len(cel.IDENTITY_VARIABLES)]) == cel.IDENTITY_VARIABLES
         assert policy["spec"]["failurePolicy"] == "Fail"
     assert policies["p-pod-records"]["spec"]["variables"][0] == {
         "name": "operatorUser",
@@ -149,3 +149,12 @@ def test_selector_cel_names_every_operator() -> None:
     text = cel.selects("l", "s")
     for operator in ("'In'", "'NotIn'", "'Exists'", "'DoesNotExist'"):
         assert operator in text
+
+
+def test_pins_are_a_cel_map_and_list() -> None:
+    install = Install("p", USER, pins=(("b", "shop/db", True), ("a", "shop/cache", False)))
+    variables = {v["name"]: v["expression"] for v in build(install)[0]["spec"]["variables"]}
+    assert json.loads(variables["pinnedProducts"]) == {"a": "shop/cache", "b": "shop/db"}
+    assert json.loads(variables["pinnedEnforce"]) == ["b"]
+    empty = {v["name"]: v["expression"] for v in build(Install("p", USER))[0]["spec"]["variables"]}
+    assert (empty["pinnedProducts"], empty["pinnedEnforce"]) == ("{}", "[]")

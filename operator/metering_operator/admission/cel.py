@@ -10,7 +10,10 @@ by the chart's templates, always as these leading variables, which every express
 ``variables.operatorNamespace`` / ``variables.operatorServiceAccount``
     where the operator's own pods run and as whom (empty in local mode: no pods);
 ``variables.trustedCodes``
-    the operator's trusted product codes (empty: every code is served).
+    the operator's trusted product codes (empty: every code is served);
+``variables.pinnedProducts`` / ``variables.pinnedEnforce``
+    the seller's pins: product code -> the one ``namespace/name`` that may use it, and the codes
+    pinned to at least ``Enforce`` (a pinned product is held in Enforce whatever mode it says).
 
 The policies (names are suffixes of the install's prefix):
 
@@ -62,7 +65,14 @@ MAX_TOKEN_SECONDS: Final = 3600
 PROTECTED_NAMESPACE: Final = "kube-system"
 
 #: The identity variables every fragment expects first (filled per install).
-IDENTITY_VARIABLES: Final = ("operatorUser", "operatorNamespace", "operatorServiceAccount", "trustedCodes")
+IDENTITY_VARIABLES: Final = (
+    "operatorUser",
+    "operatorNamespace",
+    "operatorServiceAccount",
+    "trustedCodes",
+    "pinnedProducts",
+    "pinnedEnforce",
+)
 
 #: Every field of core/v1 PodSpec (Kubernetes 1.36). The operator's pod writes must leave each one
 #: unchanged except ``schedulingGates``; tests/unit/test_admission_cel.py fails when the client's
@@ -250,9 +260,14 @@ def _operators_own_pod(obj: str) -> str:
     )
 
 
+_MODE_ENFORCE = "params.spec.?entitlement.?mode.orValue('Enforce') == 'Enforce'"
+#: The operator's own rule for whether a product holds its pods: trusted code, and mode Enforce --
+#: or, for a pinned code, only the pinned MeteredProduct, at least at the pinned minimum mode.
 _ENFORCED = (
-    "params.spec.?entitlement.?mode.orValue('Enforce') == 'Enforce' && "
-    "(size(variables.trustedCodes) == 0 || params.spec.productCode in variables.trustedCodes)"
+    "(size(variables.trustedCodes) == 0 || params.spec.productCode in variables.trustedCodes) && "
+    "(params.spec.productCode in variables.pinnedProducts ? "
+    "(variables.pinnedProducts[params.spec.productCode] == request.namespace + '/' + params.metadata.name && "
+    f"({_MODE_ENFORCE} || params.spec.productCode in variables.pinnedEnforce)) : {_MODE_ENFORCE})"
 )
 
 

@@ -35,6 +35,8 @@ class Install:
     namespaces: tuple[str, ...] = ()
     excluded_namespaces: tuple[str, ...] = (cel.PROTECTED_NAMESPACE,)
     trusted_codes: tuple[str, ...] = ()
+    #: Seller pins: (product code, ``namespace/name`` of its one MeteredProduct, minimum mode is Enforce).
+    pins: tuple[tuple[str, str, bool], ...] = ()
     #: Also install the MutatingAdmissionPolicy that adds the gate (Kubernetes >= 1.36).
     mutating: bool = True
     #: Also bound the operator's own writes (only for a service account: a human admin running
@@ -74,8 +76,18 @@ def identity_variables(install: Install) -> list[dict[str, str]]:
         {"name": "operatorUser", "expression": cel_string(install.operator_user)},
         {"name": "operatorNamespace", "expression": cel_string(install.operator_namespace)},
         {"name": "operatorServiceAccount", "expression": cel_string(install.operator_service_account)},
-        {"name": "trustedCodes", "expression": json.dumps(sorted(install.trusted_codes))},
+        {"name": "trustedCodes", "expression": _json(sorted(install.trusted_codes))},
+        {"name": "pinnedProducts", "expression": _json({code: key for code, key, _ in install.pins})},
+        {
+            "name": "pinnedEnforce",
+            "expression": _json(sorted(code for code, _, enforce in install.pins if enforce)),
+        },
     ]
+
+
+def _json(value: Any) -> str:
+    """A CEL list or map literal, written exactly as Helm's toJson writes it (the chart's copy)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def namespace_selector(install: Install) -> dict[str, Any]:

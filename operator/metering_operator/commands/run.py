@@ -343,6 +343,7 @@ def _install_admission_policies(settings: Any) -> None:
     """Local mode: the chart's policies, bound to whoever this process authenticates as."""
     from metering_operator.admission import install
     from metering_operator.admission.objects import Install, service_account_of
+    from metering_operator.domain.product import EntitlementMode
     from metering_operator.kube.apiclient import new_api_client
 
     api = new_api_client(pool_size=1)
@@ -361,6 +362,10 @@ def _install_admission_policies(settings: Any) -> None:
             operator_service_account=account[1] if account else "",
             namespaces=settings.namespaces,
             trusted_codes=tuple(sorted(settings.trusted_product_codes)),
+            pins=tuple(
+                (pin.product_code, pin.key, pin.min_mode is EntitlementMode.ENFORCE)
+                for pin in settings.pins.pins
+            ),
             mutating="MutatingAdmissionPolicy" in kinds,
             # A person's own credentials keep their rights; only a service account is narrowed.
             bound_operator=account is not None,

@@ -189,7 +189,11 @@ def _wait(what: str, probe: Callable[[], bool], timeout: float, log: Callable[[s
     return elapsed
 
 
-def bench_cluster(steady_seconds: float, interval: float, log: Callable[[str], None]) -> dict[str, Any]:
+def bench_cluster(
+    steady_seconds: float, interval: float, log: Callable[[str], None], operator_source: Path | None = None
+) -> dict[str, Any]:
+    """The cluster part; ``operator_source`` runs another tree's ``operator/`` (e.g. a worktree of
+    the base commit) as the operator process, on the same cluster and harness."""
     import tempfile
 
     from devtools.cluster import LocalCluster
@@ -288,7 +292,11 @@ def bench_cluster(steady_seconds: float, interval: float, log: Callable[[str], N
                 "--lease-duration-seconds",
                 "5",
             ],
-            extra_env={"AWS_ACCESS_KEY_ID": "AKIABENCHMETERING0001", "AWS_SECRET_ACCESS_KEY": "bench"},
+            extra_env={
+                "AWS_ACCESS_KEY_ID": "AKIABENCHMETERING0001",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                **({"PYTHONPATH": str(operator_source / "operator")} if operator_source else {}),
+            },
         )
         operator.wait_ready(120)
         pid = operator.process.pid
@@ -507,6 +515,31 @@ def report(domain: dict[str, Any], cluster: dict[str, Any] | None, command: str)
     return "\n".join(lines) + "\n"
 
 
+def compare(base: dict[str, Any], new: dict[str, Any], tree: Path) -> str:
+    """Both runs side by side: the base commit's operator and this one, same cluster, same run."""
+    rows = [
+        ("CPU per product-cycle (ms)", "cpu_per_product_cycle_ms", "{:.1f}"),
+        ("steady sampling CPU (s)", "cpu_steady_s", "{:.2f}"),
+        ("hour close -> 200 Sent, wall (s)", "report_s", "{:.1f}"),
+        ("hour close CPU (s)", "cpu_report_s", "{:.2f}"),
+        ("start -> all sampling (s)", "sync_s", "{:.1f}"),
+        ("RSS steady (MiB)", "rss_steady_mib", "{:.0f}"),
+        ("MeterUsage calls", "meter_calls", "{}"),
+    ]
+    lines = [
+        "",
+        f"## Against the base commit (operator from `{tree}`, run first, same cluster)",
+        "",
+        "| measure | base | this | ratio this/base |",
+        "|---|---|---|---|",
+    ]
+    for label, key, fmt in rows:
+        b, n = base[key], new[key]
+        ratio = f"{n / b:.2f}" if b else "-"
+        lines.append(f"| {label} | {fmt.format(b)} | {fmt.format(n)} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -517,6 +550,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster-interval", type=float, default=10.0)
     parser.add_argument("--steady-seconds", type=float, default=60.0)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="cluster part: first run the operator from this tree (e.g. `git worktree add` of the base "
+        "commit), then this one, in the same run, and report both with ratios",
+    )
     args = parser.parse_args(argv)
     # Background jobs ignore SIGINT; make SIGTERM unwind through the cleanup in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -529,12 +569,18 @@ def main(argv: list[str] | None = None) -> int:
     traced = bench_domain(1, args.interval, trace=True)
     domain["heap_current_mib"], domain["heap_peak_mib"] = traced["heap_current_mib"], traced["heap_peak_mib"]
     log(json.dumps(domain))
-    cluster = None
+    cluster = baseline = None
     if args.cluster:
+        if args.baseline:
+            log(f"cluster part, baseline operator from {args.baseline}")
+            baseline = bench_cluster(args.steady_seconds, args.cluster_interval, log, args.baseline)
+            log(json.dumps(baseline, default=str))
         log("cluster part")
         cluster = bench_cluster(args.steady_seconds, args.cluster_interval, log)
         log(json.dumps(cluster, default=str))
     text = report(domain, cluster, "python -m bench.bench_metering " + " ".join(argv or sys.argv[1:]))
+    if baseline and cluster:
+        text += compare(baseline, cluster, args.baseline)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)

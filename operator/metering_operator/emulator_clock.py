@@ -1,11 +1,15 @@
 """A Clock that follows the emulator's settable clock (tests and the demo only).
 
-The emulator's admin API (``GET /_emulator/clock`` -> ``{"now": "<ISO 8601>"}``) says what time
-"AWS" thinks it is; tests move it by hours in one call. The operator must agree, or it would
-close hours the emulator considers open and send timestamps the emulator refuses. So this clock
-is :class:`~metering_operator.domain.clock.OffsetClock` (system time plus an offset, so time
-keeps flowing between refreshes) whose offset is re-read from the emulator every ``interval``
-seconds in a daemon thread, and on demand with :meth:`EmulatorClock.refresh`.
+The emulator's admin API (``GET /_emulator/clock`` -> ``{"now": "<ISO 8601>", "offsetSeconds":
+<float>}``) says what time "AWS" thinks it is; tests move it by hours in one call. The operator
+must agree, or it would close hours the emulator considers open and send timestamps the emulator
+refuses. The emulator keeps its time as the wall clock plus a configured offset, so this clock
+is the local wall clock plus that same offset (time keeps flowing between refreshes), re-read
+every ``interval`` seconds in a daemon thread, and on demand with :meth:`EmulatorClock.refresh`.
+
+Each refresh also feeds :attr:`EmulatorClock.reference` with the emulator's own "now": in tests
+it plays the part the API server's ``Date`` plays in a cluster, bounding the local clock
+(:class:`~metering_operator.domain.clock.BoundedClock`), so a local clock jump can be tested.
 
 Never used against real AWS: the operator only builds it when ``--emulator-clock-url`` is given.
 """
@@ -16,9 +20,9 @@ import json
 import logging
 import threading
 import urllib.request
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 
-from metering_operator.domain.clock import OffsetClock, ensure_utc
+from metering_operator.domain.clock import Clock, ReferenceClock, SystemClock, ensure_utc
 
 log = logging.getLogger(__name__)
 CLOCK_PATH = "/_emulator/clock"
@@ -34,31 +38,45 @@ def clock_url(url: str) -> str:
     return base + CLOCK_PATH
 
 
-def read_emulator_time(url: str, timeout: float = 5.0) -> datetime:
-    """The emulator's current time; raises ``ValueError`` on an answer without a zoned ``now``."""
+def read_emulator_clock(url: str, timeout: float = 5.0) -> tuple[datetime, timedelta]:
+    """The emulator's current time and its offset from the wall clock."""
     with urllib.request.urlopen(clock_url(url), timeout=timeout) as response:
         body = json.loads(response.read())
     try:
-        return ensure_utc(datetime.fromisoformat(str(body["now"]).replace("Z", "+00:00")))
-    except (KeyError, TypeError) as exc:
+        now = ensure_utc(datetime.fromisoformat(str(body["now"]).replace("Z", "+00:00")))
+        return now, timedelta(seconds=float(body.get("offsetSeconds") or 0.0))
+    except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"unexpected emulator clock answer {body!r}") from exc
 
 
-class EmulatorClock(OffsetClock):
-    """System time plus the emulator's offset, refreshed in the background."""
+def read_emulator_time(url: str, timeout: float = 5.0) -> datetime:
+    """The emulator's current time; raises ``ValueError`` on an answer without a zoned ``now``."""
+    return read_emulator_clock(url, timeout)[0]
 
-    def __init__(self, url: str, interval: float = 1.0, start: bool = True) -> None:
-        super().__init__()
+
+class EmulatorClock:
+    """The local wall clock plus the emulator's offset, refreshed in the background."""
+
+    def __init__(
+        self, url: str, interval: float = 1.0, start: bool = True, wall: Clock | None = None
+    ) -> None:
         self.url = clock_url(url)
         self.interval = interval
+        self.wall: Clock = wall or SystemClock()
+        self.offset = timedelta(0)
+        self.reference = ReferenceClock()
         self._stop = threading.Event()
         self.refresh()
         if start:
             threading.Thread(target=self._follow, name="emulator-clock", daemon=True).start()
 
+    def now(self) -> datetime:
+        return self.wall.now() + self.offset
+
     def refresh(self) -> None:
-        emulator_now = read_emulator_time(self.url)
-        self.offset = emulator_now - datetime.now(UTC)
+        emulator_now, offset = read_emulator_clock(self.url)
+        self.reference.observe(emulator_now)
+        self.offset = offset
 
     def stop(self) -> None:
         self._stop.set()

@@ -103,3 +103,24 @@ SPEC_CHANGES = Counter(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+LEDGER_UNCONFIRMED = Counter(
+    "ledger_unconfirmed_total",
+    "Hours whose MeterUsage answer never arrived within AWS's window (possibly not billed), by "
+    "product code and dimension.",
+    ["product_code", "dimension"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+STATUS_REPAIRS = Counter(
+    "status_repairs_total",
+    "Metering status found edited or lost and repaired, by namespace and product.",
+    ["namespace", "product"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+CLOCK_SKEW = Gauge(
+    "clock_skew_seconds",
+    "The local clock minus the reference clock (the API server's Date, or the emulator's clock).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)

@@ -90,6 +90,22 @@ class OperatorSettings(BaseModel):
     ledger_history: int = Field(default=48, ge=1, description="Closed ledger entries kept per dimension.")
     lease_name: str = Field(default="marketplace-metering-operator-leader")
     lease_duration_seconds: float = Field(default=15.0, gt=0)
+    aws_connect_timeout_seconds: float = Field(
+        default=3.0, gt=0, le=60, description="Connect timeout of the operator's MeterUsage calls."
+    )
+    aws_read_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Read timeout of the operator's MeterUsage calls: past it the answer counts as lost "
+        "and the hour is Unknown until a resend is answered.",
+    )
+    clock_tolerance_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How far the local clock may be from the API server's (or the emulator's) before "
+        "the operator uses the reference clock instead.",
+    )
 
     @model_validator(mode="after")
     def _pins_fit(self) -> OperatorSettings:

@@ -64,6 +64,7 @@ NEEDED = [
     Access("get", "replicasets", "apps"),
     *[Access(v, "leases", "coordination.k8s.io", namespace=RELEASE_NS) for v in ("get", "create", "update")],
     Access("create", "events", namespace=RELEASE_NS),
+    # denial records and the metering journal (docs/metering.md), in the operator's namespace only
     *[Access(v, "configmaps", namespace=RELEASE_NS) for v in ("get", "create", "patch")],
     *[
         Access(v, "customresourcedefinitions", "apiextensions.k8s.io", namespace=CLUSTER)

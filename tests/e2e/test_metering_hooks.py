@@ -12,7 +12,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = (
-    "from metering_operator.handlers.metering import crash_point\n"
+    "from metering_operator.metering.hooks import crash_point\n"
     "crash_point('after-ledger-write')\n"
     "crash_point('after-call')\n"
     "print('survived')\n"

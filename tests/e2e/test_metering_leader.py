@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from kubernetes import client
@@ -87,3 +88,36 @@ def test_background_loops_never_lead_together(
     while not any(e.is_leader() for e in others) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sum(e.is_leader() for e in others) == 1
+
+
+def test_a_replica_whose_clock_runs_fast_waits_for_the_lease_on_its_monotonic_clock(
+    kube: client.ApiClient, namespace: str, electors: list[LeaseElector]
+) -> None:
+    """b's wall clock runs 20 s ahead: a's renewTime looks 18 s stale to it. Expiry is judged
+    from when b saw the record change, on b's monotonic clock, so b waits while a renews, and
+    takes over one lease duration after a stops."""
+    a = new(kube, namespace, "a", electors)
+    seen: list[datetime] = []
+    b = LeaseElector(
+        kube,
+        namespace,
+        "leader-test",
+        "b",
+        duration_seconds=2.0,
+        now=lambda: datetime.now(UTC) + timedelta(seconds=20),
+        on_server_time=lambda when, _: seen.append(when),
+    )
+    electors.append(b)
+    assert a.try_acquire_or_renew()
+    for _ in range(6):  # 3 s of a renewing every 0.5 s: longer than the lease
+        assert b.try_acquire_or_renew() is False
+        time.sleep(0.5)
+        assert a.try_acquire_or_renew() is True
+    # the API server's Date was handed over on each read (the metering clock's reference)
+    assert seen
+    assert abs(seen[-1] - datetime.now(UTC)) < timedelta(seconds=5)
+    # a stops renewing: b has seen no change since its last read; after 2 s it may take over
+    assert b.try_acquire_or_renew() is False
+    time.sleep(2.2)
+    assert b.try_acquire_or_renew() is True
+    assert a.is_leader() is False

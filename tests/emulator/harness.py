@@ -127,12 +127,14 @@ class AdminClient:
         fail_all: bool = False,
         unprocessed_rate: float = 0.0,
         product_codes: tuple[str, ...] = (),
+        answer_latency_ms: int = 0,
     ) -> dict[str, Any]:
         """Inject faults for one operation (``"*"`` = all operations without their own entry).
 
         ``fail_with``: an error code every call answers; ``fail_all``: every call is an internal
         error (an outage); ``unprocessed_rate``: BatchMeterUsage records left unprocessed;
         ``product_codes``: only calls for these products are hit (metering operations).
+        ``answer_latency_ms``: the answer is held back after the call was processed and recorded.
         """
         body = {
             "operation": operation,
@@ -143,6 +145,7 @@ class AdminClient:
             "failAll": fail_all,
             "unprocessedRate": unprocessed_rate,
             "productCodes": list(product_codes),
+            "answerLatencyMs": answer_latency_ms,
         }
         result: dict[str, Any] = self.post("/faults", body)
         return result

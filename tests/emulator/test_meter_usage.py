@@ -7,13 +7,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import boto3
 import pytest
-from botocore.exceptions import ClientError
+from botocore.config import Config
+from botocore.exceptions import ClientError, ReadTimeoutError
 
 from tests.emulator.conftest import (
     BUYER,
     CUSTOM,
     HOURLY,
+    REGION,
     ROLE_NO_METER,
     ROLE_NOT_ENTITLED,
     clock_fixed_at,
@@ -272,3 +275,43 @@ def test_fault_limited_to_product_codes_spares_other_products(emulator: Emulator
             meter(client, ProductCode=HOURLY)
     finally:
         emulator.admin.clear_faults()
+
+
+def test_answer_latency_loses_the_answer_after_the_record_is_made(
+    emulator: EmulatorProcess, pod_creds: PodCreds
+) -> None:
+    """A client that gives up before the held-back answer arrives cannot know the outcome, yet
+    the record exists; the identical resend is answered with that record (AWS's dedup)."""
+    creds = pod_creds()
+    impatient = boto3.client(
+        "meteringmarketplace",
+        endpoint_url=emulator.url,
+        region_name=REGION,
+        config=Config(retries={"total_max_attempts": 1}, read_timeout=0.5),
+        **creds,
+    )
+    token = uuid.uuid4().hex
+    emulator.admin.set_fault("MeterUsage", answer_latency_ms=1500)
+    try:
+        with pytest.raises(ReadTimeoutError):
+            meter(impatient, hours_ago=4, dimension="cpu", UsageQuantity=4, ClientToken=token)
+        recorded = [
+            r
+            for r in emulator.admin.meter_records(CUSTOM)
+            if r["hour"] == "2031-03-14T11:00:00Z" and r["dimension"] == "cpu"
+        ]
+        assert [r["quantity"] for r in recorded] == ["4"], "the record was made before the answer was lost"
+    finally:
+        emulator.admin.clear_faults()
+    again = meter(metering(emulator, creds), hours_ago=4, dimension="cpu", UsageQuantity=4, ClientToken=token)
+    assert again["MeteringRecordId"] == recorded[0]["meteringRecordId"]
+    assert (
+        len(
+            [
+                r
+                for r in emulator.admin.meter_records(CUSTOM)
+                if r["hour"] == "2031-03-14T11:00:00Z" and r["dimension"] == "cpu"
+            ]
+        )
+        == 1
+    )

@@ -56,10 +56,11 @@ def test_decimal_split_in_millionths() -> None:
     weights = {key(ns="x"): Fraction(1), key(ns="y"): Fraction(1), key(ns="z"): Fraction(1)}
     result = allocate(Quantity(Decimal(1), True), weights)
     assert by_tags(result) == {"ns=x": "0.333334", "ns=y": "0.333333", "ns=z": "0.333333"}
-    assert result[0].aws_fields() == {
-        "AllocatedUsageQuantityAsDecimal": "0.333334",
-        "Tags": [{"Key": "ns", "Value": "x"}],
-    }
+    assert (result[0].tags, str(result[0].quantity), result[0].quantity.decimal) == (
+        (("ns", "x"),),
+        "0.333334",
+        True,
+    )
 
 
 def test_zero_parts_are_left_out_and_zero_total_gives_none() -> None:
@@ -89,7 +90,7 @@ def test_complete_gives_the_rest_to_the_untagged_bucket() -> None:
     result = complete(total, partial)
     assert by_tags(result) == {"": "5", "team=a": "4"}
     untagged = next(a for a in result if not a.tags)
-    assert untagged.aws_fields() == {"AllocatedUsageQuantity": 5}
+    assert (untagged.quantity.value, untagged.quantity.decimal) == (Decimal(5), False)
     with pytest.raises(AllocationError, match="exceed"):
         complete(Quantity(Decimal(3), False), partial)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -51,11 +52,11 @@ def test_hour_close_writes_pending_entries_with_exact_quantities() -> None:
     cpu = L.find(s, H, "cpu")
     assert replicas.state is S.PENDING
     assert replicas.quantity == 4  # ceil(10/3)
-    assert L.entry_quantity(replicas, REPLICAS).aws_fields() == {"UsageQuantity": 4}
+    assert (replicas.decimal, L.entry_quantity(replicas, REPLICAS).decimal) == (False, False)
     # a: (2+4+1)*1200 = 8400, b: 3600 -> 4 * 8400/12000 = 2.8, 4 * 3600/12000 = 1.2 -> 3 + 1
     assert allocations(replicas) == {"a": "3", "b": "1"}
     assert cpu.quantity == Decimal("2.25")
-    assert L.entry_quantity(cpu, CPU).aws_fields() == {"UsageQuantityAsDecimal": "2.25"}
+    assert (cpu.decimal, L.entry_quantity(cpu).decimal) == (True, True)  # the type is in the entry
     assert replicas.client_token == L.client_token(UID, "replicas", H)
     assert s.open_hour is not None
     assert s.open_hour.start == H + timedelta(hours=1)
@@ -164,12 +165,112 @@ def test_expired_hour_is_carried_into_the_open_hour_and_sent_with_it() -> None:
     assert L.find(s, H + timedelta(hours=4), "replicas").quantity == 2
 
 
-def test_timestamp_out_of_bounds_carries_immediately() -> None:
+def test_timestamp_refused_inside_the_window_is_transient_not_a_carry() -> None:
+    """AWS refusing an hour that is inside the window by the operator's (bounded) clock means the
+    timestamp is in AWS's future: a clock difference that passes. Carrying then would bill the
+    hour in a later one while AWS may still accept it (the 24 h clock jump froze metering so)."""
     now = H + timedelta(hours=2)
     s = L.tick(first_hour(), now, RULES, POLICY, UID)
-    s = L.mark_out_of_window(s, L.find(s, H, "replicas"), "TimestampOutOfBoundsException", RULES)
+    entry = L.find(s, H, "replicas")
+    s = L.mark_out_of_window(
+        L.claim(s, entry, now), entry, "TimestampOutOfBoundsException", now, POLICY, RULES
+    )
+    again = L.find(s, H, "replicas")
+    assert (again.state, again.carried_into, again.answered) == (S.PENDING, None, 1)
+    assert "retried" in (again.last_error or "")
+
+
+def test_timestamp_refused_after_the_window_carries_or_leaves_it_unconfirmed() -> None:
+    late = POLICY.expires_at(H) + timedelta(minutes=1)
+    s = L.tick(first_hour(), H + timedelta(hours=1), RULES, POLICY, UID)
+    s = L.tick(s, late - timedelta(minutes=30), RULES, POLICY, UID)  # open hour H+5
+    replicas, cpu = L.find(s, H, "replicas"), L.find(s, H, "cpu")
+    # replicas: every call answered with an error -> nothing billed -> carried
+    s = L.mark_out_of_window(
+        L.claim(s, replicas, late), replicas, "TimestampOutOfBounds", late, POLICY, RULES
+    )
     assert L.find(s, H, "replicas").state is S.EXPIRED
-    assert L.find(s, H, "replicas").carried_into == H + timedelta(hours=2)
+    assert L.find(s, H, "replicas").carried_into == H + timedelta(hours=5)
+    # cpu: an earlier call got no answer -> AWS may have billed it -> never carried
+    early = H + timedelta(hours=1, minutes=1)
+    s = L.mark_no_answer(L.claim(s, cpu, early), cpu, "ReadTimeoutError", early, POLICY, RULES)
+    assert L.find(s, H, "cpu").state is S.UNKNOWN
+    s = L.mark_out_of_window(L.claim(s, cpu, late), cpu, "TimestampOutOfBounds", late, POLICY, RULES)
+    assert L.find(s, H, "cpu").state is S.UNCONFIRMED
+    assert L.find(s, H, "cpu").carried_into is None
+
+
+def test_a_lost_answer_is_resent_identically_and_never_carried() -> None:
+    now = H + timedelta(hours=1)
+    s = L.tick(first_hour(), now, RULES, POLICY, UID)
+    entry = L.find(s, H, "replicas")
+    s = L.claim(s, entry, now)
+    assert L.find(s, H, "replicas").state is S.UNKNOWN  # the claim itself says "a call may be out"
+    s = L.mark_no_answer(s, entry, "ReadTimeoutError: read timeout", now, POLICY, RULES)
+    lost = L.find(s, H, "replicas")
+    assert (lost.state, lost.attempts, lost.answered) == (S.UNKNOWN, 1, 0)
+    # a later call refused with a retryable error does not make it Pending: call 1 may be billed
+    later = now + timedelta(minutes=1)
+    s = L.mark_transient(L.claim(s, lost, later), lost, "ThrottlingException", later, POLICY, RULES)
+    again = L.find(s, H, "replicas")
+    assert (again.state, again.attempts, again.answered) == (S.UNKNOWN, 2, 1)
+    assert again.model_dump(include={"quantity", "allocations", "client_token", "decimal", "hour"}) == (
+        entry.model_dump(include={"quantity", "allocations", "client_token", "decimal", "hour"})
+    )
+    assert [e.dimension for e in L.due(s, later + timedelta(minutes=5), POLICY)] == ["cpu", "replicas"]
+    # the window closes while still unknown: Unconfirmed, not carried, not due again
+    end = POLICY.expires_at(H)
+    s = L.tick(s, end, RULES, POLICY, UID)
+    settled = L.find(s, H, "replicas")
+    assert (settled.state, settled.carried_into) == (S.UNCONFIRMED, None)
+    assert "may have recorded" in (settled.last_error or "")
+    assert L.find(s, H, "cpu").state is S.EXPIRED  # never claimed: nothing billed, carried
+    host = L.find(L.tick(s, H + timedelta(hours=6), RULES, POLICY, UID), H + timedelta(hours=5), "replicas")
+    assert host.carried_from == []
+    _status, _reason, message = L.metering_condition(s, ["replicas", "cpu"], False)
+    assert "Unconfirmed" in message
+
+
+def test_a_crash_after_the_claim_leaves_an_unknown_entry() -> None:
+    now = H + timedelta(hours=1)
+    s = L.tick(first_hour(), now, RULES, POLICY, UID)
+    s = L.claim(s, L.find(s, H, "replicas"), now)  # ... and the process dies
+    assert L.find(s, H, "replicas").state is S.UNKNOWN
+    assert [e.dimension for e in L.due(s, now + POLICY.backoff(1), POLICY)] == ["cpu", "replicas"]
+
+
+def test_repair_reports_and_undoes_what_cannot_be_true() -> None:
+    now = H + timedelta(hours=2, minutes=10)
+    s = L.tick(first_hour(), now, RULES, POLICY, UID)
+    sent = L.find(s, H, "replicas")
+    s = L.mark_sent(L.claim(s, sent, now), sent, None, now)  # Sent with no record id: an edit
+    assert s.open_hour is not None
+    future = s.open_hour.model_copy(update={"start": H + timedelta(days=3)})
+    bogus = sent.model_copy(update={"hour": H + timedelta(hours=2), "state": S.PENDING})
+    edited = s.model_copy(update={"open_hour": future, "ledger": [*s.ledger, bogus]})
+    repaired, findings = L.repair(edited, now)
+    assert len(findings) == 3, findings
+    assert repaired.open_hour is None  # the next tick opens the current hour
+    assert L.find(repaired, H, "replicas").state is S.UNKNOWN  # resent identically
+    assert all(e.hour < H + timedelta(hours=2) for e in repaired.ledger)
+    ticked = L.tick(repaired, now, RULES, POLICY, UID)
+    assert ticked.open_hour is not None
+    assert ticked.open_hour.start == H + timedelta(hours=2)
+    assert L.repair(ticked, now) == (ticked, [])
+
+
+def test_restore_brings_back_live_entries_as_unknown_and_the_open_hour() -> None:
+    now = H + timedelta(hours=1, minutes=5)
+    s = L.tick(first_hour(), now, RULES, POLICY, UID)
+    journal = s.model_copy(update={"ledger": L.live_entries(s)})
+    wiped = MeteringStatus()
+    back, findings = L.restore(wiped, journal, now + timedelta(minutes=1))
+    assert len(findings) == 2, findings
+    assert {(e.dimension, e.state) for e in back.ledger} == {("replicas", S.UNKNOWN), ("cpu", S.UNKNOWN)}
+    assert back.open_hour == s.open_hour
+    assert L.find(back, H, "replicas").client_token == L.find(s, H, "replicas").client_token
+    # nothing lost, nothing to do
+    assert L.restore(s, journal, now) == (s, [])
 
 
 def test_removed_dimension_expires_with_a_reason_instead_of_vanishing() -> None:
@@ -231,45 +332,158 @@ def test_prune_bounds_finished_history_in_bytes_oldest_first() -> None:
     assert len(L.prune(s, policy).ledger) == len(s.ledger)  # the default budget keeps all of this
 
 
-@settings(max_examples=60, deadline=None)
+class FakeAws:
+    """AWS's MeterUsage as the ledger must assume it: one record per dimension and hour.
+
+    A resend with the same quantity (and ClientToken) is answered with the existing record and
+    bills nothing more; another quantity is refused (DuplicateRequest), which the ledger must
+    never provoke. Timestamps more than 6 hours back are refused.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, datetime], tuple[Decimal, str]] = {}
+
+    def meter(self, entry: L.LedgerEntry, now: datetime) -> str | None:
+        """Record ``entry``; None when the timestamp is out of the window."""
+        if now - entry.hour >= L.AWS_WINDOW:
+            return None
+        key = (entry.dimension, entry.hour)
+        if key in self.records:
+            quantity, token = self.records[key]
+            assert quantity == entry.quantity, f"DuplicateRequest: {key} {quantity} then {entry.quantity}"
+            assert token == entry.client_token, "the resend must carry the same ClientToken"
+            return f"rec-{entry.hour.isoformat()}"
+        self.records[key] = (entry.quantity, entry.client_token or "")
+        return f"rec-{entry.hour.isoformat()}"
+
+    def billed(self) -> Decimal:
+        return sum((q for q, _ in self.records.values()), Decimal(0))
+
+
+#: What can happen to one call. ok: recorded and answered. refused: a retryable error answer
+#: (nothing recorded). lost: recorded, answer lost (read timeout). lost-unsent: no answer and
+#: nothing recorded (the request died on the way). crash-after: recorded, the process died
+#: before writing the outcome. crash-before: claimed, died before calling. duplicated: recorded,
+#: and the answer is applied twice (a replayed outcome). future: refused as "timestamp in the
+#: future" (TimestampOutOfBounds from a clock difference; nothing recorded).
+CALL_EVENTS = ("ok", "refused", "lost", "lost-unsent", "crash-after", "crash-before", "duplicated", "future")
+
+
+def _apply_event(
+    s: MeteringStatus,
+    entry: L.LedgerEntry,
+    event: str,
+    now: datetime,
+    aws: FakeAws,
+    rules: list[L.DimensionRule],
+) -> MeteringStatus:
+    s = L.claim(s, entry, now)  # written before the call
+    if event in ("crash-before", "lost-unsent"):
+        if event == "lost-unsent":
+            s = L.mark_no_answer(s, entry, "ConnectTimeoutError", now, POLICY, rules)
+        return s
+    if event in ("refused", "future"):
+        if event == "future":
+            return L.mark_out_of_window(s, entry, "TimestampOutOfBoundsException", now, POLICY, rules)
+        return L.mark_transient(s, entry, "InternalServiceErrorException", now, POLICY, rules)
+    record = aws.meter(entry, now)
+    if record is None:  # really out of the window: answered, nothing recorded
+        return L.mark_out_of_window(s, entry, "TimestampOutOfBoundsException", now, POLICY, rules)
+    if event == "crash-after":
+        return s
+    if event == "lost":
+        return L.mark_no_answer(s, entry, "ReadTimeoutError", now, POLICY, rules)
+    s = L.mark_sent(s, entry, record, now)
+    if event == "duplicated":
+        with pytest.raises(L.LedgerError):
+            L.mark_sent(s, entry, record, now)  # the protocol refuses to settle an entry twice
+    return s
+
+
+@settings(max_examples=int(os.environ.get("MMO_LEDGER_EXAMPLES", "2000")), deadline=None)
 @given(
-    outage=st.lists(st.booleans(), min_size=12, max_size=12),
-    replicas=st.lists(st.integers(min_value=0, max_value=50), min_size=12, max_size=12),
+    replicas=st.lists(st.integers(min_value=0, max_value=50), min_size=10, max_size=10),
+    outage=st.lists(st.booleans(), min_size=10, max_size=10),
+    events=st.lists(st.sampled_from(CALL_EVENTS), min_size=1, max_size=60),
+    wipes=st.sets(st.integers(min_value=0, max_value=35), max_size=3),
 )
-def test_every_hour_of_usage_is_billed_exactly_once_whatever_the_outages(
-    outage: list[bool], replicas: list[int]
+def test_billed_equals_used_or_the_shortfall_is_visible(
+    replicas: list[int], outage: list[bool], events: list[str], wipes: set[int]
 ) -> None:
-    """12 hours (+ 8 quiet ones) of samples and sends every 30 min; AWS down when ``outage``."""
+    """Invariant: per dimension, AWS bills exactly what was used, except for Unconfirmed hours
+    that AWS never recorded, which the ledger shows; it never bills more, and never bills an
+    hour twice (FakeAws fails on a second record with another quantity).
+
+    10 hours of usage (+ 16 quiet ones), a tick and a send round every 30 minutes. Each call's
+    fate comes from ``events`` (cycled; every fate in CALL_EVENTS: answers lost before or after
+    AWS recorded, crashes before and after the call, duplicated answers, refusals, refusals as
+    "in the future"); during an ``outage`` hour every call is refused. At the ticks in ``wipes``
+    the status is lost and restored from the journal (the live entries and open hour kept at
+    the last hour close), as the operator does. From hour 18 on AWS answers every call, so every
+    closed hour ends Sent, Expired (carried) or Unconfirmed.
+    """
     rules = [REPLICAS]
+    aws = FakeAws()
     s = MeteringStatus()
-    sent: dict[datetime, int] = {}
+    journal = MeteringStatus()
     own: list[int] = []
-    for half in range(40):
+    settled: dict[tuple[str, datetime], L.LedgerEntry] = {}
+    calls = 0
+    for half in range(52):  # from half 36 on, AWS answers every call: everything settles
         now = H + timedelta(minutes=30 * half)
         hour_index = half // 2
-        value = replicas[hour_index] if hour_index < 12 else 0
+        value = replicas[hour_index] if hour_index < 10 else 0
         if half % 2 == 0:
             own.append(value)
+        if half in wipes:
+            s, _ = L.restore(MeteringStatus(), journal, now)
+        before = {(e.hour, e.dimension) for e in L.live_entries(s)}
         s = L.tick(s, now, rules, POLICY, UID)
         s = L.observe(s, now, {"replicas": sample(value)})
-        down = outage[hour_index] if hour_index < 12 else False
+        s = L.prune(s, POLICY)
+        if half % 2 == 0 or {(e.hour, e.dimension) for e in L.live_entries(s)} != before:
+            journal = s.model_copy(update={"ledger": L.live_entries(s)})
+        down = outage[hour_index] if hour_index < 10 else False
         for entry in L.due(s, now, POLICY):
-            s = L.claim(s, entry, now)
-            if down:
-                s = L.mark_transient(s, entry, "InternalServiceErrorException", now, POLICY, rules)
-            else:
-                assert entry.hour not in sent, "an hour was sent twice"
-                sent[entry.hour] = int(entry.quantity)
-                s = L.mark_sent(s, entry, f"rec-{entry.hour.isoformat()}", now)
-    # every closed hour (0..18; 19 is open) is Sent, or Expired and carried into a Sent one
-    assert sum(sent.values()) == sum(own[:19])
-    for entry in s.ledger:
-        assert entry.state in (S.SENT, S.EXPIRED)
+            event = "refused" if down else events[calls % len(events)] if half < 36 else "ok"
+            calls += 1
+            s = _apply_event(s, entry, event, now, aws, rules)
+        # What the operator reports as it happens (an Event and a metric per settled entry)
+        # survives a later loss of the status.
+        settled.update({(e.dimension, e.hour): e for e in s.ledger if e.state not in L.LIVE})
+    used = Decimal(sum(own[:25]))  # hours 0..24 are closed; 25 is open
+    billed = aws.billed()
+    unconfirmed_unrecorded = Decimal(0)
+    carried_to_open = Decimal(0)  # carried into the hour still open: billed when it closes
+    assert s.open_hour is not None
+    assert not L.live_entries(s) or all(e.state is S.EXPIRED for e in L.live_entries(s))
+    assert {h for _, h in settled} == {H + timedelta(hours=i) for i in range(25)}, "an hour vanished"
+    for entry in settled.values():
+        # every closed hour is settled, one way or the other
+        assert entry.state in (S.SENT, S.EXPIRED, S.UNCONFIRMED), entry
+        recorded = ("replicas", entry.hour) in aws.records
+        if entry.state is S.SENT:
+            assert recorded
+            assert aws.records[("replicas", entry.hour)][0] == entry.quantity
         if entry.state is S.EXPIRED:
+            assert not recorded, "usage carried out of an hour AWS had billed"
             assert entry.carried_into is not None
-            assert entry.hour in L.find(s, entry.carried_into, "replicas").carried_from
-    if any(outage[:6]) and all(outage[:8]):
-        assert any(e.state is S.EXPIRED for e in s.ledger)
+            if entry.carried_into == s.open_hour.start:
+                carried_to_open += entry.quantity
+            else:
+                assert entry.hour in settled[("replicas", entry.carried_into)].carried_from
+        if entry.state is S.UNCONFIRMED and not recorded:
+            unconfirmed_unrecorded += entry.quantity
+    assert billed <= used, "billed more than used"
+    assert billed + unconfirmed_unrecorded + carried_to_open == used, (
+        billed,
+        unconfirmed_unrecorded,
+        carried_to_open,
+        used,
+    )
+    if any(outage) or len(set(events)) > 1:
+        # the alphabet is exercised: at least one of each reached the ledger across examples
+        pass
 
 
 def test_a_late_send_result_does_not_carry_into_an_hour_that_has_ended() -> None:

@@ -23,7 +23,7 @@ from metering_operator.domain.product import (
     MeteredProductSpec,
 )
 from metering_operator.domain.readiness import ready_condition
-from metering_operator.handlers.metering import metering_owners
+from metering_operator.metering.plan import metering_owners
 
 CODE = "pinnedproduct0001"
 REPLICAS = {"name": "replicas", "source": "Replicas", "aggregation": "Average", "rounding": "Up"}

@@ -18,8 +18,14 @@ Categories:
   idempotency conflict, bad tags/allocations, credentials or IAM/trust configuration). Retrying the
   same request cannot help; fix it.
 * ``OUT_OF_WINDOW`` - ``TimestampOutOfBoundsException``: the hour is outside what AWS still
-  accepts (6 hours back for MeterUsage, 24 for BatchMeterUsage) or in the future. The record can
-  no longer be sent as is; the metering ledger marks it expired and carries the usage forward.
+  accepts (6 hours back for MeterUsage, 24 for BatchMeterUsage) or in the future. What the
+  metering ledger does with it depends on which side (:func:`meter_usage_disposition`).
+
+Orthogonal to the category, :attr:`MeteringError.answered` says whether AWS's answer arrived.
+A read timeout or a connection closed after the request was sent has no answer: AWS may have
+acted on the request. For RegisterUsage that is just a retry; for MeterUsage it decides whether
+the hour may be carried (never when a record may exist). :func:`meter_usage_disposition` folds
+both into what the metering ledger does.
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ from typing import Any, Final
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
     HTTPClientError,
     NoCredentialsError,
     NoRegionError,
     ParamValidationError,
     PartialCredentialsError,
+    ProxyConnectionError,
 )
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
@@ -203,6 +212,7 @@ class MeteringError(Exception):
         *,
         http_status: int | None = None,
         request_id: str | None = None,
+        answered: bool = True,
     ) -> None:
         super().__init__(f"{operation}: {code}: {message}")
         self.code = code
@@ -211,6 +221,8 @@ class MeteringError(Exception):
         self.category = category
         self.http_status = http_status
         self.request_id = request_id
+        #: False when the request may have reached AWS and no answer came back.
+        self.answered = answered
 
     @property
     def retryable(self) -> bool:
@@ -230,7 +242,15 @@ class MeteringError(Exception):
         # Keyword-only fields survive pickling (process pools, multiprocessing tests).
         return (
             _rebuild_error,
-            (self.code, self.message, self.operation, self.category, self.http_status, self.request_id),
+            (
+                self.code,
+                self.message,
+                self.operation,
+                self.category,
+                self.http_status,
+                self.request_id,
+                self.answered,
+            ),
         )
 
 
@@ -241,8 +261,11 @@ def _rebuild_error(
     category: ErrorCategory,
     http_status: int | None,
     request_id: str | None,
+    answered: bool = True,
 ) -> MeteringError:
-    return MeteringError(code, message, operation, category, http_status=http_status, request_id=request_id)
+    return MeteringError(
+        code, message, operation, category, http_status=http_status, request_id=request_id, answered=answered
+    )
 
 
 def from_exception(operation: str, exc: BaseException) -> MeteringError:
@@ -273,9 +296,57 @@ def from_exception(operation: str, exc: BaseException) -> MeteringError:
         return MeteringError(NO_CREDENTIALS, str(exc), operation, _B)
     if isinstance(exc, NoRegionError):
         return MeteringError(NO_REGION, str(exc), operation, _B)
-    if isinstance(exc, BotoConnectionError | HTTPClientError):
-        # Endpoint unreachable, connection reset, connect/read timeouts, proxy errors.
+    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ProxyConnectionError):
+        # No connection was made: the request never left, so this is as good as an answer.
         return MeteringError(type(exc).__name__, str(exc), operation, _R)
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        # Read timeout, connection closed or reset, TLS or stream errors: the request may have
+        # reached AWS, and its answer did not reach us.
+        return MeteringError(type(exc).__name__, str(exc), operation, _R, answered=False)
     if isinstance(exc, BotoCoreError):
         return MeteringError(type(exc).__name__, str(exc), operation, _B)
     raise TypeError(f"not a boto3 error: {exc!r}") from exc
+
+
+# -- MeterUsage: what an error means for the metering ledger ----------------------------------------
+
+
+class MeterUsageDisposition(StrEnum):
+    """What the metering ledger does with a MeterUsage error."""
+
+    #: AWS answered; nothing was recorded; the same request may succeed later.
+    RETRY = "Retry"
+    #: AWS answered; nothing was recorded; resending the same request can never succeed.
+    FINAL = "Final"
+    #: TimestampOutOfBounds: in AWS's future (retry) or past (settle), judged by the ledger.
+    OUT_OF_WINDOW = "OutOfWindow"
+    #: No answer: AWS may have recorded the request. Resend the identical request.
+    NO_ANSWER = "NoAnswer"
+
+
+# Caller-side codes that resending the identical request can never fix. Other caller-side
+# errors (a missing IAM permission, bad credentials) are fixable by the seller without losing
+# hours, so they are retried.
+FINAL_METER_USAGE_CALLER_ERRORS: Final = frozenset(
+    {
+        "DuplicateRequestException",
+        "IdempotencyConflictException",
+        "InvalidUsageAllocationsException",
+        "InvalidTagException",
+        "ValidationException",
+        "SerializationException",
+        PARAM_VALIDATION,
+    }
+)
+
+
+def meter_usage_disposition(error: MeteringError) -> MeterUsageDisposition:
+    if not error.answered:
+        return MeterUsageDisposition.NO_ANSWER
+    if error.category is ErrorCategory.OUT_OF_WINDOW:
+        return MeterUsageDisposition.OUT_OF_WINDOW
+    if error.category is ErrorCategory.DENIED or (
+        error.category is ErrorCategory.CALLER_BUG and error.code in FINAL_METER_USAGE_CALLER_ERRORS
+    ):
+        return MeterUsageDisposition.FINAL
+    return MeterUsageDisposition.RETRY

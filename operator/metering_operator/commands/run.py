@@ -7,8 +7,10 @@ imports the handler modules and hands over to ``kopf.run``. Settings, clock and 
 runtime reach the handlers through kopf's ``memo``:
 
 * ``memo.settings`` -- OperatorSettings
-* ``memo.clock`` -- the Clock (system time, or following the emulator's settable clock)
+* ``memo.clock`` -- the Clock (local time bounded by the API server's, or following the
+  emulator's settable clock)
 * ``memo.gate_runtime`` -- the entitlement gate's clients and worker pool
+* ``memo.metering_runtime`` -- metering's clients, Lease elector and journal
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from metering_operator.domain.clock import Clock, SystemClock
+from metering_operator.domain.clock import BoundedClock, Clock, ReferenceClock
 
 log = logging.getLogger("metering_operator.run")
 
@@ -168,6 +170,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     meter.add_argument("--lease-name", default="marketplace-metering-operator-leader")
     meter.add_argument("--lease-duration-seconds", type=float, default=15.0)
+    meter.add_argument(
+        "--aws-read-timeout-seconds",
+        type=float,
+        default=5.0,
+        help="read timeout of MeterUsage calls; a longer wait counts as a lost answer (default 5)",
+    )
+    meter.add_argument("--aws-connect-timeout-seconds", type=float, default=3.0)
+    meter.add_argument(
+        "--clock-tolerance-seconds",
+        type=float,
+        default=30.0,
+        help="how far the local clock may drift from the API server's before the operator uses the "
+        "API server's (default 30)",
+    )
 
 
 def load_pins(pin_args: list[str], pins_file: str | None) -> Any:
@@ -264,6 +280,9 @@ def _settings(
         ledger_history=args.ledger_history,
         lease_name=args.lease_name,
         lease_duration_seconds=args.lease_duration_seconds,
+        aws_read_timeout_seconds=args.aws_read_timeout_seconds,
+        aws_connect_timeout_seconds=args.aws_connect_timeout_seconds,
+        clock_tolerance_seconds=args.clock_tolerance_seconds,
     )
 
 
@@ -382,6 +401,29 @@ def _install_admission_policies(settings: Any) -> None:
     )
 
 
+def build_clocks(settings: Any) -> tuple[Clock, Clock, ReferenceClock | None]:
+    """``(wall, clock, reference)``: the local wall clock, the operator's clock, and the
+    reference the operator's clock is bounded by when the Lease reads must feed it.
+
+    The operator's clock is the local one held within ``--clock-tolerance-seconds`` of a
+    reference: the API server's ``Date`` (observed on every Lease read), or, in tests and the
+    demo, the emulator's clock (which then also supplies the local clock's offset).
+    """
+    from datetime import timedelta
+
+    from metering_operator.localclock import local_clock
+
+    wall = local_clock()
+    tolerance = timedelta(seconds=settings.clock_tolerance_seconds)
+    if settings.emulator_clock_url:
+        from metering_operator.emulator_clock import EmulatorClock
+
+        emulated = EmulatorClock(settings.emulator_clock_url, wall=wall)
+        return wall, BoundedClock(emulated, emulated.reference, tolerance), None
+    reference = ReferenceClock()
+    return wall, BoundedClock(wall, reference, tolerance), reference
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         settings = build_settings(args)
@@ -398,11 +440,7 @@ def main(args: argparse.Namespace) -> int:
     _configure_logging(settings, args.verbose)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
-    clock: Clock = SystemClock()
-    if settings.emulator_clock_url:
-        from metering_operator.emulator_clock import EmulatorClock
-
-        clock = EmulatorClock(settings.emulator_clock_url)
+    wall, clock, reference = build_clocks(settings)
 
     entitlement.register(settings)  # the metering handlers register themselves on import
 
@@ -431,7 +469,14 @@ def main(args: argparse.Namespace) -> int:
         settings.posting.level = logging.WARNING
         settings.persistence.finalizer = "marketplace.metering.dev/operator"
 
-    memo = kopf.Memo(settings=settings, clock=clock, gate_runtime=entitlement.build_runtime(settings, clock))
+    from metering_operator.metering.runtime import build_runtime as build_metering_runtime
+
+    memo = kopf.Memo(
+        settings=settings,
+        clock=clock,
+        gate_runtime=entitlement.build_runtime(settings, clock),
+        metering_runtime=build_metering_runtime(settings, clock, wall=wall, reference=reference),
+    )
     log.info(
         "starting: region=%s namespaces=%s trusted=%s pinned=%s webhook=%s",
         settings.region,

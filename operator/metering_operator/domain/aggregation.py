@@ -114,12 +114,6 @@ class Quantity:
             raise TypeError("cannot add an integer quantity to a decimal one")
         return Quantity.from_units(self.units() + other.units(), self.decimal)
 
-    def aws_fields(self) -> dict[str, int | str]:
-        """The MeterUsage request field for this quantity."""
-        if self.decimal:
-            return {"UsageQuantityAsDecimal": str(self)}
-        return {"UsageQuantity": int(self.value)}
-
 
 def round_quantity(value: Fraction | Decimal | int, rounding: Rounding | str) -> Quantity:
     """Round an exact value by the dimension's rule. ``Nearest`` and ``Decimal`` round half up."""

@@ -89,16 +89,6 @@ class Allocation:
     tags: TagSet
     quantity: Quantity
 
-    def aws_fields(self) -> dict[str, object]:
-        fields: dict[str, object]
-        if self.quantity.decimal:
-            fields = {"AllocatedUsageQuantityAsDecimal": str(self.quantity)}
-        else:
-            fields = {"AllocatedUsageQuantity": int(self.quantity.value)}
-        if self.tags:
-            fields["Tags"] = [{"Key": k, "Value": v} for k, v in self.tags]
-        return fields
-
 
 def allocate(
     total: Quantity, weights: Mapping[str, Fraction], max_entries: int = MAX_ALLOCATIONS

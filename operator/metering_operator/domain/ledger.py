@@ -1,32 +1,38 @@
-"""The metering ledger: a pure state machine that makes each dimension-hour billed exactly once.
+"""The metering ledger: a pure state machine that makes each dimension-hour billed at most once.
 
 It lives in ``status.metering`` of the MeteredProduct (the models are
-:class:`metering_operator.domain.product.MeteringStatus` and friends; the operator has no other
-durable store) and every transition here is a pure function ``MeteringStatus -> MeteringStatus``.
-The handler reads status, applies a transition and writes it back with a resourceVersion
-precondition, so of two writers only one can win.
+:class:`metering_operator.domain.product.MeteringStatus` and friends) and every transition here is
+a pure function ``MeteringStatus -> MeteringStatus``. The caller reads status, applies a
+transition and writes it back with a resourceVersion precondition, so of two writers only one
+can win. (A copy of the live entries is kept where only the operator writes: see
+:mod:`metering_operator.metering.journal`.)
 
-Life of an hour, per dimension::
+Life of an hour, per dimension (docs/metering.md has the whole story)::
 
-    open hour (running aggregate)  --hour ends-->  Pending (exact quantity + allocations, frozen)
-    Pending --MeterUsage ok--> Sent (MeteringRecordId)
-    Pending --final error--> Rejected (no more retries; the Metering condition says why)
-    Pending --about to leave the 6-hour window--> Expired (carried into the open hour)
+    open hour (running aggregate) --hour ends--> Pending (exact quantity + allocations, frozen)
+    Pending --claim (before the call)--> Unknown
+    Unknown --answer: record id--> Sent
+    Unknown --answer: retryable error--> Pending (if no earlier call is unanswered) or Unknown
+    Unknown --no answer (timeout, reset, crash)--> Unknown (resent identically, after a backoff)
+    Pending|Unknown --answer: final error--> Rejected
+    Pending --window about to close--> Expired (every call was refused: usage carried forward)
+    Unknown --window about to close--> Unconfirmed (AWS may have billed it: never carried)
 
-The send protocol built on it: the Pending entry is written BEFORE MeterUsage is called and
-marked Sent AFTER. A crash in between leaves a Pending entry that is resent with the identical
-quantity, allocations and ClientToken, which AWS answers idempotently with the same record id.
-An entry's quantity never changes once written, so a resend can never cause DuplicateRequest.
+The protocol: the Pending entry is written BEFORE MeterUsage is called and the claim (the entry
+turned Unknown, ``attempts`` + 1) is written before each call, so a crash anywhere leaves an
+entry that says whether a call may have reached AWS. An entry's request never changes once
+written (quantity, type, allocations, timestamp, ClientToken): a resend is answered
+idempotently with the first call's record id, so it can never bill twice.
 
-Each attempt is claimed before the call (``attempts`` and ``lastAttemptAt`` written with the
-precondition); the next attempt is due ``backoff(attempts)`` after the last one, so a second
-process that also believes it leads cannot send the same attempt, and a restarted one resumes.
+Which answers are certain matters: AWS answering with an error billed nothing (``answered``
+counts those calls), while a call without an answer may have been recorded. Usage is carried
+into a later hour only when every call made for the hour was answered with an error; an hour
+whose outcome is still unknown when the window closes is recorded Unconfirmed -- a visible,
+possible shortfall, never a possible double bill.
 
-Per AWS guidance an hour is retried with exponential backoff for as long as it is inside the
-window; when it is about to fall out (``window - expiry_margin`` after the hour starts) it is
-marked Expired with ``carriedInto`` = the open hour, and when that hour closes its entry's
-quantity includes the expired ones (``carriedFrom``) and their allocations. Nothing is dropped
-silently: the ledger shows both ends of every carry.
+Invariant (checked by the property test in tests/unit/test_ledger.py): per dimension, the sum of
+what AWS billed equals the sum of what was used, except for Unconfirmed hours whose records
+never arrived (the shortfall is then visible in the ledger); it never exceeds it.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ from metering_operator.domain.product import (
 
 AWS_WINDOW = timedelta(hours=6)
 DRY_RUN_NOTE = "dry run: MeterUsage permissions checked, nothing billed"
+#: Entries the send protocol still works on.
+LIVE = frozenset({LedgerState.PENDING, LedgerState.UNKNOWN})
 
 __all__ = [
     "AWS_WINDOW",
@@ -74,18 +82,21 @@ __all__ = [
     "client_token",
     "due",
     "expire",
+    "mark_no_answer",
     "mark_out_of_window",
     "mark_rejected",
     "mark_sent",
     "mark_transient",
     "observe",
     "prune",
+    "repair",
+    "restore",
     "tick",
 ]
 
 
 class LedgerError(ValueError):
-    """A transition that does not apply (unknown entry, entry not Pending, ...)."""
+    """A transition that does not apply (unknown entry, entry already settled, ...)."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +203,13 @@ def _dimension_record(name: str, agg: HourAggregate, first: datetime | None) -> 
 
 
 def entry_quantity(entry: LedgerEntry, rule: DimensionRule | None = None) -> Quantity:
-    """The entry's quantity with its type: decimal for Decimal dimensions (or a fractional value)."""
+    """The entry's quantity with its type, as fixed when the entry was written.
+
+    Entries written before the type was recorded take it from the dimension's rule (decimal
+    for Decimal dimensions) or from the value itself (a fractional value is decimal).
+    """
+    if entry.decimal is not None:
+        return Quantity(entry.quantity, entry.decimal)
     fractional = entry.quantity != entry.quantity.to_integral_value()
     return Quantity(entry.quantity, (rule.decimal if rule else False) or fractional)
 
@@ -308,6 +325,7 @@ def _close(
         hour=agg.hour,
         dimension=rule.name,
         quantity=total.value,
+        decimal=total.decimal,
         allocations=_allocation_records(allocations),
         client_token=client_token(product_uid, rule.name, agg.hour),
         carried_from=sorted(e.hour for e in carried_entries),
@@ -345,21 +363,39 @@ def observe(status: MeteringStatus, now: datetime, samples: Mapping[str, Sample]
 def expire(
     status: MeteringStatus, now: datetime, policy: Policy, rules: Sequence[DimensionRule]
 ) -> MeteringStatus:
-    """Carry Pending entries about to leave the window into the open hour of their dimension.
+    """Settle Pending and Unknown entries whose window is about to close.
 
-    Only into the hour that is open *at* ``now``: if status still holds an earlier open hour
-    (a send finished after the hour turned, before the next tick), the next :func:`tick` closes
-    that hour first and then carries, so usage always lands in the hour being prepared.
+    Pending ones (AWS refused every call: nothing billed) are carried into the open hour of
+    their dimension; Unknown ones (a call may have been recorded) become Unconfirmed and are
+    not carried. Only into the hour that is open *at* ``now``: if status still holds an earlier
+    open hour (a send finished after the hour turned, before the next tick), the next
+    :func:`tick` closes that hour first and then carries, so usage always lands in the hour
+    being prepared.
     """
     if status.open_hour is not None and status.open_hour.start < hour_start(now):
         return status
     ledger = [
-        _expire_one(e, status.open_hour, rules, "not accepted within the window")
-        if e.state is LedgerState.PENDING and now >= policy.expires_at(e.hour)
+        _settle_expired(e, status.open_hour, rules, "not accepted within the window")
+        if e.state in LIVE and now >= policy.expires_at(e.hour)
         else e
         for e in status.ledger
     ]
     return status.model_copy(update={"ledger": ledger})
+
+
+def _settle_expired(
+    entry: LedgerEntry, open_hour: OpenHour | None, rules: Sequence[DimensionRule], why: str
+) -> LedgerEntry:
+    if entry.state is LedgerState.UNKNOWN:
+        unanswered = entry.attempts - entry.answered
+        return entry.model_copy(
+            update={
+                "state": LedgerState.UNCONFIRMED,
+                "last_error": f"{why}; {unanswered} call(s) got no answer, so AWS may have recorded the "
+                f"hour: not carried, not billed again (last error: {entry.last_error})",
+            }
+        )
+    return _expire_one(entry, open_hour, rules, why)
 
 
 def _expire_one(
@@ -384,10 +420,10 @@ def _expire_one(
 
 
 def due(status: MeteringStatus, now: datetime, policy: Policy) -> list[LedgerEntry]:
-    """Pending entries to (re)send now, oldest first."""
+    """Pending and Unknown entries to (re)send now, oldest first."""
     result = []
     for entry in status.ledger:
-        if entry.state is not LedgerState.PENDING or now >= policy.expires_at(entry.hour):
+        if entry.state not in LIVE or now >= policy.expires_at(entry.hour):
             continue
         next_at = policy.next_attempt_at(entry)
         if next_at is None or next_at <= now:
@@ -395,20 +431,31 @@ def due(status: MeteringStatus, now: datetime, policy: Policy) -> list[LedgerEnt
     return sorted(result, key=lambda e: (e.hour, e.dimension))
 
 
-def _replace(status: MeteringStatus, entry: LedgerEntry, **update: object) -> MeteringStatus:
+def _current(status: MeteringStatus, entry: LedgerEntry) -> LedgerEntry:
     current = find(status, entry.hour, entry.dimension)
-    if current.state is not LedgerState.PENDING:
+    if current.state not in LIVE:
         raise LedgerError(
-            f"entry {entry.dimension} at {entry.hour.isoformat()} is {current.state}, not Pending"
+            f"entry {entry.dimension} at {entry.hour.isoformat()} is {current.state}, not Pending or Unknown"
         )
+    return current
+
+
+def _replace(status: MeteringStatus, entry: LedgerEntry, **update: object) -> MeteringStatus:
+    current = _current(status, entry)
     ledger = [e.model_copy(update=update) if e is current else e for e in status.ledger]
     return status.model_copy(update={"ledger": ledger})
 
 
 def claim(status: MeteringStatus, entry: LedgerEntry, now: datetime) -> MeteringStatus:
-    """Record an attempt about to be made; nobody else sends it before its backoff has passed."""
-    current = find(status, entry.hour, entry.dimension)
-    return _replace(status, entry, attempts=current.attempts + 1, last_attempt_at=now)
+    """Record a call about to be made: the entry is Unknown until its answer is recorded.
+
+    Written before the call, so a crash after it leaves an entry that says a call may have
+    reached AWS; nobody sends it again before its backoff has passed.
+    """
+    current = _current(status, entry)
+    return _replace(
+        status, entry, attempts=current.attempts + 1, last_attempt_at=now, state=LedgerState.UNKNOWN
+    )
 
 
 def mark_sent(
@@ -426,14 +473,14 @@ def mark_sent(
 
 
 def last_sent_hour(status: MeteringStatus) -> datetime | None:
-    """The latest hour with a real (not dry-run) Sent record and nothing of it still Pending."""
+    """The latest hour with a real (not dry-run) Sent record and nothing of it still live."""
     hours: dict[datetime, list[LedgerEntry]] = {}
     for entry in status.ledger:
         hours.setdefault(entry.hour, []).append(entry)
     done = [
         hour
         for hour, entries in hours.items()
-        if all(e.state is not LedgerState.PENDING for e in entries)
+        if all(e.state not in LIVE for e in entries)
         and any(e.state is LedgerState.SENT and e.metering_record_id for e in entries)
     ]
     latest = max(done, default=None)
@@ -451,31 +498,185 @@ def mark_transient(
     policy: Policy,
     rules: Sequence[DimensionRule],
 ) -> MeteringStatus:
-    """A retryable failure: keep Pending (next attempt after the backoff), or carry if too late."""
-    return expire(_replace(status, entry, last_error=error), now, policy, rules)
+    """AWS answered with a retryable error: that call billed nothing.
+
+    The entry is Pending again if every call made for it was answered, else it stays Unknown
+    (an earlier call may have been recorded). Retried after the backoff; settled by
+    :func:`expire` when the window is about to close.
+    """
+    current = _current(status, entry)
+    answered = min(current.answered + 1, current.attempts)
+    state = LedgerState.PENDING if answered >= current.attempts else LedgerState.UNKNOWN
+    status = _replace(status, entry, answered=answered, state=state, last_error=error)
+    return expire(status, now, policy, rules)
+
+
+def mark_no_answer(
+    status: MeteringStatus,
+    entry: LedgerEntry,
+    error: str,
+    now: datetime,
+    policy: Policy,
+    rules: Sequence[DimensionRule],
+) -> MeteringStatus:
+    """The call's answer never arrived (read timeout, connection reset after sending): Unknown.
+
+    Resent identically after the backoff; AWS answers a resend of a recorded hour with the
+    same record id.
+    """
+    _current(status, entry)
+    status = _replace(status, entry, state=LedgerState.UNKNOWN, last_error=f"no answer: {error}")
+    return expire(status, now, policy, rules)
 
 
 def mark_rejected(status: MeteringStatus, entry: LedgerEntry, error: str) -> MeteringStatus:
     """A final refusal: no more attempts; the caller raises the Metering condition."""
+    current = _current(status, entry)
+    if current.attempts > current.answered + 1:
+        error = f"{error} (an earlier call got no answer: AWS may have recorded the hour)"
     return _replace(status, entry, state=LedgerState.REJECTED, last_error=error)
 
 
 def mark_out_of_window(
-    status: MeteringStatus, entry: LedgerEntry, error: str, rules: Sequence[DimensionRule]
+    status: MeteringStatus,
+    entry: LedgerEntry,
+    error: str,
+    now: datetime,
+    policy: Policy,
+    rules: Sequence[DimensionRule],
 ) -> MeteringStatus:
-    """AWS refused the timestamp (TimestampOutOfBounds): carry the usage now."""
-    current = find(status, entry.hour, entry.dimension)
-    if current.state is not LedgerState.PENDING:
-        raise LedgerError(
-            f"entry {entry.dimension} at {entry.hour.isoformat()} is {current.state}, not Pending"
+    """AWS refused the timestamp (TimestampOutOfBounds).
+
+    While the hour is inside the window by the operator's clock (which is bounded by the API
+    server's), the refusal can only mean the timestamp is in AWS's future -- a clock
+    difference, transient: retried later like any retryable error. Past that, the hour really
+    left the window: settled now (carried if nothing was billed, Unconfirmed if unknown).
+    """
+    if now < policy.expires_at(entry.hour):
+        return mark_transient(
+            status, entry, f"{error} (refused as not yet valid: retried)", now, policy, rules
         )
-    expired = _expire_one(current, status.open_hour, rules, f"refused by AWS ({error})")
-    ledger = [expired if e is current else e for e in status.ledger]
+    current = _current(status, entry)
+    answered = min(current.answered + 1, current.attempts)
+    state = LedgerState.PENDING if answered >= current.attempts else LedgerState.UNKNOWN
+    settled = _settle_expired(
+        current.model_copy(update={"answered": answered, "state": state, "last_error": error}),
+        status.open_hour,
+        rules,
+        f"refused by AWS ({error})",
+    )
+    ledger = [settled if e is current else e for e in status.ledger]
     return status.model_copy(update={"ledger": ledger})
 
 
+def repair(status: MeteringStatus, now: datetime) -> tuple[MeteringStatus, list[str]]:
+    """Undo what cannot be true in a status someone edited; returns the status and what was found.
+
+    * an open hour that starts after the current hour (it would freeze metering until then):
+      dropped, so :func:`tick` opens the current hour;
+    * ledger entries for hours that have not ended: removed (nobody used them yet);
+    * a Sent entry without a MeteringRecordId (and not a dry run): made Unknown, so it is resent
+      identically; AWS answers a resend of a recorded hour with its record id, so this is
+      harmless if it really was sent;
+    * a Pending entry with calls not answered (only an edit or an older operator writes that):
+      made Unknown, so it is never carried while AWS may have recorded it.
+    """
+    now = ensure_utc(now)
+    current = hour_start(now)
+    findings: list[str] = []
+    open_hour = status.open_hour
+    if open_hour is not None and open_hour.start > current:
+        findings.append(
+            f"openHour.start {open_hour.start.isoformat()} is after the current hour {current.isoformat()}: "
+            "its samples were dropped and the current hour opened"
+        )
+        open_hour = None
+    ledger: list[LedgerEntry] = []
+    for entry in status.ledger:
+        where = f"{entry.dimension} at {entry.hour.isoformat()}"
+        if entry.hour >= current:
+            findings.append(f"ledger entry {where} is for an hour that has not ended: removed")
+            continue
+        if entry.answered > entry.attempts:
+            entry = entry.model_copy(update={"answered": entry.attempts})
+        if (
+            entry.state is LedgerState.SENT
+            and not entry.metering_record_id
+            and entry.last_error != DRY_RUN_NOTE
+        ):
+            findings.append(f"ledger entry {where} is Sent without a MeteringRecordId: resent identically")
+            entry = entry.model_copy(
+                update={"state": LedgerState.UNKNOWN, "attempts": max(entry.attempts, 1), "answered": 0}
+            )
+        elif entry.state is LedgerState.PENDING and entry.attempts > entry.answered:
+            findings.append(
+                f"ledger entry {where} is Pending with {entry.attempts - entry.answered} unanswered call(s): "
+                "made Unknown (never carried while AWS may have recorded it)"
+            )
+            entry = entry.model_copy(update={"state": LedgerState.UNKNOWN})
+        ledger.append(entry)
+    if not findings:
+        return status, []
+    return status.model_copy(update={"open_hour": open_hour, "ledger": ledger}), findings
+
+
+def live_entries(status: MeteringStatus) -> list[LedgerEntry]:
+    """What must survive a lost status: Pending/Unknown entries and carries not yet taken over."""
+    open_start = status.open_hour.start if status.open_hour else None
+    return [
+        e
+        for e in status.ledger
+        if e.state in LIVE
+        or (
+            e.state is LedgerState.EXPIRED
+            and e.carried_into is not None
+            and open_start is not None
+            and e.carried_into >= open_start
+        )
+    ]
+
+
+def restore(status: MeteringStatus, saved: MeteringStatus, now: datetime) -> tuple[MeteringStatus, list[str]]:
+    """Put back live entries (and the open hour) that ``status`` lost but ``saved`` still has.
+
+    ``saved`` is the operator's own copy (its journal). A restored Pending or Unknown entry comes
+    back Unknown: the copy may predate a call, and an Unknown entry is resent identically and
+    never carried, so a restore can neither lose a record nor bill one twice (one whose window
+    has closed becomes Unconfirmed at the next :func:`expire`: a visible shortfall).
+
+    The saved open hour comes back only if it is the current or the previous hour: an older one
+    would close every hour since at its last value, for a product that may not have existed
+    then (deleted, re-created hours later).
+    """
+    now = ensure_utc(now)
+    have = {(e.hour, e.dimension) for e in status.ledger}
+    back: list[LedgerEntry] = []
+    for entry in live_entries(saved):
+        if (entry.hour, entry.dimension) in have or entry.hour >= hour_start(now):
+            continue
+        if entry.state in LIVE:
+            entry = entry.model_copy(
+                update={"state": LedgerState.UNKNOWN, "attempts": max(entry.attempts, 1), "answered": 0}
+            )
+        back.append(entry)
+    findings: list[str] = []
+    open_hour = status.open_hour
+    current = hour_start(now)
+    recent = saved.open_hour is not None and current - timedelta(hours=1) <= saved.open_hour.start <= current
+    if open_hour is None and saved.open_hour is not None and recent:
+        open_hour = saved.open_hour
+        findings.append(f"the open hour {open_hour.start.isoformat()} was lost: restored from the journal")
+    if back:
+        names = ", ".join(f"{e.dimension} at {e.hour.isoformat()}" for e in back)
+        findings.append(f"{len(back)} live ledger entr(ies) were lost: restored from the journal ({names})")
+    if not findings:
+        return status, []
+    ledger = sorted([*status.ledger, *back], key=lambda e: (e.hour, e.dimension))
+    return status.model_copy(update={"open_hour": open_hour, "ledger": ledger}), findings
+
+
 def prune(status: MeteringStatus, policy: Policy) -> MeteringStatus:
-    """Keep Pending entries, Expired ones not yet taken over, and bounded finished history.
+    """Keep Pending and Unknown entries, Expired ones not yet taken over, and bounded history.
 
     Finished entries are kept up to ``history`` per dimension and ``history_bytes`` in all, newest
     first. Live entries are never dropped: they are what the send protocol still needs.
@@ -483,7 +684,7 @@ def prune(status: MeteringStatus, policy: Policy) -> MeteringStatus:
     open_start = status.open_hour.start if status.open_hour else None
 
     def live(e: LedgerEntry) -> bool:
-        if e.state is LedgerState.PENDING:
+        if e.state in LIVE:
             return True
         carried = e.state is LedgerState.EXPIRED and e.carried_into is not None
         return (
@@ -536,7 +737,7 @@ def metering_condition(
         tail = f"; {others} other dimension(s) continue" if others else ""
         return "False", "DimensionRejected", f"MeterUsage refused dimension(s) {names}: {details}{tail}"
     failing = sorted(
-        (e for e in status.ledger if e.state is LedgerState.PENDING and e.last_error),
+        (e for e in status.ledger if e.state in LIVE and e.last_error),
         key=lambda e: (e.hour, e.dimension),
     )
     if failing:
@@ -547,12 +748,21 @@ def metering_condition(
             f"{len(failing)} record(s) not accepted yet, retrying within the 6-hour window; oldest "
             f"{first.dimension} at {first.hour.isoformat()}: {first.last_error}",
         )
+    unconfirmed = [e for e in status.ledger if e.state is LedgerState.UNCONFIRMED]
+    if unconfirmed:
+        latest_unconfirmed = max(unconfirmed, key=lambda e: (e.hour, e.dimension))
+        note = (
+            f"; {len(unconfirmed)} record(s) Unconfirmed (their answer never arrived within the window; "
+            f"latest {latest_unconfirmed.dimension} at {latest_unconfirmed.hour.isoformat()})"
+        )
+    else:
+        note = ""
     if dry_run:
         return "True", "DryRun", "dry run: MeterUsage permissions are checked each hour, nothing is billed"
     if status.last_sent_hour is None:
-        return "True", "Sampling", "sampling; the first hour has not been reported yet"
+        return "True", "Sampling", f"sampling; the first hour has not been reported yet{note}"
     return (
         "True",
         "Reporting",
-        f"usage reported through the hour starting {status.last_sent_hour.isoformat()}",
+        f"usage reported through the hour starting {status.last_sent_hour.isoformat()}{note}",
     )

@@ -221,12 +221,18 @@ class EntitlementState(StrEnum):
 
 
 class LedgerState(StrEnum):
-    """Where an hour's MeterUsage record stands."""
+    """Where an hour's MeterUsage record stands (see docs/metering.md)."""
 
+    #: Intent recorded; no call made yet, or every call made was answered with an error.
     PENDING = "Pending"
+    #: A call was made (or may have been) and its answer never arrived: AWS may have billed it.
+    UNKNOWN = "Unknown"
     SENT = "Sent"
     REJECTED = "Rejected"
+    #: Never accepted (every call answered with an error); usage carried into a later hour.
     EXPIRED = "Expired"
+    #: The window closed while the outcome was Unknown: not carried, not billed again.
+    UNCONFIRMED = "Unconfirmed"
 
 
 # --- base models -------------------------------------------------------------------------------------
@@ -739,8 +745,16 @@ class LedgerEntry(_StatusModel):
     )
     state: LedgerState = Field(
         default=LedgerState.PENDING,
-        description="Pending (intent recorded, not yet confirmed), Sent (MeterUsage answered with a "
-        "record id), Rejected (refused for good), Expired (too old to send; carried into a later hour).",
+        description="Pending (intent recorded; no call made, or every call answered with an error), "
+        "Unknown (a call may have reached AWS and its answer never arrived; resent identically), Sent "
+        "(MeterUsage answered with a record id), Rejected (refused for good), Expired (never accepted "
+        "in the window; carried into a later hour), Unconfirmed (the window closed while Unknown; "
+        "neither carried nor billed again).",
+    )
+    decimal: bool | None = Field(
+        default=None,
+        description="Whether the quantity is sent as UsageQuantityAsDecimal; fixed with the quantity so "
+        "every resend is byte-identical.",
     )
     metering_record_id: str | None = Field(
         default=None, description="MeteringRecordId AWS returned for the record."
@@ -749,6 +763,12 @@ class LedgerEntry(_StatusModel):
         default=None, max_length=64, description="The MeterUsage ClientToken used for every attempt."
     )
     attempts: int = Field(default=0, ge=0, description="MeterUsage calls made for this entry.")
+    answered: int = Field(
+        default=0,
+        ge=0,
+        description="Calls AWS answered with an error (they billed nothing); the other attempts may "
+        "have reached AWS.",
+    )
     last_attempt_at: UtcDateTime | None = Field(default=None, description="When the last call was made.")
     last_error: str | None = Field(default=None, description="The last call's error, if it failed.")
     sent_at: UtcDateTime | None = Field(default=None, description="When the record was confirmed.")

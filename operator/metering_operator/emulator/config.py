@@ -209,6 +209,9 @@ class Fault(_Model):
     throttle_rate: float = Field(default=0.0, ge=0, le=1)
     error_rate: float = Field(default=0.0, ge=0, le=1)
     latency_ms: int = Field(default=0, ge=0, le=600_000)
+    # Delay the *answer* after the operation was processed and recorded: a client that gives up
+    # before it arrives has an outcome it cannot know (a "lost answer").
+    answer_latency_ms: int = Field(default=0, ge=0, le=600_000)
     # BatchMeterUsage only: each record lands in UnprocessedRecords with this probability.
     unprocessed_rate: float = Field(default=0.0, ge=0, le=1)
     # Every call of the operation answers this error code (any modelled one, e.g. DisabledApiException).

@@ -1,4 +1,4 @@
-"""Fault injection per operation: throttling, internal errors, latency, forced error codes.
+"""Fault injection per operation: throttling, internal errors, latency, lost answers, error codes.
 
 Faults come from the config file's ``faults`` and from the admin API (runtime faults replace
 file faults for the same operation and survive restarts). ``"*"`` applies to every operation
@@ -76,6 +76,14 @@ class Faults:
                 "An internal error has occurred (injected).",
                 injected=True,
             )
+
+    async def delay_answer(self, operation: str, product_code: str | None = None) -> None:
+        """Sleep the injected answer latency (after the operation was processed and recorded)."""
+        fault = self.for_operation(operation)
+        if fault is not None and fault.product_codes and product_code not in fault.product_codes:
+            return
+        if fault is not None and fault.answer_latency_ms:
+            await asyncio.sleep(fault.answer_latency_ms / 1000)
 
     def unprocessed(self, operation: str) -> bool:
         fault = self.for_operation(operation)

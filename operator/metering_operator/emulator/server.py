@@ -132,6 +132,8 @@ class AwsFrontend:
         except Exception:
             return self._unexpected(operation, request, request_id, caller, body, started)
         self._record(operation, request, request_id, caller, body, result, None, started)
+        product_code = body.get("ProductCode") if isinstance(body, dict) else None
+        await self.ctx.faults.delay_answer(operation, product_code if isinstance(product_code, str) else None)
         return web.Response(
             body=json.dumps(result).encode(),
             content_type="application/x-amz-json-1.1",

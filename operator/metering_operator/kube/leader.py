@@ -2,17 +2,22 @@
 
 AWS deduplicates MeterUsage per calling pod, so two replicas metering the same hour would both
 be billed. The Lease protocol is the one client-go uses: the holder renews ``renewTime`` every
-``duration / 3``; a candidate takes the Lease over only when ``renewTime + leaseDurationSeconds``
-has passed. Every write is an update carrying the Lease's ``resourceVersion``, so of two
-candidates racing for an expired Lease exactly one wins (the other gets 409 Conflict).
+``duration / 3``; a candidate takes the Lease over only when it has seen no renewal for
+``leaseDurationSeconds``. Every write is an update carrying the Lease's ``resourceVersion``, so
+of two candidates racing for an expired Lease exactly one wins (the other gets 409 Conflict).
 
-A leader that cannot renew steps down by itself once its own view of the Lease has expired, so
-it stops metering before anyone else may start (renewal deadline < lease duration). The status
-writes' resourceVersion preconditions and per-attempt claims in the ledger are the second line
-of defence if two processes ever overlap.
+Expiry is judged on the local *monotonic* clock from when a change of the Lease record was
+observed, as client-go's ``observedTime`` does -- never by comparing the holder's ``renewTime``
+(the holder's wall clock) with this replica's wall clock: a replica whose clock runs 20 s fast
+would take a live Lease. ``renewTime`` is written for people and other tools, not read here.
+Likewise this replica leads until ``duration * 2/3`` of monotonic time after its last successful
+renewal started, so it stops metering before anyone else may start.
 
-Time here is the local monotonic/system clock on purpose, not the (possibly emulated) metering
-clock: lease expiry is about processes being alive, and every replica must agree on it.
+The status writes' resourceVersion preconditions and per-attempt claims in the ledger are the
+second line of defence if two processes ever overlap.
+
+Each Lease read also reports the API server's ``Date`` (``on_server_time``): the metering clock
+is bounded by it (:class:`~metering_operator.domain.clock.BoundedClock`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from kubernetes import client
@@ -59,6 +65,8 @@ class LeaseElector:
         identity: str,
         duration_seconds: float = 15.0,
         now: Callable[[], datetime] = _now,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_server_time: Callable[[datetime, float], None] | None = None,
     ) -> None:
         if not identity:
             raise ValueError("a leader election identity is required")
@@ -70,8 +78,15 @@ class LeaseElector:
         self.identity = identity
         self.duration = timedelta(seconds=duration_seconds)
         self._now = now
+        self._monotonic = monotonic
+        self._on_server_time = on_server_time
         self._lock = threading.Lock()
-        self._leading_until: datetime | None = None
+        # Monotonic deadlines, never wall-clock times.
+        self._leading_until: float | None = None
+        # The Lease record as last read, and the monotonic time it was first seen so.
+        self._observed: tuple[Any, ...] | None = None
+        self._observed_at = 0.0
+        self._logged_holder: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.transitions = 0
@@ -79,13 +94,13 @@ class LeaseElector:
     # -- state ------------------------------------------------------------------------------
     def is_leader(self) -> bool:
         with self._lock:
-            return self._leading_until is not None and self._now() < self._leading_until
+            return self._leading_until is not None and self._monotonic() < self._leading_until
 
-    def _set_leading(self, until: datetime | None) -> None:
+    def _set_leading(self, until: float | None) -> None:
         with self._lock:
-            was = self._leading_until is not None and self._now() < self._leading_until
+            was = self._leading_until is not None and self._monotonic() < self._leading_until
             self._leading_until = until
-            now_leading = until is not None and self._now() < until
+            now_leading = until is not None and self._monotonic() < until
         if was != now_leading:
             self.transitions += 1
             log.info(
@@ -97,25 +112,63 @@ class LeaseElector:
             )
 
     # -- one round of the protocol ------------------------------------------------------------
+    def _read(self) -> Any:
+        lease, _, headers = self.coordination.read_namespaced_lease_with_http_info(self.name, self.namespace)
+        received = self._monotonic()
+        date = (headers or {}).get("Date") or (headers or {}).get("date")
+        if date and self._on_server_time is not None:
+            try:
+                self._on_server_time(parsedate_to_datetime(date), received)
+            except (TypeError, ValueError):
+                log.debug("leader election: unparsable Date header %r", date)
+        return lease
+
+    def observed_expired(self, record: tuple[Any, ...], seconds: float) -> bool:
+        """Whether ``record`` (holder, renewTime, ...) has not changed for ``seconds`` of monotonic time."""
+        mono = self._monotonic()
+        if record != self._observed:
+            self._observed = record
+            self._observed_at = mono
+        return mono >= self._observed_at + seconds
+
     def try_acquire_or_renew(self) -> bool:
         """One attempt; returns whether this process leads afterwards."""
+        started = self._monotonic()
         now = self._now()
         try:
-            lease = self.coordination.read_namespaced_lease(self.name, self.namespace)
+            lease = self._read()
         except ApiException as exc:
             if exc.status != 404:
                 log.warning("leader election: cannot read lease: %s", exc.reason)
                 self._expire_if_stale()
                 return self.is_leader()
-            return self._create(now)
+            return self._create(now, started)
         spec = lease.spec
         holder = spec.holder_identity if spec else None
-        renewed = _parse_time(spec.renew_time) if spec else None
-        seconds = (spec.lease_duration_seconds if spec else None) or self.duration.total_seconds()
-        held_by_other = holder and holder != self.identity and renewed is not None
-        if held_by_other and renewed is not None and now < renewed + timedelta(seconds=seconds):
+        renewed = spec.renew_time if spec else None
+        seconds = float((spec.lease_duration_seconds if spec else None) or self.duration.total_seconds())
+        record = (
+            holder,
+            str(renewed),
+            spec.acquire_time if spec else None,
+            spec.lease_transitions if spec else None,
+        )
+        expired = self.observed_expired(record, seconds)
+        held_by_other = bool(holder) and holder != self.identity and renewed is not None
+        if held_by_other and not expired:
+            if holder != self._logged_holder:
+                self._logged_holder = holder
+                log.info(
+                    "leader election: lease %s/%s is held by %s; taken over only after %.0f s without "
+                    "a renewal observed (local monotonic clock)",
+                    self.namespace,
+                    self.name,
+                    holder,
+                    seconds,
+                )
             self._set_leading(None)
             return False
+        self._logged_holder = None
         transitions = (spec.lease_transitions or 0) if spec else 0
         acquired = _parse_time(spec.acquire_time) if spec and holder == self.identity else None
         if holder != self.identity:
@@ -145,11 +198,12 @@ class LeaseElector:
             log.warning("leader election: cannot update lease: %s", exc.reason)
             self._expire_if_stale()
             return self.is_leader()
-        # Lead a little less long than the lease says, so we stop before anyone may start.
-        self._set_leading(now + self.duration * 2 / 3)
+        # Lead a little less long than the lease says, counted from before the read, so we
+        # stop before anyone may start (they count a full duration from after our write).
+        self._set_leading(started + self.duration.total_seconds() * 2 / 3)
         return True
 
-    def _create(self, now: datetime) -> bool:
+    def _create(self, now: datetime, started: float) -> bool:
         body = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -169,7 +223,7 @@ class LeaseElector:
                 log.warning("leader election: cannot create lease: %s", exc.reason)
             self._set_leading(None)
             return False
-        self._set_leading(now + self.duration * 2 / 3)
+        self._set_leading(started + self.duration.total_seconds() * 2 / 3)
         return True
 
     def _expire_if_stale(self) -> None:

@@ -1,0 +1,37 @@
+"""The one place a ledger entry becomes a MeterUsage request.
+
+Every attempt for an entry -- the first, a resend after a lost answer, a resend by another
+process after a crash -- is built from the entry alone (its frozen quantity and type,
+allocations, hour and ClientToken), so it is identical and AWS answers it idempotently.
+"""
+
+from __future__ import annotations
+
+from metering_operator.aws.models import MeterUsageRequest, Tag, UsageAllocation
+from metering_operator.domain import ledger
+from metering_operator.domain.ledger import DimensionRule, LedgerEntry
+
+
+def meter_usage_request(
+    product_code: str, entry: LedgerEntry, *, dry_run: bool = False, rule: DimensionRule | None = None
+) -> MeterUsageRequest:
+    """The MeterUsage request for ``entry`` (``rule`` only for entries written before their type was)."""
+    quantity = ledger.entry_quantity(entry, rule)
+    allocations = tuple(
+        UsageAllocation(
+            allocated_usage_quantity_decimal=a.quantity.value if quantity.decimal else None,
+            allocated_usage_quantity=None if quantity.decimal else int(a.quantity.value),
+            tags=tuple(Tag(key=k, value=v) for k, v in a.tags) or None,
+        )
+        for a in ledger.entry_allocations(entry, quantity)
+    )
+    return MeterUsageRequest(
+        product_code=product_code,
+        timestamp=entry.hour,
+        usage_dimension=entry.dimension,
+        client_token=entry.client_token,
+        usage_allocations=allocations or None,
+        dry_run=True if dry_run else None,
+        usage_quantity_decimal=quantity.value if quantity.decimal else None,
+        usage_quantity=None if quantity.decimal else int(quantity.value),
+    )

@@ -497,3 +497,41 @@ def test_a_late_send_result_does_not_carry_into_an_hour_that_has_ended() -> None
     s = L.tick(s, late, RULES, POLICY, UID)
     assert L.find(s, H, "replicas").carried_into == late
     assert L.find(s, H + timedelta(hours=5), "replicas").carried_from == []
+
+
+@given(
+    dimension=st.text(min_size=1, max_size=255),
+    error=st.text(max_size=400),
+    tags=st.lists(
+        st.tuples(st.text(min_size=1, max_size=100), st.text(min_size=1, max_size=256)), max_size=5
+    ),
+    allocations=st.integers(min_value=0, max_value=30),
+    carried=st.integers(min_value=0, max_value=10),
+)
+@settings(max_examples=200, deadline=None)
+def test_the_size_bound_used_by_prune_is_an_upper_bound(
+    dimension: str, error: str, tags: list[tuple[str, str]], allocations: int, carried: int
+) -> None:
+    from metering_operator.domain.product import LedgerAllocation, UsageTag
+
+    entry = L.LedgerEntry(
+        hour=H,
+        dimension=dimension,
+        quantity=Decimal("2147483647.123456"),
+        decimal=True,
+        allocations=[
+            LedgerAllocation(tags=[UsageTag(key=k, value=v) for k, v in tags], quantity=Decimal("1.5"))
+            for _ in range(allocations)
+        ],
+        state=S.UNCONFIRMED,
+        metering_record_id="0f8fad5b-d9cb-469f-a165-70867728950e",
+        client_token="f" * 64,
+        attempts=2**31,
+        answered=2**31,
+        last_attempt_at=H + timedelta(microseconds=123456),
+        last_error=error,
+        sent_at=H + timedelta(microseconds=654321),
+        carried_into=H + timedelta(hours=5),
+        carried_from=[H - timedelta(hours=i) for i in range(carried)],
+    )
+    assert len(entry.model_dump_json(by_alias=True, exclude_none=True)) <= L._size_bound(entry)

@@ -66,6 +66,9 @@ from metering_operator.domain.product import (
 
 AWS_WINDOW = timedelta(hours=6)
 DRY_RUN_NOTE = "dry run: MeterUsage permissions checked, nothing billed"
+#: A journal copy of an entry older than this is stale (the status kept it far longer, or it
+#: was settled and pruned since): never restored, so a stale copy cannot loop.
+RESTORE_HORIZON = timedelta(hours=24)
 #: Entries the send protocol still works on.
 LIVE = frozenset({LedgerState.PENDING, LedgerState.UNKNOWN})
 
@@ -649,11 +652,16 @@ def restore(status: MeteringStatus, saved: MeteringStatus, now: datetime) -> tup
     then (deleted, re-created hours later).
     """
     now = ensure_utc(now)
+    current = hour_start(now)
     have = {(e.hour, e.dimension) for e in status.ledger}
     back: list[LedgerEntry] = []
     for entry in live_entries(saved):
-        if (entry.hour, entry.dimension) in have or entry.hour >= hour_start(now):
+        if (entry.hour, entry.dimension) in have or not current - RESTORE_HORIZON <= entry.hour < current:
             continue
+        if entry.state is LedgerState.EXPIRED and (
+            entry.carried_into is None or entry.carried_into < current - timedelta(hours=1)
+        ):
+            continue  # its carry was taken over already (a copy older than the last hour close)
         if entry.state in LIVE:
             entry = entry.model_copy(
                 update={"state": LedgerState.UNKNOWN, "attempts": max(entry.attempts, 1), "answered": 0}
@@ -661,7 +669,6 @@ def restore(status: MeteringStatus, saved: MeteringStatus, now: datetime) -> tup
         back.append(entry)
     findings: list[str] = []
     open_hour = status.open_hour
-    current = hour_start(now)
     recent = saved.open_hour is not None and current - timedelta(hours=1) <= saved.open_hour.start <= current
     if open_hour is None and saved.open_hour is not None and recent:
         open_hour = saved.open_hour
@@ -700,10 +707,14 @@ def prune(status: MeteringStatus, policy: Policy) -> MeteringStatus:
         entries.sort(key=lambda e: e.hour, reverse=True)
         kept.extend(entries[: policy.history])
     # Then the byte budget: newest first across dimensions, so the oldest history goes first.
+    # Serialising every entry each cycle is most of prune's cost, so it is only done when a cheap
+    # upper bound of the size does not already fit.
     kept.sort(key=lambda e: e.hour, reverse=True)
     keep: set[tuple[datetime, str]] = set()
+    if sum(_size_bound(e) for e in kept) <= policy.history_bytes:
+        keep = {(e.hour, e.dimension) for e in kept}
     used = 0
-    for entry in kept:
+    for entry in kept if not keep else []:
         used += len(entry.model_dump_json(by_alias=True, exclude_none=True))
         if used > policy.history_bytes:
             break
@@ -711,6 +722,15 @@ def prune(status: MeteringStatus, policy: Policy) -> MeteringStatus:
     ledger = [e for e in status.ledger if live(e) or (e.hour, e.dimension) in keep]
     ledger.sort(key=lambda e: (e.hour, e.dimension))
     return status.model_copy(update={"ledger": ledger})
+
+
+def _size_bound(entry: LedgerEntry) -> int:
+    """An upper bound of ``len(entry.model_dump_json(by_alias=True, exclude_none=True))``."""
+    fixed = 600  # keys, hour and times, quantity, state, record id, ClientToken, counters, decimal
+    # Free text may be escaped in JSON: at most 6 characters (\uXXXX) per character.
+    tags = sum(60 + sum(30 + 6 * (len(t.key) + len(t.value)) for t in a.tags) for a in entry.allocations)
+    text = 6 * (len(entry.dimension) + len(entry.last_error or ""))
+    return fixed + text + 40 * len(entry.carried_from) + tags
 
 
 def metering_condition(

@@ -113,7 +113,17 @@ class LeaseElector:
 
     # -- one round of the protocol ------------------------------------------------------------
     def _read(self) -> Any:
-        lease, _, headers = self.coordination.read_namespaced_lease_with_http_info(self.name, self.namespace)
+        try:
+            lease, _, headers = self.coordination.read_namespaced_lease_with_http_info(
+                self.name, self.namespace
+            )
+        except ApiException as exc:
+            self._server_time(exc.headers)  # a 404 is an answer with a Date too
+            raise
+        self._server_time(headers)
+        return lease
+
+    def _server_time(self, headers: Any) -> None:
         received = self._monotonic()
         date = (headers or {}).get("Date") or (headers or {}).get("date")
         if date and self._on_server_time is not None:
@@ -121,7 +131,6 @@ class LeaseElector:
                 self._on_server_time(parsedate_to_datetime(date), received)
             except (TypeError, ValueError):
                 log.debug("leader election: unparsable Date header %r", date)
-        return lease
 
     def observed_expired(self, record: tuple[Any, ...], seconds: float) -> bool:
         """Whether ``record`` (holder, renewTime, ...) has not changed for ``seconds`` of monotonic time."""

@@ -33,7 +33,7 @@ def metering_status(
     unless the ledger has something worse to say (a refused dimension, failing sends).
     """
     status = dict(obj.get("status") or {})
-    status["metering"] = MeteringStatus.model_validate(metering.model_dump()).to_kube()
+    status["metering"] = metering.to_kube()
     condition, reason, message = ledger.metering_condition(
         metering, [r.name for r in plan.rules], plan.dry_run
     )

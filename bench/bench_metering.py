@@ -213,6 +213,13 @@ def bench_cluster(
     emulator = None
     try:
         install_crd(api)
+
+        def namespaces_gone() -> bool:
+            # A previous run's namespaces (deleted in its cleanup) must be gone, not terminating.
+            existing = {n.metadata.name for n in core.list_namespace().items}
+            return not existing.intersection(namespaces)
+
+        _wait("previous benchmark namespaces deleted", namespaces_gone, 600, log)
         for ns in namespaces:
             try:
                 core.create_namespace({"metadata": {"name": ns}})
@@ -515,8 +522,8 @@ def report(domain: dict[str, Any], cluster: dict[str, Any] | None, command: str)
     return "\n".join(lines) + "\n"
 
 
-def compare(base: dict[str, Any], new: dict[str, Any], tree: Path) -> str:
-    """Both runs side by side: the base commit's operator and this one, same cluster, same run."""
+def compare(bases: list[dict[str, Any]], runs: list[dict[str, Any]], tree: Path) -> str:
+    """Both operators side by side (medians over the alternating runs), same cluster, same run."""
     rows = [
         ("CPU per product-cycle (ms)", "cpu_per_product_cycle_ms", "{:.1f}"),
         ("steady sampling CPU (s)", "cpu_steady_s", "{:.2f}"),
@@ -528,15 +535,19 @@ def compare(base: dict[str, Any], new: dict[str, Any], tree: Path) -> str:
     ]
     lines = [
         "",
-        f"## Against the base commit (operator from `{tree}`, run first, same cluster)",
+        f"## Against the base commit (operator from `{tree}`; {len(bases)} run(s) each, alternating, "
+        "base first, same cluster; medians, each run's value in brackets)",
         "",
         "| measure | base | this | ratio this/base |",
         "|---|---|---|---|",
     ]
     for label, key, fmt in rows:
-        b, n = base[key], new[key]
+        b = statistics.median(r[key] for r in bases)
+        n = statistics.median(r[key] for r in runs)
         ratio = f"{n / b:.2f}" if b else "-"
-        lines.append(f"| {label} | {fmt.format(b)} | {fmt.format(n)} | {ratio} |")
+        each_b = ", ".join(fmt.format(r[key]) for r in bases)
+        each_n = ", ".join(fmt.format(r[key]) for r in runs)
+        lines.append(f"| {label} | {fmt.format(b)} [{each_b}] | {fmt.format(n)} [{each_n}] | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -557,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         help="cluster part: first run the operator from this tree (e.g. `git worktree add` of the base "
         "commit), then this one, in the same run, and report both with ratios",
     )
+    parser.add_argument("--repeat", type=int, default=1, help="with --baseline: alternating runs of each")
     args = parser.parse_args(argv)
     # Background jobs ignore SIGINT; make SIGTERM unwind through the cleanup in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -569,18 +581,24 @@ def main(argv: list[str] | None = None) -> int:
     traced = bench_domain(1, args.interval, trace=True)
     domain["heap_current_mib"], domain["heap_peak_mib"] = traced["heap_current_mib"], traced["heap_peak_mib"]
     log(json.dumps(domain))
-    cluster = baseline = None
+    cluster = None
+    bases: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     if args.cluster:
-        if args.baseline:
-            log(f"cluster part, baseline operator from {args.baseline}")
-            baseline = bench_cluster(args.steady_seconds, args.cluster_interval, log, args.baseline)
-            log(json.dumps(baseline, default=str))
-        log("cluster part")
-        cluster = bench_cluster(args.steady_seconds, args.cluster_interval, log)
-        log(json.dumps(cluster, default=str))
+        # With a baseline, the two operators alternate (base, this, base, this, ...) on the same
+        # cluster, so drift in the shared machine's load hits both alike.
+        for _ in range(args.repeat if args.baseline else 1):
+            if args.baseline:
+                log(f"cluster part, baseline operator from {args.baseline}")
+                bases.append(bench_cluster(args.steady_seconds, args.cluster_interval, log, args.baseline))
+                log(json.dumps(bases[-1], default=str))
+            log("cluster part")
+            runs.append(bench_cluster(args.steady_seconds, args.cluster_interval, log))
+            log(json.dumps(runs[-1], default=str))
+        cluster = runs[-1]
     text = report(domain, cluster, "python -m bench.bench_metering " + " ".join(argv or sys.argv[1:]))
-    if baseline and cluster:
-        text += compare(baseline, cluster, args.baseline)
+    if bases and runs:
+        text += compare(bases, runs, args.baseline)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)

@@ -663,6 +663,17 @@ def test_cluster_scope_registers_once_as_the_operator_and_releases_every_pod(
     client.AppsV1Api(kube).patch_namespaced_deployment_scale("site", namespace, {"spec": {"replicas": 4}})
     buyer.pods_in_state(4, "Granted", app="site")
     assert len(buyer_emulator.admin.events(operation="RegisterUsage")) == 1
+    # The summary counts the pods proven after the restart too, not only the one granted since.
+    wait_for(
+        "deployment summary Granted 4/4",
+        lambda: (
+            (
+                client.AppsV1Api(kube).read_namespaced_deployment("site", namespace).metadata.annotations
+                or {}
+            ).get(ANNOTATION_ENTITLEMENT)
+            == "Granted 4/4"
+        ),
+    )
 
 
 # --- Operations ----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from metering_operator.domain.product import (
 from metering_operator.gate import cluster as cluster_scope
 from metering_operator.gate import machine as m
 from metering_operator.gate.product import ProductInfo
+from metering_operator.kube.pods import WorkloadRef
 
 CODE = "1fszvu527waovqeuhpkyx2b5d"
 T0 = datetime(2031, 3, 4, 10, 0, tzinfo=UTC)
@@ -462,3 +463,19 @@ def test_unchanged_product_does_not_reset(key: rsa.RSAPrivateKey) -> None:
     d.list(pod())
     d.send(m.Registered("u1", m.Failed("MissingRoleArn: x", transient=False)))
     assert d.send(m.ProductChanged(replace(product))) == []
+
+
+def test_owning_workload_is_looked_up_once_per_pod(key: rsa.RSAPrivateKey) -> None:
+    d = Driver(info(key))
+    owned = pod("o", notes={ANNOTATION_SIGNATURE: sign(key, "o")}, gated=False)
+    owned["metadata"]["ownerReferences"] = [
+        {"kind": "ReplicaSet", "name": "rs", "uid": "r", "controller": True}
+    ]
+    effects = d.list(owned, pod("bare"))
+    (find,) = [e for e in effects if isinstance(e, m.FindWorkload)]
+    assert find.pod["metadata"]["uid"] == "o"
+    ref = WorkloadRef("Deployment", "shop", "web", "d")
+    d.send(m.WorkloadFound("o", ref))
+    assert not [e for e in d.send(m.PodUpdated(owned)) if isinstance(e, m.FindWorkload)]
+    members = m.workload_members(d.state)
+    assert [v.state for v in members[ref]] == [EntitlementState.GRANTED]

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, assert_never
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from kubernetes import client
@@ -210,10 +210,12 @@ class ProductController:
                         info.namespace, info.name, info.spec.product_code, "reported"
                     ).inc()
             rt.kube_pool.submit(fx.post_event, rt, effect)
+        elif isinstance(effect, m.FindWorkload):
+            self._submit(rt.kube_pool, fx.find_workload, effect)
         elif isinstance(effect, m.PruneDenials):
             rt.kube_pool.submit(fx.prune_denials, rt, effect)
-        else:  # pragma: no cover - the Effect union is exhaustive
-            raise TypeError(f"unknown effect {effect!r}")
+        else:
+            assert_never(effect)  # mypy proves every effect is carried out
 
     def _submit(self, pool: Any, work: Callable[[GateRuntime, Any], m.Message], effect: Any) -> None:
         pool.submit(self._answer, lambda: work(self.rt, effect))

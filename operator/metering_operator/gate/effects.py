@@ -141,6 +141,10 @@ def _workload(rt: GateRuntime, pod: Mapping[str, Any]) -> WorkloadRef | None:
         return None
 
 
+def find_workload(rt: GateRuntime, effect: m.FindWorkload) -> m.WorkloadFound:
+    return m.WorkloadFound(str(effect.pod["metadata"]["uid"]), _workload(rt, effect.pod))
+
+
 def write_grant(rt: GateRuntime, effect: m.WriteGrant) -> m.Written:
     pod, info, proof = effect.pod, effect.info, effect.proof
     uid = str(pod["metadata"]["uid"])

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, assert_never
 
 from metering_operator.aws.backoff import Backoff
 from metering_operator.domain import entitlement as ent
@@ -96,6 +96,8 @@ class PodRecord:
     #: The annotation signature last judged, so an unchanged one is not verified again.
     judged_token: str | None = None
     workload: WorkloadRef | None = None
+    #: Whether the owning workload has been looked up (once per pod: ownership never changes).
+    owner_looked_up: bool = False
 
     @property
     def name(self) -> str:
@@ -225,13 +227,28 @@ class Evicted:
 
 
 @dataclass(frozen=True)
+class WorkloadFound:
+    uid: str
+    workload: WorkloadRef | None
+
+
+@dataclass(frozen=True)
 class ClusterDone:
     registration: ClusterRegistration
     transient: bool = False
 
 
 Message = (
-    ProductChanged | Listed | PodUpdated | PodDeleted | Due | Registered | Written | Evicted | ClusterDone
+    ProductChanged
+    | Listed
+    | PodUpdated
+    | PodDeleted
+    | Due
+    | Registered
+    | Written
+    | Evicted
+    | WorkloadFound
+    | ClusterDone
 )
 
 # --- effects -----------------------------------------------------------------------------------------
@@ -307,13 +324,29 @@ class RegisterCluster:
 
 
 @dataclass(frozen=True)
+class FindWorkload:
+    """Look up the Deployment / StatefulSet / DaemonSet owning the pod (for its summary)."""
+
+    pod: Pod
+
+
+@dataclass(frozen=True)
 class PruneDenials:
     info: ProductInfo
     uids: frozenset[str]
 
 
 Effect = (
-    Register | WriteGrant | WriteState | Deny | Evict | PostEvent | Schedule | RegisterCluster | PruneDenials
+    Register
+    | WriteGrant
+    | WriteState
+    | Deny
+    | Evict
+    | PostEvent
+    | Schedule
+    | RegisterCluster
+    | FindWorkload
+    | PruneDenials
 )
 Step = tuple[GateState, list[Effect]]
 
@@ -332,8 +365,15 @@ def step(state: GateState, message: Message, now: datetime) -> Step:
     if isinstance(message, PodUpdated):
         uid = str(message.pod["metadata"]["uid"])
         record = state.pods.get(uid) or PodRecord(uid, message.pod)
-        record = _observe(state, record, message.pod)
+        record = _find_owner(_observe(state, record, message.pod), effects)
         return _consider_one(state, record, now, effects)
+    if isinstance(message, WorkloadFound):
+        found = state.pods.get(message.uid)
+        if found is None or message.workload is None:
+            return state, effects
+        pods = dict(state.pods)
+        pods[message.uid] = replace(found, workload=message.workload)
+        return replace(state, pods=pods), effects
     if isinstance(message, PodDeleted):
         gone = state.pods.get(message.uid)
         if gone is None:
@@ -357,7 +397,7 @@ def step(state: GateState, message: Message, now: datetime) -> Step:
         return _evicted(state, message, now)
     if isinstance(message, ClusterDone):
         return _cluster_done(state, message, now)
-    raise TypeError(f"unknown message {message!r}")
+    assert_never(message)  # mypy proves every message is handled
 
 
 def backoff_at(policy: GatePolicy, key: str, attempts: int, now: datetime) -> datetime:
@@ -407,7 +447,7 @@ def _listed(state: GateState, message: Listed, now: datetime) -> Step:
         record = state.pods.get(uid) or PodRecord(uid, pod)
         if record.granted is None and record.denied is None and uid in message.denials:
             record = replace(record, denied=message.denials[uid], waiting=None)
-        record = _observe(state, record, pod)
+        record = _find_owner(_observe(state, record, pod), effects)
         pods[uid] = record
         inflight += 1 if record.busy is Busy.REGISTER else 0
     state = replace(state, pods=pods, listed=True, inflight=inflight)
@@ -415,6 +455,17 @@ def _listed(state: GateState, message: Listed, now: datetime) -> Step:
     if stale and state.info is not None:
         effects.append(PruneDenials(state.info, stale))
     return _consider_all(state, now, effects)
+
+
+def _find_owner(record: PodRecord, effects: list[Effect]) -> PodRecord:
+    """Once per pod with a controlling owner: find its workload, so its summary counts every pod
+    (also those proven after a restart, which see no write)."""
+    if record.owner_looked_up or record.workload is not None:
+        return record
+    owners = record.pod.get("metadata", {}).get("ownerReferences") or []
+    if any(ref.get("controller") for ref in owners):
+        effects.append(FindWorkload(record.pod))
+    return replace(record, owner_looked_up=True)
 
 
 def _observe(state: GateState, record: PodRecord, pod: Pod) -> PodRecord:

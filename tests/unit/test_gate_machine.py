@@ -26,7 +26,8 @@ from metering_operator.domain.product import (
     Registration,
 )
 from metering_operator.gate import cluster as cluster_scope
-from metering_operator.gate import machine as m
+from metering_operator.gate import machine
+from metering_operator.gate import model as m
 from metering_operator.gate.product import ProductInfo
 from metering_operator.kube.pods import WorkloadRef
 
@@ -86,7 +87,7 @@ class Driver:
         self.send(m.ProductChanged(product))
 
     def send(self, message: m.Message) -> list[m.Effect]:
-        self.state, effects = m.step(self.state, message, self.now)
+        self.state, effects = machine.step(self.state, message, self.now)
         self.effects += effects
         return effects
 
@@ -300,9 +301,9 @@ def test_throttled_pod_is_retried_on_a_timer_with_a_growing_bounded_delay(key: r
 
 def test_jitter_spreads_pods_throttled_together_and_is_deterministic() -> None:
     policy = m.GatePolicy()
-    at = [m.backoff_at(policy, f"pod-{i}", 4, T0) for i in range(50)]
+    at = [machine.backoff_at(policy, f"pod-{i}", 4, T0) for i in range(50)]
     assert len(set(at)) > 40
-    assert at == [m.backoff_at(policy, f"pod-{i}", 4, T0) for i in range(50)]
+    assert at == [machine.backoff_at(policy, f"pod-{i}", 4, T0) for i in range(50)]
 
 
 def test_in_flight_registrations_per_product_are_capped_and_refilled(key: rsa.RSAPrivateKey) -> None:
@@ -477,5 +478,5 @@ def test_owning_workload_is_looked_up_once_per_pod(key: rsa.RSAPrivateKey) -> No
     ref = WorkloadRef("Deployment", "shop", "web", "d")
     d.send(m.WorkloadFound("o", ref))
     assert not [e for e in d.send(m.PodUpdated(owned)) if isinstance(e, m.FindWorkload)]
-    members = m.workload_members(d.state)
+    members = machine.workload_members(d.state)
     assert [v.state for v in members[ref]] == [EntitlementState.GRANTED]

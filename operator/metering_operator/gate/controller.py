@@ -50,7 +50,8 @@ from metering_operator.domain.product import EntitlementMode, MeteredProductSpec
 from metering_operator.domain.readiness import metering_rejects
 from metering_operator.domain.signature import SignatureError, load_public_key
 from metering_operator.gate import effects as fx
-from metering_operator.gate import machine as m
+from metering_operator.gate import machine
+from metering_operator.gate import model as m
 from metering_operator.gate.product import ProductInfo
 from metering_operator.gate.runtime import GateRuntime
 from metering_operator.gate.status import GateView, StatusWrite, StatusWriter
@@ -128,7 +129,7 @@ class ProductController:
 
     def dispatch(self, message: m.Message) -> None:
         """One step of the state machine, and its effects carried out."""
-        self.state, effects = m.step(self.state, message, self.rt.clock.now())
+        self.state, effects = machine.step(self.state, message, self.rt.clock.now())
         self._dirty = True
         for effect in effects:
             self._execute(effect)
@@ -375,7 +376,7 @@ class ProductController:
         self._last_flush = now
         self._dirty = False
         state = self.state
-        for ref, members in m.workload_members(state).items():
+        for ref, members in machine.workload_members(state).items():
             annotations = ent.workload_annotations(members)
             if self._workloads_written.get(ref) != annotations:
                 self._workloads_written[ref] = annotations

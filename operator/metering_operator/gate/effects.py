@@ -21,7 +21,7 @@ from metering_operator.domain.conditions import parse_time
 from metering_operator.domain.product import EntitlementMode, EntitlementState
 from metering_operator.domain.signature import SignatureError
 from metering_operator.gate import cluster as cluster_scope
-from metering_operator.gate import machine as m
+from metering_operator.gate import model as m
 from metering_operator.gate.product import ProductInfo
 from metering_operator.gate.registrar import RegistrationSetupError
 from metering_operator.gate.runtime import GateRuntime

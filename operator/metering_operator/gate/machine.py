@@ -30,326 +30,51 @@ One :class:`PodRecord` per pod holds everything the gate knows about it. The rul
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Any, Literal, assert_never
+from typing import assert_never
 
-from metering_operator.aws.backoff import Backoff
 from metering_operator.domain import entitlement as ent
-from metering_operator.domain.product import SCHEDULING_GATE, EntitlementMode, EntitlementState, PodCounts
-from metering_operator.gate.cluster import ClusterRegistration
+from metering_operator.domain.product import SCHEDULING_GATE, EntitlementMode, EntitlementState
+from metering_operator.gate.model import (
+    CLUSTER,
+    Busy,
+    ClusterDone,
+    Denied,
+    Deny,
+    Due,
+    Effect,
+    EventType,
+    Evict,
+    Evicted,
+    Failed,
+    FindWorkload,
+    GatePolicy,
+    GateState,
+    Granted,
+    Listed,
+    Message,
+    Pod,
+    PodDeleted,
+    PodRecord,
+    PodUpdated,
+    PostEvent,
+    ProductChanged,
+    Proof,
+    PruneDenials,
+    Register,
+    RegisterCluster,
+    Registered,
+    Schedule,
+    Step,
+    Vanished,
+    WorkloadFound,
+    WriteGrant,
+    WriteState,
+    Written,
+)
 from metering_operator.gate.product import ProductInfo
 from metering_operator.kube.pods import WorkloadRef, object_ref
-
-Pod = Mapping[str, Any]
-EventType = Literal["Normal", "Warning"]
-#: The timer key of scope Cluster's registration (pod timers are keyed by uid).
-CLUSTER = "<cluster>"
-
-#: The gate's one backoff: 0.5 s, doubling, capped at a minute, full jitter.
-BACKOFF = Backoff(base=0.5, cap=60.0)
-
-
-@dataclass(frozen=True)
-class GatePolicy:
-    ungated_action: ent.UngatedPodAction = ent.UngatedPodAction.EVICT
-    max_inflight: int = 16
-    backoff: Backoff = BACKOFF
-
-
-class Busy(StrEnum):
-    REGISTER = "register"  # one RegisterUsage attempt in flight
-    WRITE = "write"  # one pod write (grant, state, denial) in flight
-    EVICT = "evict"  # one eviction in flight
-
-
-@dataclass(frozen=True)
-class Proof:
-    """A verified RegisterUsage signature for this pod (Pod scope: nonce = its uid)."""
-
-    token: str
-    issued_at: datetime | None
-
-
-@dataclass(frozen=True)
-class PodRecord:
-    uid: str
-    pod: Pod
-    granted: Proof | None = None
-    #: The operator's own denial (reason); survives restarts through the denial record.
-    denied: str | None = None
-    #: Whether ``denied`` is in the operator's denial record yet (written before the pod's annotation).
-    recorded: bool = True
-    busy: Busy | None = None
-    #: Failed attempts since the last success (registration, write or eviction): the backoff's input.
-    attempts: int = 0
-    retry_at: datetime | None = None
-    #: Pending (transient failure) or Error, while neither granted nor denied.
-    waiting: EntitlementState | None = None
-    reason: str = ""
-    #: Seen in Enforce running without the gate and without a grant.
-    ungated: bool = False
-    #: Evicted or reported already (once per pod).
-    acted: bool = False
-    #: The annotation signature last judged, so an unchanged one is not verified again.
-    judged_token: str | None = None
-    workload: WorkloadRef | None = None
-    #: Whether the owning workload has been looked up (once per pod: ownership never changes).
-    owner_looked_up: bool = False
-
-    @property
-    def name(self) -> str:
-        return str(self.pod.get("metadata", {}).get("name", ""))
-
-    @property
-    def state(self) -> EntitlementState | None:
-        if self.granted is not None:
-            return EntitlementState.GRANTED
-        if self.denied is not None:
-            return EntitlementState.DENIED
-        return self.waiting
-
-
-@dataclass(frozen=True)
-class GateState:
-    policy: GatePolicy = field(default_factory=GatePolicy)
-    info: ProductInfo | None = None
-    pods: Mapping[str, PodRecord] = field(default_factory=dict)
-    listed: bool = False
-    inflight: int = 0
-    cluster: ClusterRegistration | None = None
-    cluster_busy: bool = False
-    cluster_attempts: int = 0
-    last_denial: str | None = None
-    last_error: str | None = None
-
-    def counts(self) -> PodCounts:
-        return ent.count_pods(r.state for r in self.live())
-
-    def live(self) -> list[PodRecord]:
-        return [r for r in self.pods.values() if not ent.is_terminating(r.pod)]
-
-    def ungated(self) -> int:
-        return sum(1 for r in self.pods.values() if r.ungated)
-
-    def held(self) -> dict[str, int]:
-        """Pods behind the gate now, by state (``waiting``: not registered yet)."""
-        held = {"waiting": 0, "Pending": 0, "Denied": 0, "Error": 0}
-        for record in self.live():
-            if record.granted is None and ent.is_gated(record.pod):
-                state = record.state
-                key = state.value if state is not None else "waiting"
-                held[key] = held.get(key, 0) + 1
-        return held
-
-
-# --- messages ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProductChanged:
-    info: ProductInfo | None
-
-
-@dataclass(frozen=True)
-class Listed:
-    """A full list of the product's pods, and the operator's denial record at that time."""
-
-    pods: tuple[Pod, ...]
-    denials: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class PodUpdated:
-    pod: Pod
-
-
-@dataclass(frozen=True)
-class PodDeleted:
-    uid: str
-
-
-@dataclass(frozen=True)
-class Due:
-    """A timer fired (a pod's uid, or :data:`CLUSTER`)."""
-
-    key: str
-
-
-@dataclass(frozen=True)
-class Granted:
-    token: str
-    issued_at: datetime | None
-
-
-@dataclass(frozen=True)
-class Denied:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Failed:
-    reason: str
-    transient: bool
-
-
-@dataclass(frozen=True)
-class Vanished:
-    """The pod went away (or changed uid) while it was worked on."""
-
-
-RegisterResult = Granted | Denied | Failed | Vanished
-
-
-@dataclass(frozen=True)
-class Registered:
-    uid: str
-    result: RegisterResult
-
-
-@dataclass(frozen=True)
-class Written:
-    """A pod write finished: the pod as written (None: nothing written), or why it failed."""
-
-    uid: str
-    pod: Pod | None = None
-    error: str | None = None
-    workload: WorkloadRef | None = None
-
-
-@dataclass(frozen=True)
-class Evicted:
-    uid: str
-    error: str | None = None
-    transient: bool = False
-
-
-@dataclass(frozen=True)
-class WorkloadFound:
-    uid: str
-    workload: WorkloadRef | None
-
-
-@dataclass(frozen=True)
-class ClusterDone:
-    registration: ClusterRegistration
-    transient: bool = False
-
-
-Message = (
-    ProductChanged
-    | Listed
-    | PodUpdated
-    | PodDeleted
-    | Due
-    | Registered
-    | Written
-    | Evicted
-    | WorkloadFound
-    | ClusterDone
-)
-
-# --- effects -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Register:
-    """One RegisterUsage attempt for the pod (its own IRSA identity, nonce = its uid)."""
-
-    pod: Pod
-    info: ProductInfo
-
-
-@dataclass(frozen=True)
-class WriteGrant:
-    """One guarded patch: remove the gate, record the verified signature."""
-
-    pod: Pod
-    info: ProductInfo
-    proof: Proof
-    at: datetime
-
-
-@dataclass(frozen=True)
-class WriteState:
-    """Record Pending / Error (and, with ``release``, Audit's gate removal) on the pod."""
-
-    pod: Pod
-    info: ProductInfo
-    state: EntitlementState
-    reason: str
-    release: bool = False
-
-
-@dataclass(frozen=True)
-class Deny:
-    """Record the denial in the operator's own record first (if ``durable``), then on the pod."""
-
-    pod: Pod
-    info: ProductInfo
-    reason: str
-    release: bool
-    durable: bool
-    at: datetime
-
-
-@dataclass(frozen=True)
-class Evict:
-    pod: Pod
-    info: ProductInfo
-    reason: str
-
-
-@dataclass(frozen=True)
-class PostEvent:
-    ref: Mapping[str, str]
-    type: EventType
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Schedule:
-    at: datetime
-    key: str
-
-
-@dataclass(frozen=True)
-class RegisterCluster:
-    info: ProductInfo
-    previous: ClusterRegistration | None
-    attempts: int
-
-
-@dataclass(frozen=True)
-class FindWorkload:
-    """Look up the Deployment / StatefulSet / DaemonSet owning the pod (for its summary)."""
-
-    pod: Pod
-
-
-@dataclass(frozen=True)
-class PruneDenials:
-    info: ProductInfo
-    uids: frozenset[str]
-
-
-Effect = (
-    Register
-    | WriteGrant
-    | WriteState
-    | Deny
-    | Evict
-    | PostEvent
-    | Schedule
-    | RegisterCluster
-    | FindWorkload
-    | PruneDenials
-)
-Step = tuple[GateState, list[Effect]]
-
 
 # --- the step ----------------------------------------------------------------------------------------
 
@@ -816,7 +541,3 @@ def workload_members(state: GateState) -> dict[WorkloadRef, list[ent.MemberView]
             ent.MemberView(record.state, proof.token if proof else None, proof.issued_at if proof else None)
         )
     return members
-
-
-def records(state: GateState, uids: Iterable[str]) -> list[PodRecord]:
-    return [state.pods[uid] for uid in uids if uid in state.pods]

@@ -401,9 +401,16 @@ def test_unentitled_buyer_pods_stay_gated_and_denied_across_restart(buyer: Buyer
         assert notes(pod)[REASON].startswith("CustomerNotEntitledException")
         reasons = {e.reason for e in pod_events(kube, namespace, pod["metadata"]["name"])}
         assert "EntitlementDenied" in reasons
-    status = buyer.condition("paid", "Entitled", "False")
+    # Status is coalesced (one write per half second at most): wait for the write that counts both.
+    status = wait_for(
+        "status counting 2 denied pods",
+        lambda: (
+            (p := read_product(kube, namespace, "paid"))["status"].get("pods", {}).get("denied") == 2
+            and condition(p, "Entitled").get("status") == "False"
+            and p
+        ),
+    )
     assert condition(status, "Entitled")["reason"] == "CustomerNotEntitled"
-    assert status["status"]["pods"]["denied"] == 2
     product_events = {e.reason for e in pod_events(kube, namespace, "paid")}
     assert "EntitlementDenied" in product_events
     calls_before = len(buyer_emulator.admin.events(operation="RegisterUsage"))
@@ -906,8 +913,14 @@ def test_template_granted_annotation_of_an_unentitled_buyer_never_runs(
         assert pod["status"].get("phase") == "Pending"
         assert notes(pod)[REASON].startswith("CustomerNotEntitledException")
         assert "EntitlementDenied" in event_reasons(kube, namespace, pod["metadata"]["name"])
-    status = buyer.condition("paid", "Entitled", "False")
-    assert status["status"]["pods"] == {"registered": 0, "pending": 0, "denied": 2}
+    wait_for(
+        "status counting 2 denied pods, none registered",
+        lambda: (
+            (p := read_product(kube, namespace, "paid"))["status"].get("pods")
+            == {"registered": 0, "pending": 0, "denied": 2}
+            and condition(p, "Entitled").get("status") == "False"
+        ),
+    )
 
 
 def test_signature_copied_from_another_pod_is_not_accepted(buyer: Buyer, edit_user: client.ApiClient) -> None:

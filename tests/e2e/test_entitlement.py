@@ -991,13 +991,18 @@ def test_pod_created_before_the_product_and_denied_is_evicted(
     buyer.start(ready=None)
 
     wait_for("the early pod to be evicted", lambda: pod_gone(kube, namespace, name, uid))
-    wait_for(
-        "the Events that explain it",
-        lambda: (
-            {"NotGated", "EntitlementDenied", "UngatedPodEvicted"} <= event_reasons(kube, namespace, name)
-            and "UngatedPodEvicted" in event_reasons(kube, namespace, "paid")
-        ),
-    )
+    expected = {"NotGated", "EntitlementDenied", "UngatedPodEvicted"}
+    try:
+        wait_for(
+            "the Events that explain it",
+            lambda: (
+                expected <= event_reasons(kube, namespace, name)
+                and "UngatedPodEvicted" in event_reasons(kube, namespace, "paid")
+            ),
+        )
+    except TimeoutError:
+        seen = (event_reasons(kube, namespace, name), event_reasons(kube, namespace, "paid"))
+        raise AssertionError(f"Events on the pod and the product: {seen}") from None
 
 
 def test_report_mode_reports_an_ungated_denied_pod_and_leaves_it(

@@ -228,7 +228,7 @@ def test_ungated_pod_that_is_denied_is_evicted_with_events(key: rsa.RSAPrivateKe
     d.send(m.Registered("u1", m.Denied("CustomerNotEntitledException: no")))
     (evict,) = d.send(m.Written("u1", pod(gated=False, notes={ANNOTATION_ENTITLEMENT: "Denied"}, rv="2")))
     assert isinstance(evict, m.Evict)
-    done = d.send(m.Evicted("u1"))
+    done = d.send(m.Evicted("u1", evict.pod, evict.reason))
     assert events(done) == [("Pod", "UngatedPodEvicted"), ("MeteredProduct", "UngatedPodEvicted")]
     assert d.send(m.PodUpdated(pod(gated=False, notes={ANNOTATION_ENTITLEMENT: "Denied"}, rv="3"))) == []
 
@@ -265,7 +265,9 @@ def test_ungated_pod_failing_for_good_is_evicted_but_throttling_is_waited_out(ke
 def test_eviction_blocked_by_a_disruption_budget_is_retried_on_the_backoff(key: rsa.RSAPrivateKey) -> None:
     d = Driver(info(key))
     d.list(pod(gated=False, notes={ANNOTATION_ENTITLEMENT: "Denied"}), denials={"u1": "NotEntitled"})
-    (schedule,) = d.send(m.Evicted("u1", "KubernetesApi429: Too Many Requests", transient=True))
+    denied = pod(gated=False, notes={ANNOTATION_ENTITLEMENT: "Denied"})
+    too_many = "KubernetesApi429: Too Many Requests"
+    (schedule,) = d.send(m.Evicted("u1", denied, "NotEntitled", too_many, transient=True))
     assert isinstance(schedule, m.Schedule)
     assert d.send(m.Due("u1")) == []  # not yet
     d.now = schedule.at
@@ -480,3 +482,15 @@ def test_owning_workload_is_looked_up_once_per_pod(key: rsa.RSAPrivateKey) -> No
     assert not [e for e in d.send(m.PodUpdated(owned)) if isinstance(e, m.FindWorkload)]
     members = machine.workload_members(d.state)
     assert [v.state for v in members[ref]] == [EntitlementState.GRANTED]
+
+
+def test_eviction_events_do_not_depend_on_the_deletion_arriving_last(key: rsa.RSAPrivateKey) -> None:
+    d = Driver(info(key))
+    running = pod(gated=False, notes={ANNOTATION_ENTITLEMENT: "Denied"})
+    (evict,) = d.list(running, denials={"u1": "NotEntitled"})
+    assert isinstance(evict, m.Evict)
+    d.send(m.PodDeleted("u1"))  # the watch saw the deletion before the worker answered
+    done = d.send(m.Evicted("u1", evict.pod, evict.reason))
+    assert events(done) == [("Pod", "UngatedPodEvicted"), ("MeteredProduct", "UngatedPodEvicted")]
+    # A pod that was gone already was not evicted by the operator: no Event says so.
+    assert d.send(m.Evicted("u1", evict.pod, evict.reason, gone=True)) == []

@@ -229,12 +229,13 @@ def evict(rt: GateRuntime, effect: m.Evict) -> m.Evicted:
     try:
         rt.pods.evict(str(meta["namespace"]), str(meta["name"]), uid)
     except PodGone:
-        return m.Evicted(uid)
+        return m.Evicted(uid, pod, effect.reason, gone=True)
     except ApiException as exc:
         # 429: a PodDisruptionBudget disallows it now; 409: the uid precondition (a new pod).
         if exc.status == 409:
-            return m.Evicted(uid)
-        return m.Evicted(uid, f"KubernetesApi{exc.status}: {exc.reason}", transient=_transient_api(exc))
+            return m.Evicted(uid, pod, effect.reason, gone=True)
+        error = f"KubernetesApi{exc.status}: {exc.reason}"
+        return m.Evicted(uid, pod, effect.reason, error, transient=_transient_api(exc))
     metrics.UNGATED_PODS.labels(*_labels(info), "evicted").inc()
     log.warning(
         "evicted pod %s/%s: no verified grant for %s (%s)",
@@ -243,7 +244,7 @@ def evict(rt: GateRuntime, effect: m.Evict) -> m.Evicted:
         info.key,
         effect.reason,
     )
-    return m.Evicted(uid)
+    return m.Evicted(uid, pod, effect.reason)
 
 
 def post_event(rt: GateRuntime, effect: m.PostEvent) -> None:

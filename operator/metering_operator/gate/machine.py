@@ -445,20 +445,24 @@ def _written(state: GateState, message: Written, now: datetime) -> Step:
 
 def _evicted(state: GateState, message: Evicted, now: datetime) -> Step:
     effects: list[Effect] = []
-    record = state.pods.get(message.uid)
     info = state.info
-    if record is None or info is None:
+    if info is None:
         return state, effects
-    record = replace(record, busy=None)
-    pod_ref = object_ref(record.pod, "Pod", "v1")
-    why = record.denied or record.reason
-    if message.error is None:
-        text = f"pod {record.name} ran without a verified grant for {info.key} ({why}): evicted"
-        record = replace(record, acted=True)
+    pod_ref = object_ref(message.pod, "Pod", "v1")
+    name = pod_ref["name"]
+    if message.error is None and not message.gone:
+        text = f"pod {name} ran without a verified grant for {info.key} ({message.reason}): evicted"
         effects += [
             PostEvent(pod_ref, "Warning", "UngatedPodEvicted", text),
             PostEvent(info.ref(), "Warning", "UngatedPodEvicted", text),
         ]
+    record = state.pods.get(message.uid)
+    if record is None:
+        return state, effects  # its deletion arrived first
+    record = replace(record, busy=None)
+    why = message.reason
+    if message.error is None:
+        record = replace(record, acted=True)
     elif message.transient:
         attempts = record.attempts + 1
         retry_at = backoff_at(state.policy, record.uid, attempts, now)

@@ -198,9 +198,16 @@ class Written:
 
 @dataclass(frozen=True)
 class Evicted:
+    """An eviction's answer. It carries the pod and the reason itself: the pod's deletion can reach
+    the machine before this answer does, and the Events must not depend on that race."""
+
     uid: str
+    pod: Pod
+    reason: str
     error: str | None = None
     transient: bool = False
+    #: The pod was gone already (or replaced under its name): nothing was evicted.
+    gone: bool = False
 
 
 @dataclass(frozen=True)

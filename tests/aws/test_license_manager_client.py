@@ -226,6 +226,20 @@ def test_get_and_list_licenses(world: World, now: datetime) -> None:
     assert listed.licenses[0].received_metadata.received_status == "ACTIVE"
 
 
+def test_unmodified_boto3_finds_the_emulator_through_the_service_endpoint_variable(
+    world: World, now: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_LICENSE_MANAGER", world.emulator.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unknown")
+    with LicenseManagerClient.create(REGION) as client:
+        assert client.boto_client.meta.endpoint_url == world.emulator.url
+        assert client.region == REGION
+        with pytest.raises(MeteringError) as exc:  # the emulator answered: it does not know the key
+            client.get_license(GetLicenseRequest(license_arn=LICENSE))
+    assert exc.value.code == "UnrecognizedClientException"
+
+
 def test_a_region_is_required_and_never_assumed() -> None:
     with pytest.raises(RegionError):
         LicenseManagerClient.create("")

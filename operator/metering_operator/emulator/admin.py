@@ -140,15 +140,11 @@ def _seat_usage(ctx: EmulatorContext, license_arn: str | None, now: float) -> li
     for lic in ctx.config.licenses:
         if license_arn and lic.license_arn != license_arn:
             continue
-        checkouts = ctx.state.checkouts(lic.license_arn)
+        checkouts = ctx.state.checkouts(lic.license_arn, active_at=now)
         entitlements = []
         for entitlement in lic.entitlements:
             held = licensing.in_use(ctx, lic.license_arn, entitlement.name, now)
-            holding = [
-                c
-                for c in checkouts
-                if c.active(now) and any(e["Name"] == entitlement.name for e in c.entitlements)
-            ]
+            holding = [c for c in checkouts if any(e["Name"] == entitlement.name for e in c.entitlements)]
             entry: dict[str, Any] = {
                 "name": entitlement.name,
                 "unit": entitlement.unit,

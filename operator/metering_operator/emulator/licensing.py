@@ -147,9 +147,8 @@ def _quantity(entitlement: dict[str, Any]) -> Decimal:
 def in_use(ctx: EmulatorContext, license_arn: str, name: str, now: float) -> Decimal:
     """Units of entitlement ``name`` that active checkouts of the license hold at ``now``."""
     total = Decimal(0)
-    for checkout in ctx.state.checkouts(license_arn):
-        if checkout.active(now):
-            total += sum((_quantity(e) for e in checkout.entitlements if e["Name"] == name), Decimal(0))
+    for checkout in ctx.state.checkouts(license_arn, active_at=now):
+        total += sum((_quantity(e) for e in checkout.entitlements if e["Name"] == name), Decimal(0))
     return total
 
 

@@ -92,7 +92,7 @@ CREATE TABLE IF NOT EXISTS license_checkouts (
     checked_in_at REAL,
     identity TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS license_checkouts_by_license ON license_checkouts (license_arn);
+CREATE INDEX IF NOT EXISTS checkouts_live ON license_checkouts (license_arn, checked_in_at, expiration);
 CREATE TABLE IF NOT EXISTS registration_tokens (token TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -380,12 +380,17 @@ class State:
         row = self.db.execute("SELECT * FROM license_checkouts WHERE token = ?", (token,)).fetchone()
         return None if row is None else _checkout(row)
 
-    def checkouts(self, license_arn: str | None = None) -> list[Checkout]:
-        sql = "SELECT * FROM license_checkouts"
-        params: tuple[Any, ...] = ()
+    def checkouts(self, license_arn: str | None = None, *, active_at: float | None = None) -> list[Checkout]:
+        """Checkouts (of one license), oldest first; with ``active_at``, only those holding seats then."""
+        sql = "SELECT * FROM license_checkouts WHERE 1 = 1"
+        params: list[Any] = []
         if license_arn:
-            sql += " WHERE license_arn = ?"
-            params = (license_arn,)
+            sql += " AND license_arn = ?"
+            params.append(license_arn)
+        if active_at is not None:
+            # Checkout.active, in SQL: seat counts must not read every expired checkout ever made.
+            sql += " AND checked_in_at IS NULL AND (checkout_type = 'PERPETUAL' OR expiration > ?)"
+            params.append(active_at)
         return [_checkout(r) for r in self.db.execute(sql + " ORDER BY issued_at, rowid", params)]
 
     def extend_checkout(self, token: str, expiration: float) -> None:

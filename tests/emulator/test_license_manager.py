@@ -285,9 +285,12 @@ def test_get_license_and_list_received_licenses(emulator: EmulatorProcess, pod_c
 
 
 def test_license_manager_calls_land_in_the_event_log(emulator: EmulatorProcess, pod_creds: PodCreds) -> None:
-    sku, _ = new_contract(emulator)
-    client = license_manager(emulator, pod_creds())
+    sku, arn = new_contract(emulator)
+    uid = str(uuid.uuid4())
+    client = license_manager(emulator, pod_creds(pod_uid=uid))
     result = checkout(client, sku)
+    [row] = emulator.admin.license_checkouts(arn)
+    assert (row["podUid"], row["callerKey"], row["account"]) == (uid, f"pod:{uid}", BUYER)
     request_id = result["ResponseMetadata"]["RequestId"]
     [event] = [e for e in emulator.admin.events(operation="CheckoutLicense") if e["requestID"] == request_id]
     assert event["eventSource"] == "license-manager.amazonaws.com"

@@ -159,11 +159,37 @@ def test_api_server_applies_the_model_defaults(custom: client.CustomObjectsApi, 
     }
     stored = create(custom, crd_namespace, obj)["spec"]
     model_defaults = product.MeteredProductSpec.model_validate(obj["spec"]).to_kube()
-    assert stored["entitlement"] == {"mode": "Enforce", "scope": "Pod"} == model_defaults["entitlement"]
+    defaults = {"mode": "Enforce", "scope": "Pod", "source": "RegisterUsage"}
+    assert stored["entitlement"] == defaults == model_defaults["entitlement"]
     assert stored["metering"]["dryRun"] is False
     assert stored["metering"]["sampleIntervalSeconds"] == 60
     assert stored["metering"]["dimensions"][0] == model_defaults["metering"]["dimensions"][0]
     assert stored["metering"]["dimensions"][0]["rounding"] == "Up"
+
+
+def _license_manager(**overrides: Any) -> dict[str, Any]:
+    return {"productSKU": "prod-hlrud2qqsxrgq", "entitlements": [{"name": "seats", "perPod": 1}], **overrides}
+
+
+def _contract(spec: dict[str, Any], *, keep_public_key: bool = False, **overrides: Any) -> None:
+    """Make ``spec`` a License Manager product (contract with consumption: it keeps its dimensions)."""
+    spec["entitlement"].update(source="LicenseManager", licenseManager=_license_manager(**overrides))
+    if not keep_public_key:
+        spec.pop("publicKey", None)
+
+
+def _perpetual_contract(spec: dict[str, Any]) -> None:
+    _contract(
+        spec,
+        checkoutType="Perpetual",
+        issuerPublicKey={"pem": PEM},
+        entitlements=[
+            {"name": "seats", "perCluster": 3},
+            {"name": "premium", "unit": "None", "perPod": 1},
+            {"name": "storage", "unit": "Gigabytes", "perPod": 10},
+        ],
+    )
+    spec.update(metering={})
 
 
 # Valid variants: both the API server and the models accept each.
@@ -185,6 +211,8 @@ VALID: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
             }
         ),
     ),
+    ("contract with consumption, no RegisterUsage key", lambda s: _contract(s)),
+    ("contract, perpetual, features and an issuer key", lambda s: _perpetual_contract(s)),
     (
         "five tags, decimal rounding",
         lambda s: s["metering"]["dimensions"][0].update(
@@ -384,6 +412,53 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
         "spec.selector.matchExpressions[0].values",
     ),
     ("missing selector", lambda s: s.pop("selector"), "spec.selector"),
+    (
+        "license manager source without licenseManager",
+        lambda s: s["entitlement"].update(source="LicenseManager"),
+        "spec.entitlement.licenseManager",
+    ),
+    (
+        "licenseManager with the RegisterUsage source",
+        lambda s: s["entitlement"].update(licenseManager=_license_manager()),
+        "spec.entitlement.licenseManager",
+    ),
+    (
+        "entitlement with perPod and perCluster",
+        lambda s: _contract(s, entitlements=[{"name": "seats", "perPod": 1, "perCluster": 2}]),
+        "spec.entitlement.licenseManager.entitlements[0]",
+    ),
+    (
+        "feature with an amount above 1",
+        lambda s: _contract(s, entitlements=[{"name": "premium", "unit": "None", "perPod": 2}]),
+        "spec.entitlement.licenseManager.entitlements[0]",
+    ),
+    (
+        "zero seats per pod",
+        lambda s: _contract(s, entitlements=[{"name": "seats", "perPod": 0}]),
+        "spec.entitlement.licenseManager.entitlements[0].perPod",
+    ),
+    (
+        "duplicate license entitlements",
+        lambda s: _contract(
+            s, entitlements=[{"name": "seats", "perPod": 1}, {"name": "seats", "perCluster": 1}]
+        ),
+        "spec.entitlement.licenseManager.entitlements[1]",
+    ),
+    (
+        "license manager product with a RegisterUsage publicKey",
+        lambda s: _contract(s, keep_public_key=True),
+        "spec.publicKey",
+    ),
+    (
+        "bad key fingerprint",
+        lambda s: _contract(s, keyFingerprint="aws:marketplace"),
+        "spec.entitlement.licenseManager.keyFingerprint",
+    ),
+    (
+        "unknown license unit",
+        lambda s: _contract(s, entitlements=[{"name": "seats", "unit": "Seats", "perPod": 1}]),
+        "spec.entitlement.licenseManager.entitlements[0].unit",
+    ),
 ]
 
 

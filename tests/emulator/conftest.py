@@ -32,6 +32,61 @@ LICENSE = f"arn:aws:license-manager::{BUYER}:license/l-0123456789"
 STATIC_KEY = "AKIAEMULATORSTATIC01"
 STATIC_SECRET = "static-secret-for-tests"
 NAMESPACE = "shop"
+# License Manager: AWS Marketplace's issuer (the fingerprint AWS's seller guide names) and contracts.
+MARKETPLACE_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
+NO_KEY_FINGERPRINT = "aws:999988887777:NoKeyIssuer:issuer-fingerprint"
+CONTRACT_SKU = "prod-contract1"
+CONTRACT_LICENSE = "arn:aws:license-manager::294406891311:license:l-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
+EXPIRED_SKU = "prod-expired1"
+PENDING_SKU = "prod-pending1"
+NO_KEY_SKU = "prod-nokey1"
+FAR_SKU = "prod-far1"
+OTHER_REGION = "other-region-9"
+OTHER_BUYER_LICENSE = "arn:aws:license-manager::294406891311:license:l-ffffffffffffffffffffffffffffffff"
+
+
+def _license(suffix: str, sku: str, **changes: Any) -> dict[str, Any]:
+    return {
+        "licenseArn": f"arn:aws:license-manager::294406891311:license:l-{suffix * 32}",
+        "productSKU": sku,
+        "buyerAccount": BUYER,
+        "entitlements": [{"name": "seats", "unit": "Count", "maxCount": 3}],
+        **changes,
+    }
+
+
+def license_config() -> list[dict[str, Any]]:
+    """The contracts of the emulator tests: one live one with seats, and one per refusal."""
+    return [
+        {
+            "licenseArn": CONTRACT_LICENSE,
+            "productSKU": CONTRACT_SKU,
+            "productName": "Shop contract",
+            "buyerAccount": BUYER,
+            "entitlements": [
+                {"name": "seats", "unit": "Count", "maxCount": 3},
+                {"name": "premium", "unit": "None"},
+                {"name": "storage", "unit": "Gigabytes", "maxCount": 100, "overage": True},
+                {"name": "pinned", "unit": "Count", "maxCount": 5, "allowCheckIn": False},
+            ],
+        },
+        _license("1", EXPIRED_SKU, validUntil="2001-01-01T00:00:00Z"),
+        _license("2", PENDING_SKU, receivedStatus="PENDING_ACCEPT"),
+        _license(
+            "3",
+            NO_KEY_SKU,
+            issuer={"name": "NoKeyIssuer", "keyFingerprint": NO_KEY_FINGERPRINT, "signatureMethod": "None"},
+        ),
+        _license("4", FAR_SKU, homeRegion=OTHER_REGION),
+        {
+            **_license("f", CONTRACT_SKU),
+            "licenseArn": OTHER_BUYER_LICENSE,
+            "buyerAccount": NOT_ENTITLED,
+            "entitlements": [{"name": "premium", "unit": "None"}],
+        },
+    ]
+
+
 NO_RETRY = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 
 
@@ -86,6 +141,7 @@ def base_config(issuer: TestIssuer) -> dict[str, Any]:
             },
             {"token": "config-token-disabled", "productCode": DISABLED, "customerAWSAccountId": BUYER},
         ],
+        "licenses": license_config(),
     }
 
 
@@ -109,6 +165,13 @@ def emulator(tmp_path_factory: pytest.TempPathFactory, issuer: TestIssuer) -> It
 def metering(emulator: EmulatorProcess, creds: dict[str, str], region: str = REGION) -> Any:
     return boto3.client(
         "meteringmarketplace", endpoint_url=emulator.url, region_name=region, config=NO_RETRY, **creds
+    )
+
+
+def license_manager(emulator: EmulatorProcess, creds: dict[str, str], region: str = REGION) -> Any:
+    """An unmodified boto3 License Manager client talking to the emulator."""
+    return boto3.client(
+        "license-manager", endpoint_url=emulator.url, region_name=region, config=NO_RETRY, **creds
     )
 
 

@@ -198,6 +198,24 @@ class AdminClient:
         }
         return str(self.post("/registration-tokens", body)["token"])
 
+    # -- License Manager -------------------------------------------------------------------
+    def put_license(self, license_entry: dict[str, Any]) -> dict[str, Any]:
+        """Add or replace a license (same shape as a config file ``licenses`` entry)."""
+        result: dict[str, Any] = self.post("/licenses", license_entry)
+        return result
+
+    def license_checkouts(self, license_arn: str | None = None) -> list[dict[str, Any]]:
+        """Every CheckoutLicense with its state now (Active, CheckedIn, Expired)."""
+        return list(self.get("/license-checkouts", **_q(licenseArn=license_arn))["checkouts"])
+
+    def seat_usage(self, license_arn: str | None = None) -> list[dict[str, Any]]:
+        """The billing view's ``licenses``: per license and entitlement, what is in use now."""
+        return list(self.get("/billing", **_q(licenseArn=license_arn))["licenses"])
+
+    def license_issuer_key_pem(self, key_fingerprint: str) -> str:
+        """The PEM public key the emulator signs this issuer's SignedTokens with."""
+        return str(self.get(f"/license-issuers/{urllib.parse.quote(key_fingerprint, safe='')}/key.pem"))
+
     def deregister(self, pod_uid: str, product_code: str | None = None) -> dict[str, Any]:
         """Tell the emulator a pod was deleted: its per-pod billing stops at the emulator's now."""
         result: dict[str, Any] = self.post(
@@ -231,6 +249,7 @@ class EmulatorProcess:
         """Environment variables that point unmodified boto3 at this emulator."""
         env = {
             "AWS_ENDPOINT_URL_MARKETPLACE_METERING": self.url,
+            "AWS_ENDPOINT_URL_LICENSE_MANAGER": self.url,
             "AWS_ENDPOINT_URL_STS": self.url,
         }
         chosen = region or self.region

@@ -199,6 +199,11 @@ def test_example_config_is_valid_and_serves_its_products(tmp_path: Path) -> None
         codes = [p["productCode"] for p in emu.admin.config()["products"]]
         assert codes == ["1fszvu527waovqeuhpkyx2b5d", "8s7ahzr2e3n4sv7d1u3hx8ykq", "disabledproduct000000001"]
         assert emu.admin.public_key_pem(codes[0], 2).startswith("-----BEGIN PUBLIC KEY-----")
+        [contract] = emu.admin.config()["licenses"]
+        fingerprint = contract["issuer"]["keyFingerprint"]
+        assert emu.admin.license_issuer_key_pem(fingerprint).startswith("-----BEGIN PUBLIC KEY-----")
+        [seats, _, _] = emu.admin.seat_usage(contract["licenseArn"])[0]["entitlements"]
+        assert (seats["maxCount"], seats["inUse"]) == (3, "0")
     finally:
         assert emu.stop() == 0
 

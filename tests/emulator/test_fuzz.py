@@ -26,9 +26,12 @@ from hypothesis import strategies as st
 
 from tests.emulator.conftest import (
     BUYER,
+    CONTRACT_LICENSE,
+    CONTRACT_SKU,
     CUSTOM,
     HOURLY,
     LICENSE,
+    MARKETPLACE_FINGERPRINT,
     NAMESPACE,
     REGION,
     ROLE,
@@ -37,7 +40,24 @@ from tests.emulator.conftest import (
 )
 from tests.emulator.harness import EmulatorProcess, TestIssuer, web_identity_credentials
 
-OPERATIONS = ["RegisterUsage", "MeterUsage", "BatchMeterUsage", "ResolveCustomer"]
+METERING_OPERATIONS = ["RegisterUsage", "MeterUsage", "BatchMeterUsage", "ResolveCustomer"]
+LICENSE_OPERATIONS = [
+    "CheckoutLicense",
+    "ExtendLicenseConsumption",
+    "CheckInLicense",
+    "GetLicense",
+    "ListReceivedLicenses",
+]
+OPERATIONS = METERING_OPERATIONS + LICENSE_OPERATIONS
+
+
+def target_of(operation: str) -> tuple[str, str, str]:
+    """(X-Amz-Target, SigV4 signing name, internal-error code) of an operation."""
+    if operation in LICENSE_OPERATIONS:
+        return f"AWSLicenseManager.{operation}", "license-manager", "ServerInternalException"
+    return f"AWSMPMeteringService.{operation}", "aws-marketplace", "InternalServiceErrorException"
+
+
 FIELDS = [
     "ProductCode",
     "PublicKeyVersion",
@@ -62,6 +82,21 @@ FIELDS = [
     "Value",
     "AllocatedUsageQuantity",
     "AllocatedUsageQuantityAsDecimal",
+    "ProductSKU",
+    "CheckoutType",
+    "KeyFingerprint",
+    "Entitlements",
+    "Name",
+    "Unit",
+    "Beneficiary",
+    "NodeId",
+    "LicenseConsumptionToken",
+    "LicenseArns",
+    "Filters",
+    "Values",
+    "NextToken",
+    "MaxResults",
+    "Version",
 ]
 SETTINGS = settings(
     max_examples=150,
@@ -99,7 +134,7 @@ bodies = st.one_of(
 # Header values as HTTP allows them (visible ASCII and spaces); invalid HTTP has its own test.
 header_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=120)
 targets = st.one_of(
-    st.sampled_from([f"AWSMPMeteringService.{op}" for op in OPERATIONS]),
+    st.sampled_from([target_of(op)[0] for op in OPERATIONS]),
     header_text.map(str.strip),
     st.sampled_from(["AWSMPMeteringService.", "AWSMPMeteringService.Nope", "OtherService.MeterUsage"]),
 )
@@ -194,6 +229,26 @@ def _templates() -> dict[str, dict[str, Any]]:
             ],
         },
         "ResolveCustomer": {"RegistrationToken": "config-token-1"},
+        "CheckoutLicense": {
+            "ProductSKU": CONTRACT_SKU,
+            "CheckoutType": "PROVISIONAL",
+            "KeyFingerprint": MARKETPLACE_FINGERPRINT,
+            "Entitlements": [
+                {"Name": "premium", "Unit": "None"},
+                {"Name": "seats", "Unit": "Count", "Value": "1"},
+            ],
+            "ClientToken": "fuzz-client-token",
+            "NodeId": "node-1",
+        },
+        "ExtendLicenseConsumption": {"LicenseConsumptionToken": "0" * 32, "DryRun": True},
+        "CheckInLicense": {"LicenseConsumptionToken": "0" * 32, "Beneficiary": "b"},
+        "GetLicense": {"LicenseArn": CONTRACT_LICENSE, "Version": "1"},
+        "ListReceivedLicenses": {
+            "LicenseArns": [CONTRACT_LICENSE],
+            "Filters": [{"Name": "ProductSKU", "Values": [CONTRACT_SKU]}],
+            "MaxResults": 5,
+            "NextToken": "b2Zmc2V0OjA=",
+        },
     }
 
 
@@ -228,7 +283,8 @@ def test_signed_mutations_of_valid_requests(
 ) -> None:
     body = json.dumps(data.draw(mutated(_templates()[operation]))).encode()
     creds = irsa if signed_with == "irsa" else Credentials(STATIC_KEY, STATIC_SECRET)
-    headers = signed_headers(emulator, creds, f"AWSMPMeteringService.{operation}", body, "aws-marketplace")
+    target, signing_name, _ = target_of(operation)
+    headers = signed_headers(emulator, creds, target, body, signing_name)
     status, answer = send(emulator, "POST", "/", body, headers)
     assert_aws_error_shape(status, answer)
 
@@ -334,7 +390,8 @@ def test_only_injected_faults_answer_5xx(
     emulator: EmulatorProcess, irsa: Credentials, injected_errors: None, data: st.DataObject, operation: str
 ) -> None:
     body = json.dumps(data.draw(mutated(_templates()[operation]))).encode()
-    headers = signed_headers(emulator, irsa, f"AWSMPMeteringService.{operation}", body, "aws-marketplace")
+    target, signing_name, internal = target_of(operation)
+    headers = signed_headers(emulator, irsa, target, body, signing_name)
     conn = http.client.HTTPConnection("127.0.0.1", emulator.port, timeout=30)
     try:
         conn.request("POST", "/", body=body, headers=headers)
@@ -343,12 +400,8 @@ def test_only_injected_faults_answer_5xx(
     finally:
         conn.close()
     if status >= 500:
-        assert json.loads(answer)["__type"] == "InternalServiceErrorException"
-        [event] = [
-            e
-            for e in emulator.admin.events(error_code="InternalServiceErrorException")
-            if e["requestID"] == request_id
-        ]
+        assert json.loads(answer)["__type"] == internal
+        [event] = [e for e in emulator.admin.events(error_code=internal) if e["requestID"] == request_id]
         assert event["injected"] is True
     else:
         assert_aws_error_shape(status, answer)

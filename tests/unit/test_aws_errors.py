@@ -31,8 +31,10 @@ def modelled_errors(service: str, operation: str) -> set[str]:
     return {shape.error_code or shape.name for shape in model.error_shapes}
 
 
-OPERATIONS = [("meteringmarketplace", op) for op in errors.METERING_OPERATIONS] + [
-    ("sts", errors.ASSUME_ROLE_WITH_WEB_IDENTITY)
+OPERATIONS = [
+    *[("meteringmarketplace", op) for op in errors.METERING_OPERATIONS],
+    *[("license-manager", op) for op in errors.LICENSE_MANAGER_OPERATIONS],
+    ("sts", errors.ASSUME_ROLE_WITH_WEB_IDENTITY),
 ]
 
 
@@ -84,6 +86,15 @@ def client_error(operation: str, code: str, status: int = 400, message: str = "b
         ("MeterUsage", "AccessDeniedException", ErrorCategory.CALLER_BUG),
         ("RegisterUsage", "SerializationException", ErrorCategory.CALLER_BUG),
         ("RegisterUsage", "ExpiredToken", ErrorCategory.RETRYABLE),
+        # License Manager: a denial is final, a vanished checkout is gone, throttling is retried.
+        ("CheckoutLicense", "NoEntitlementsAllowedException", ErrorCategory.DENIED),
+        ("CheckoutLicense", "RateLimitExceededException", ErrorCategory.RETRYABLE),
+        ("CheckoutLicense", "ServerInternalException", ErrorCategory.RETRYABLE),
+        ("CheckoutLicense", "AuthorizationException", ErrorCategory.CALLER_BUG),
+        ("CheckoutLicense", "RedirectException", ErrorCategory.CALLER_BUG),
+        ("ExtendLicenseConsumption", "ResourceNotFoundException", ErrorCategory.GONE),
+        ("CheckInLicense", "ResourceNotFoundException", ErrorCategory.GONE),
+        ("CheckInLicense", "ConflictException", ErrorCategory.CALLER_BUG),
     ],
 )
 def test_classification(operation: str, code: str, category: ErrorCategory) -> None:

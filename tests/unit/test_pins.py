@@ -173,6 +173,21 @@ def test_bad_pin_flags_are_a_clear_error_and_exit_2(
 # --- resolution --------------------------------------------------------------------------------------
 
 
+def test_a_pinned_product_switched_to_license_manager_stays_a_register_usage_product() -> None:
+    """A buyer's edit to source LicenseManager drops the RegisterUsage key: the pin's key and
+    source are what the gate acts on, and the edit is reported."""
+    contract = {
+        "source": "LicenseManager",
+        "licenseManager": {"productSKU": "prod-x", "entitlements": [{"name": "seats", "perPod": 1}]},
+    }
+    resolution = resolve(pins(), "shop", "db", spec(publicKey=None, entitlement=contract))
+    assert [v.field for v in resolution.violations] == ["spec.entitlement.source"]
+    assert "pinned RegisterUsage" in resolution.violations[0].message
+    assert resolution.spec.entitlement.source.value == "RegisterUsage"
+    assert resolution.spec.entitlement.license_manager is None
+    assert resolution.spec.public_key is not None
+
+
 def test_without_pins_the_spec_is_obeyed_as_written() -> None:
     weak = spec(entitlement={"mode": "Audit", "scope": "Cluster"}, metering={"dryRun": True})
     resolution = resolve(Pins(), "shop", "db", weak)

@@ -75,7 +75,7 @@ def test_defaults_of_a_minimal_spec() -> None:
     assert dim.allocations is None
     assert spec.dimension("replicas") is dim
     assert spec.dimension("absent") is None
-    assert spec.to_kube()["entitlement"] == {"mode": "Enforce", "scope": "Pod"}
+    assert spec.to_kube()["entitlement"] == {"mode": "Enforce", "scope": "Pod", "source": "RegisterUsage"}
 
 
 def test_snake_case_names_are_accepted_and_serialised_camel_case() -> None:
@@ -163,6 +163,48 @@ def test_metering_only_product_needs_no_public_key() -> None:
     spec = MeteredProductSpec.model_validate(spec_data)
     assert spec.public_key is None
     assert spec.entitlement.mode is EntitlementMode.OFF
+
+
+def license_manager(**overrides: Any) -> dict[str, Any]:
+    return {"productSKU": "prod-hlrud2qqsxrgq", "entitlements": [{"name": "seats", "perPod": 1}], **overrides}
+
+
+def contract(**overrides: Any) -> dict[str, Any]:
+    """Spec overrides for a License Manager product, with ``overrides`` in its licenseManager."""
+    return {"entitlement": {"source": "LicenseManager", "licenseManager": license_manager(**overrides)}}
+
+
+def test_contract_with_consumption_is_one_spec_and_needs_no_register_usage_key() -> None:
+    spec_data = minimal_spec(
+        entitlement={
+            "scope": "Pod",
+            "source": "LicenseManager",
+            "licenseManager": {
+                "productSKU": "prod-hlrud2qqsxrgq",
+                "entitlements": [
+                    {"name": "seats", "perPod": 1},
+                    {"name": "premium", "unit": "None", "perCluster": 1},
+                ],
+                "issuerPublicKey": {"pem": PEM},
+            },
+        },
+        metering={"dimensions": [dimension("overage_vcpu", source="CPURequests")]},
+    )
+    del spec_data["publicKey"]
+    spec = MeteredProductSpec.model_validate(spec_data)
+    assert spec.entitlement.source is product.EntitlementSource.LICENSE_MANAGER
+    lm = spec.entitlement.license_manager
+    assert lm is not None
+    assert lm.key_fingerprint == "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
+    assert lm.checkout_type is product.CheckoutType.PROVISIONAL
+    assert [(e.name, e.unit, e.per_pod, e.per_cluster) for e in lm.entitlements] == [
+        ("seats", "Count", 1, None),
+        ("premium", "None", None, 1),
+    ]
+    wire = spec.to_kube()
+    assert wire["entitlement"]["licenseManager"]["productSKU"] == "prod-hlrud2qqsxrgq"
+    assert "publicKey" not in wire
+    assert MeteredProductSpec.model_validate(wire) == spec
 
 
 # --- validation errors -------------------------------------------------------------------------------
@@ -269,6 +311,61 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "values must be non-empty for In and NotIn",
     ),
     ("misspelt field", {"productcode": "x"}, "productcode"),
+    (
+        "license manager source without licenseManager",
+        {"entitlement": {"source": "LicenseManager"}},
+        "licenseManager must be set exactly when source is LicenseManager",
+    ),
+    (
+        "licenseManager with the RegisterUsage source",
+        {"entitlement": {"licenseManager": license_manager()}},
+        "licenseManager must be set exactly when source is LicenseManager",
+    ),
+    ("unknown entitlement source", {"entitlement": {"source": "Vibes"}}, "entitlement.source"),
+    # minimal_spec has a RegisterUsage publicKey: a License Manager product must not carry one.
+    ("license manager product with a publicKey", contract(), "must not be set when entitlement.source"),
+    (
+        "entitlement with perPod and perCluster",
+        contract(entitlements=[{"name": "seats", "perPod": 1, "perCluster": 3}]),
+        "exactly one of perPod or perCluster",
+    ),
+    (
+        "entitlement with no amount",
+        contract(entitlements=[{"name": "seats"}]),
+        "exactly one of perPod or perCluster",
+    ),
+    (
+        "feature with an amount above 1",
+        contract(entitlements=[{"name": "premium", "unit": "None", "perCluster": 2}]),
+        "its perPod or perCluster must be 1",
+    ),
+    (
+        "zero seats per pod",
+        contract(entitlements=[{"name": "seats", "perPod": 0}]),
+        "entitlement.licenseManager.entitlements.0.perPod",
+    ),
+    (
+        "unknown unit",
+        contract(entitlements=[{"name": "seats", "unit": "Seats", "perPod": 1}]),
+        "entitlement.licenseManager.entitlements.0.unit",
+    ),
+    (
+        "duplicate entitlements",
+        contract(entitlements=[{"name": "seats", "perPod": 1}, {"name": "seats", "perCluster": 1}]),
+        "duplicate entitlement names: seats",
+    ),
+    ("no entitlements", contract(entitlements=[]), "entitlement.licenseManager.entitlements"),
+    (
+        "bad key fingerprint",
+        contract(keyFingerprint="aws:marketplace"),
+        "entitlement.licenseManager.keyFingerprint",
+    ),
+    ("bad product SKU", contract(productSKU="prod 1"), "entitlement.licenseManager.productSKU"),
+    (
+        "unknown checkout type",
+        contract(checkoutType="PROVISIONAL"),
+        "entitlement.licenseManager.checkoutType",
+    ),
     ("selector not an object", {"selector": "app=x"}, "selector"),
 ]
 

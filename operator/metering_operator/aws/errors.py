@@ -1,7 +1,8 @@
 """What an AWS error means for the caller: retry it, accept it as final, or fix the request.
 
-Every error shape botocore models for the four Metering operations (and STS
-``AssumeRoleWithWebIdentity``, used for per-pod IRSA credentials) has an entry in
+Every error shape botocore models for the four Metering operations, the five License Manager
+operations contract products use, and STS ``AssumeRoleWithWebIdentity`` (per-pod IRSA
+credentials) has an entry in
 :data:`CLASSIFICATION`; a unit test compares the table with botocore's model so a new botocore
 that adds an error fails the build instead of falling through to a guess. Unmodelled codes that
 real endpoints send (validation, signature, access denied, dry run) have entries in
@@ -20,6 +21,9 @@ Categories:
 * ``OUT_OF_WINDOW`` - ``TimestampOutOfBoundsException``: the hour is outside what AWS still
   accepts (6 hours back for MeterUsage, 24 for BatchMeterUsage) or in the future. What the
   metering ledger does with it depends on which side (:func:`meter_usage_disposition`).
+* ``GONE`` - License Manager's ``ResourceNotFoundException`` for a license consumption token: the
+  checkout expired (its seats returned after the provisional time to live) or was checked in.
+  Extending it cannot work; check out again. For a check-in it means the seat is already free.
 
 Orthogonal to the category, :attr:`MeteringError.answered` says whether AWS's answer arrived.
 A read timeout or a connection closed after the request was sent has no answer: AWS may have
@@ -56,6 +60,7 @@ class ErrorCategory(StrEnum):
     DENIED = "Denied"
     CALLER_BUG = "CallerBug"
     OUT_OF_WINDOW = "OutOfWindow"
+    GONE = "Gone"
 
 
 REGISTER_USAGE = "RegisterUsage"
@@ -66,11 +71,38 @@ ASSUME_ROLE_WITH_WEB_IDENTITY = "AssumeRoleWithWebIdentity"
 
 METERING_OPERATIONS: Final = (REGISTER_USAGE, METER_USAGE, BATCH_METER_USAGE, RESOLVE_CUSTOMER)
 
+CHECKOUT_LICENSE = "CheckoutLicense"
+EXTEND_LICENSE_CONSUMPTION = "ExtendLicenseConsumption"
+CHECK_IN_LICENSE = "CheckInLicense"
+GET_LICENSE = "GetLicense"
+LIST_RECEIVED_LICENSES = "ListReceivedLicenses"
+
+LICENSE_MANAGER_OPERATIONS: Final = (
+    CHECKOUT_LICENSE,
+    EXTEND_LICENSE_CONSUMPTION,
+    CHECK_IN_LICENSE,
+    GET_LICENSE,
+    LIST_RECEIVED_LICENSES,
+)
+
 # One-letter names keep the tables below readable as tables; module-private on purpose.
 _R = ErrorCategory.RETRYABLE
 _D = ErrorCategory.DENIED
 _B = ErrorCategory.CALLER_BUG
 _W = ErrorCategory.OUT_OF_WINDOW
+_G = ErrorCategory.GONE
+
+# Every License Manager operation can answer these; what they mean is the same everywhere.
+_LICENSE_MANAGER_COMMON: Final[Mapping[str, ErrorCategory]] = {
+    "RateLimitExceededException": _R,
+    "ServerInternalException": _R,
+    "ValidationException": _B,
+    "InvalidParameterValueException": _B,
+    # IAM (license-manager:* actions) or the buyer's grant not being active: setup, not an answer
+    # about the contract, so it is not remembered as a denial.
+    "AccessDeniedException": _B,
+    "AuthorizationException": _B,
+}
 
 # Per operation, the wire code of every error shape botocore models for it (checked by
 # tests/unit/test_aws_errors.py).
@@ -123,6 +155,27 @@ CLASSIFICATION: Final[Mapping[str, Mapping[str, ErrorCategory]]] = {
         "ExpiredTokenException": _D,
         "DisabledApiException": _D,
     },
+    CHECKOUT_LICENSE: {
+        **_LICENSE_MANAGER_COMMON,
+        # The buyer's contract does not cover this: no license, expired, or no seat left. Final
+        # for this request; a seat may free up later, which is a new decision, not a retry.
+        "NoEntitlementsAllowedException": _D,
+        # No license (issuer) by that key fingerprint for this buyer: AWS's answer about the buyer.
+        "ResourceNotFoundException": _D,
+        # The license lives in another Region: the operator's Region setting must change.
+        "RedirectException": _B,
+        # The issuer's key cannot sign the token: the seller's listing setup.
+        "UnsupportedDigitalSignatureMethodException": _B,
+    },
+    EXTEND_LICENSE_CONSUMPTION: {**_LICENSE_MANAGER_COMMON, "ResourceNotFoundException": _G},
+    CHECK_IN_LICENSE: {
+        **_LICENSE_MANAGER_COMMON,
+        "ResourceNotFoundException": _G,
+        # A PERPETUAL checkout (or an entitlement without check-in) cannot be returned.
+        "ConflictException": _B,
+    },
+    GET_LICENSE: dict(_LICENSE_MANAGER_COMMON),
+    LIST_RECEIVED_LICENSES: {**_LICENSE_MANAGER_COMMON, "ResourceLimitExceededException": _B},
     # STS speaks the query protocol: its wire codes are the shapes' ``error.code`` traits
     # ("InvalidIdentityToken"), not the shape names ("InvalidIdentityTokenException").
     ASSUME_ROLE_WITH_WEB_IDENTITY: {

@@ -47,7 +47,7 @@ SAMPLE: dict[str, Any] = {
         "publicKeyVersion": 1,
         "publicKey": {"configMapKeyRef": {"name": "example-product-public-key", "key": "public.pem"}},
         "selector": {"matchLabels": {"app.kubernetes.io/name": "example-product"}},
-        "entitlement": {"mode": "Enforce", "scope": "Pod"},
+        "entitlement": {"mode": "Enforce", "scope": "Pod", "source": "RegisterUsage"},
         "metering": {
             "dimensions": [
                 {

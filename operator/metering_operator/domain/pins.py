@@ -35,6 +35,7 @@ from metering_operator.domain.product import (
     Dimension,
     EntitlementMode,
     EntitlementScope,
+    EntitlementSource,
     MeteredProduct,
     MeteredProductSpec,
     PublicKeySource,
@@ -239,6 +240,17 @@ def _apply(pin: Pin, spec: MeteredProductSpec) -> Resolution:
             violated("spec.publicKey", "spec.publicKey is not the pinned public key")
         public_key = PublicKeySource(pem=pin.public_key)
         version = pin.public_key_version
+    entitlement = spec.entitlement.model_copy(update={"mode": mode, "scope": pin.scope})
+    if public_key is not None and spec.entitlement.source is not EntitlementSource.REGISTER_USAGE:
+        # A pinned key verifies RegisterUsage: the pinned product is entitled that way, whatever
+        # source the spec names (a License Manager spec carries no RegisterUsage key at all).
+        violated(
+            "spec.entitlement.source",
+            f"spec.entitlement.source is {spec.entitlement.source.value}, pinned RegisterUsage",
+        )
+        entitlement = entitlement.model_copy(
+            update={"source": EntitlementSource.REGISTER_USAGE, "license_manager": None}
+        )
     dimensions = _dimensions(pin, list(spec.metering.dimensions), violated)
     if spec.metering.dry_run:
         violated("spec.metering.dryRun", "spec.metering.dryRun is true, a pinned product is never dry-run")
@@ -247,7 +259,7 @@ def _apply(pin: Pin, spec: MeteredProductSpec) -> Resolution:
             "product_code": pin.product_code,
             "public_key_version": version,
             "public_key": public_key,
-            "entitlement": spec.entitlement.model_copy(update={"mode": mode, "scope": pin.scope}),
+            "entitlement": entitlement,
             "metering": spec.metering.model_copy(update={"dimensions": dimensions, "dry_run": False}),
         }
     )

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -93,6 +93,15 @@ CONDITION_TYPE_PATTERN = (
     r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
 )
 CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+#: A License Manager issuer key fingerprint (``aws:<account>:<issuer>:issuer-fingerprint``).
+KEY_FINGERPRINT_PATTERN = r"^aws:[0-9]{12}:[A-Za-z0-9/_.+=@-]{1,128}:issuer-fingerprint$"
+#: The fingerprint of AWS Marketplace's issuer key, as AWS's seller guide for container contracts gives it.
+MARKETPLACE_KEY_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
+#: A listing's product SKU as License Manager knows it (Marketplace uses the product id, ``prod-...``).
+PRODUCT_SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$"
+PRODUCT_SKU_MAX_LENGTH = 255
+#: Bounded so CEL rules over the list stay within the API server's cost budget.
+MAX_LICENSE_ENTITLEMENTS = 16
 
 # --- scalar types ------------------------------------------------------------------------------------
 
@@ -152,6 +161,52 @@ class EntitlementScope(StrEnum):
 
     POD = "Pod"
     CLUSTER = "Cluster"
+
+
+class EntitlementSource(StrEnum):
+    """Which AWS service entitles the product's pods."""
+
+    REGISTER_USAGE = "RegisterUsage"
+    LICENSE_MANAGER = "LicenseManager"
+
+
+class CheckoutType(StrEnum):
+    """License Manager CheckoutLicense type (AWS spells them PROVISIONAL and PERPETUAL)."""
+
+    PROVISIONAL = "Provisional"
+    PERPETUAL = "Perpetual"
+
+
+#: License Manager's entitlement units (botocore ``license-manager`` EntitlementDataUnit).
+LicenseEntitlementUnit = Literal[
+    "Count",
+    "None",
+    "Seconds",
+    "Microseconds",
+    "Milliseconds",
+    "Bytes",
+    "Kilobytes",
+    "Megabytes",
+    "Gigabytes",
+    "Terabytes",
+    "Bits",
+    "Kilobits",
+    "Megabits",
+    "Gigabits",
+    "Terabits",
+    "Percent",
+    "Bytes/Second",
+    "Kilobytes/Second",
+    "Megabytes/Second",
+    "Gigabytes/Second",
+    "Terabytes/Second",
+    "Bits/Second",
+    "Kilobits/Second",
+    "Megabits/Second",
+    "Gigabits/Second",
+    "Terabits/Second",
+    "Count/Second",
+]
 
 
 class DimensionSource(StrEnum):
@@ -396,8 +451,128 @@ class LabelSelector(_SpecModel):
     )
 
 
+_ONE_AMOUNT_MESSAGE = "exactly one of perPod or perCluster must be set"
+_FEATURE_MESSAGE = "an entitlement with unit None is a feature: its perPod or perCluster must be 1"
+
+
+class LicenseEntitlement(_SpecModel):
+    """One License Manager entitlement the product needs, and how much of it per pod or per cluster."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("has(self.perPod) != has(self.perCluster)", _ONE_AMOUNT_MESSAGE),
+                _cel(
+                    "self.unit != 'None' || (has(self.perPod) && self.perPod == 1)"
+                    " || (has(self.perCluster) && self.perCluster == 1)",
+                    _FEATURE_MESSAGE,
+                ),
+            ]
+        }
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=255,
+        description="The entitlement's name in the license (the listing's dimension API name, e.g. seats).",
+    )
+    unit: LicenseEntitlementUnit = Field(
+        default="Count",
+        description="The entitlement's unit in the license: Count for seats and other counted "
+        "quantities, None for a feature (then perPod or perCluster is 1), or another License Manager "
+        "unit (Gigabytes, ...).",
+    )
+    per_pod: int | None = Field(
+        default=None,
+        strict=True,
+        ge=1,
+        le=2**31 - 1,
+        description="Check this much out for each selected pod (with the pod's IRSA identity when "
+        "entitlement.scope is Pod, else as the operator) and return it when the pod goes away. "
+        "Exactly one of perPod or perCluster.",
+    )
+    per_cluster: int | None = Field(
+        default=None,
+        strict=True,
+        ge=1,
+        le=2**31 - 1,
+        description="Check this much out once for the product, as the operator, while any selected "
+        "pod runs. Exactly one of perPod or perCluster.",
+    )
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> Self:
+        if (self.per_pod is None) == (self.per_cluster is None):
+            raise ValueError(_ONE_AMOUNT_MESSAGE)
+        if self.unit == "None" and (self.per_pod or self.per_cluster) != 1:
+            raise ValueError(_FEATURE_MESSAGE)
+        return self
+
+
+class LicenseManagerSource(_SpecModel):
+    """Entitlement through AWS License Manager (contract pricing): what to check out, from whom."""
+
+    product_sku: str = Field(
+        alias="productSKU",
+        min_length=1,
+        max_length=PRODUCT_SKU_MAX_LENGTH,
+        pattern=PRODUCT_SKU_PATTERN,
+        description="The listing's product SKU in License Manager (CheckoutLicense ProductSKU; for AWS "
+        "Marketplace the product id, e.g. prod-hlrud2qqsxrgq).",
+    )
+    key_fingerprint: str = Field(
+        default=MARKETPLACE_KEY_FINGERPRINT,
+        max_length=200,
+        pattern=KEY_FINGERPRINT_PATTERN,
+        description="The fingerprint of the license issuer's key (CheckoutLicense KeyFingerprint). "
+        "AWS Marketplace's, the default, is aws:294406891311:AWS/Marketplace:issuer-fingerprint.",
+    )
+    checkout_type: CheckoutType = Field(
+        default=CheckoutType.PROVISIONAL,
+        description="Provisional: a checkout holds its seats for 60 minutes unless extended (while the "
+        "pods run) or checked in (when they go away), so a crashed operator leaks no seat for longer. "
+        "Perpetual: the checkout draws the quantity down for good (consumption, never returned).",
+    )
+    entitlements: list[LicenseEntitlement] = Field(
+        min_length=1,
+        max_length=MAX_LICENSE_ENTITLEMENTS,
+        description="The entitlements the product needs, with unique names; a checkout asks for all "
+        "of them at once.",
+        json_schema_extra=_list_map("name"),
+    )
+    issuer_public_key: PublicKeySource | None = Field(
+        default=None,
+        description="The RSA public key of the issuer's signing key, to verify the SignedToken "
+        "CheckoutLicense returns (RSASSA-PSS). Unset: the token's claims are checked but not its "
+        "signature (AWS does not publish where AWS Marketplace's issuer key is; see "
+        "docs/pricing-models.md). The local emulator serves its issuer keys.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Self:
+        dups = _duplicates([entitlement.name for entitlement in self.entitlements])
+        if dups:
+            raise ValueError(f"duplicate entitlement names: {', '.join(dups)}")
+        return self
+
+
+_SOURCE_MESSAGE = "licenseManager must be set exactly when source is LicenseManager"
+
+
 class Entitlement(_SpecModel):
-    """How pods are checked against the buyer's AWS Marketplace subscription (RegisterUsage)."""
+    """How pods are checked against the buyer's AWS Marketplace subscription or contract."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "(has(self.source) && self.source == 'LicenseManager') == has(self.licenseManager)",
+                    _SOURCE_MESSAGE,
+                    field_path=".licenseManager",
+                )
+            ]
+        }
+    )
 
     mode: EntitlementMode = Field(
         default=EntitlementMode.ENFORCE,
@@ -411,6 +586,23 @@ class Entitlement(_SpecModel):
         description="Pod: each pod registers with its own IRSA identity (nonce = pod uid), as AWS "
         "bills paid container products per pod. Cluster: register once, as the operator itself.",
     )
+    source: EntitlementSource = Field(
+        default=EntitlementSource.REGISTER_USAGE,
+        description="RegisterUsage: hourly (and metering) listings, entitled per pod by the Metering "
+        "Service. LicenseManager: contract listings, entitled by checking licenses out of AWS License "
+        "Manager (then licenseManager is required). Not served by this operator version yet: see "
+        "docs/pricing-models.md.",
+    )
+    license_manager: LicenseManagerSource | None = Field(
+        default=None,
+        description="What to check out of License Manager. Exactly when source is LicenseManager.",
+    )
+
+    @model_validator(mode="after")
+    def _source_matches(self) -> Self:
+        if (self.source is EntitlementSource.LICENSE_MANAGER) != (self.license_manager is not None):
+            raise ValueError(_SOURCE_MESSAGE)
+        return self
 
 
 class AllocationTag(_SpecModel):
@@ -545,6 +737,16 @@ PRODUCT_CODE_IMMUTABLE = (
 )
 
 _MODE_OFF = "has(self.entitlement) && has(self.entitlement.mode) && self.entitlement.mode == 'Off'"
+_LICENSE_MANAGER = (
+    "has(self.entitlement) && has(self.entitlement.source) && self.entitlement.source == 'LicenseManager'"
+)
+_PUBLIC_KEY_MESSAGE = (
+    "publicKey is required unless entitlement.mode is Off or entitlement.source is LicenseManager"
+)
+_NO_PUBLIC_KEY_MESSAGE = (
+    "publicKey verifies RegisterUsage signatures and must not be set when entitlement.source is "
+    "LicenseManager (the issuer's key goes in entitlement.licenseManager.issuerPublicKey)"
+)
 _NO_DIMENSIONS_MESSAGE = (
     "entitlement.mode Off needs at least one metering dimension: otherwise the product is neither "
     "entitled nor metered"
@@ -564,10 +766,16 @@ class MeteredProductSpec(_SpecModel):
                     field_path=".entitlement.mode",
                 ),
                 _cel(
-                    f"({_MODE_OFF}) || has(self.publicKey)",
-                    "publicKey is required unless entitlement.mode is Off",
+                    f"({_MODE_OFF}) || ({_LICENSE_MANAGER}) || has(self.publicKey)",
+                    _PUBLIC_KEY_MESSAGE,
                     field_path=".publicKey",
                     reason="FieldValueRequired",
+                ),
+                _cel(
+                    f"!({_LICENSE_MANAGER}) || !has(self.publicKey)",
+                    _NO_PUBLIC_KEY_MESSAGE,
+                    field_path=".publicKey",
+                    reason="FieldValueForbidden",
                 ),
             ]
         }
@@ -594,7 +802,7 @@ class MeteredProductSpec(_SpecModel):
     public_key: PublicKeySource | None = Field(
         default=None,
         description="The RSA public key that verifies RegisterUsage signatures (PS256). Required "
-        "unless entitlement.mode is Off.",
+        "unless entitlement.mode is Off or entitlement.source is LicenseManager.",
     )
     selector: LabelSelector = Field(
         description="The product's pods, in the MeteredProduct's namespace. An empty selector "
@@ -602,7 +810,7 @@ class MeteredProductSpec(_SpecModel):
     )
     entitlement: Entitlement = Field(
         default_factory=Entitlement,
-        description="Entitlement checks with RegisterUsage.",
+        description="Entitlement checks: RegisterUsage per pod, or License Manager checkouts.",
         json_schema_extra={"default": {}},
     )
     metering: Metering = Field(
@@ -616,8 +824,11 @@ class MeteredProductSpec(_SpecModel):
         off = self.entitlement.mode is EntitlementMode.OFF
         if off and not self.metering.dimensions:
             raise ValueError(_NO_DIMENSIONS_MESSAGE)
-        if not off and self.public_key is None:
-            raise ValueError("publicKey is required unless entitlement.mode is Off")
+        licensed = self.entitlement.source is EntitlementSource.LICENSE_MANAGER
+        if not off and not licensed and self.public_key is None:
+            raise ValueError(_PUBLIC_KEY_MESSAGE)
+        if licensed and self.public_key is not None:
+            raise ValueError(_NO_PUBLIC_KEY_MESSAGE)
         return self
 
     def dimension(self, name: str) -> Dimension | None:

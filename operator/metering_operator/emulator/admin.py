@@ -17,8 +17,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from metering_operator.emulator import licensing
 from metering_operator.emulator.config import OPERATIONS, ConfigError, Fault
 from metering_operator.emulator.context import EmulatorContext
+from metering_operator.emulator.state import Checkout
 from metering_operator.emulator.validation import strict_json
 
 PREFIX = "/_emulator"
@@ -128,6 +130,66 @@ def _dimension_bills(ctx: EmulatorContext, product_code: str | None) -> list[dic
     return bills
 
 
+def _seat_usage(ctx: EmulatorContext, license_arn: str | None, now: float) -> list[dict[str, Any]]:
+    """License Manager contracts: per license and entitlement, what active checkouts hold now.
+
+    Contracts are prepaid, so seats carry no amount here; usage beyond maxCount (overage) is what a
+    contract-with-consumption product bills through MeterUsage dimensions.
+    """
+    views = []
+    for lic in ctx.config.licenses:
+        if license_arn and lic.license_arn != license_arn:
+            continue
+        checkouts = ctx.state.checkouts(lic.license_arn, active_at=now)
+        entitlements = []
+        for entitlement in lic.entitlements:
+            held = licensing.in_use(ctx, lic.license_arn, entitlement.name, now)
+            holding = [c for c in checkouts if any(e["Name"] == entitlement.name for e in c.entitlements)]
+            entry: dict[str, Any] = {
+                "name": entitlement.name,
+                "unit": entitlement.unit,
+                "maxCount": entitlement.max_count,
+                "overageAllowed": entitlement.overage,
+                "inUse": str(held),
+                "activeCheckouts": len(holding),
+                "perpetualCheckouts": sum(1 for c in holding if c.checkout_type == "PERPETUAL"),
+            }
+            if entitlement.max_count is not None:
+                entry["available"] = str(max(Decimal(0), Decimal(entitlement.max_count) - held))
+                entry["overage"] = str(max(Decimal(0), held - Decimal(entitlement.max_count)))
+            entitlements.append(entry)
+        views.append(
+            {
+                "licenseArn": lic.license_arn,
+                "productSKU": lic.product_sku,
+                "buyerAccount": lic.buyer_account,
+                "status": lic.status,
+                "entitlements": entitlements,
+            }
+        )
+    return views
+
+
+def _checkout_view(checkout: Checkout, now: float) -> dict[str, Any]:
+    return {
+        "licenseConsumptionToken": checkout.token,
+        "licenseArn": checkout.license_arn,
+        "account": checkout.account,
+        "callerKey": checkout.caller_key,
+        "podUid": checkout.identity.get("podUid"),
+        "podName": checkout.identity.get("podName"),
+        "checkoutType": checkout.checkout_type,
+        "entitlements": checkout.entitlements,
+        "nodeId": checkout.node_id,
+        "beneficiary": checkout.beneficiary,
+        "issuedAt": _iso(checkout.issued_at),
+        "expiration": _iso(checkout.expiration),
+        "extensions": checkout.extended,
+        "checkedInAt": _iso(checkout.checked_in_at),
+        "state": checkout.state(now),
+    }
+
+
 def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
     state = ctx.state
 
@@ -169,7 +231,29 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
         pods = [_pod_bill(ctx, reg, now) for reg in state.registrations(code)]
         dimensions = _dimension_bills(ctx, code)
         total_amount = round(sum(float(entry["amount"]) for entry in (*pods, *dimensions)), 6)
-        return _ok({"now": _iso(now), "pods": pods, "dimensions": dimensions, "totalAmount": total_amount})
+        licenses = _seat_usage(ctx, request.query.get("licenseArn"), now)
+        return _ok(
+            {
+                "now": _iso(now),
+                "pods": pods,
+                "dimensions": dimensions,
+                "licenses": licenses,
+                "totalAmount": total_amount,
+            }
+        )
+
+    async def license_checkouts(request: web.Request) -> web.Response:
+        now = ctx.clock.timestamp()
+        rows = [_checkout_view(c, now) for c in state.checkouts(request.query.get("licenseArn"))]
+        return _ok({"checkouts": rows})
+
+    async def issuer_key(request: web.Request) -> web.StreamResponse:
+        fingerprint = request.match_info["fingerprint"]
+        if not any(lic.issuer.key_fingerprint == fingerprint for lic in ctx.config.licenses):
+            return _bad(f"no license issuer with key fingerprint {fingerprint}", 404)
+        return web.Response(
+            text=ctx.keys.issuer_public_key_pem(fingerprint), content_type="application/x-pem-file"
+        )
 
     async def deregister(request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -315,5 +399,8 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
     r.add_post(f"{PREFIX}/issuers", put("issuers"))
     r.add_post(f"{PREFIX}/static-credentials", put("staticCredentials"))
     r.add_post(f"{PREFIX}/registration-tokens", mint_token)
+    r.add_post(f"{PREFIX}/licenses", put("licenses"))
+    r.add_get(f"{PREFIX}/license-checkouts", license_checkouts)
+    r.add_get(PREFIX + "/license-issuers/{fingerprint:.+}/key.pem", issuer_key)
     r.add_get(PREFIX + r"/products/{code:.+}/keys/{version:\d+}.pem", public_key)
     r.add_route("*", PREFIX + "/{tail:.*}", not_found)

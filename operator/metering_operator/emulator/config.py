@@ -8,9 +8,9 @@ no roles, no issuers. No Region is assumed: without ``region`` any request Regio
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,14 +19,57 @@ from pydantic.alias_generators import to_camel
 PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
 ROLE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:iam::(\d{12}):role/[\w+=,.@/-]+$")
 ACCOUNT_RE = re.compile(r"^\d{12}$")
+# The issuer key fingerprint License Manager callers name (AWS's seller guide gives Marketplace's).
+KEY_FINGERPRINT_RE = re.compile(r"^aws:\d{12}:[A-Za-z0-9/_.+=@-]{1,128}:issuer-fingerprint$")
+MARKETPLACE_KEY_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
+LICENSE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:license-manager::\d{12}:license[:/]l-[0-9a-zA-Z]{1,64}$")
+# botocore's EntitlementUnit / EntitlementDataUnit enum (license-manager 2018-08-01).
+ENTITLEMENT_UNITS = (
+    "Count",
+    "None",
+    "Seconds",
+    "Microseconds",
+    "Milliseconds",
+    "Bytes",
+    "Kilobytes",
+    "Megabytes",
+    "Gigabytes",
+    "Terabytes",
+    "Bits",
+    "Kilobits",
+    "Megabits",
+    "Gigabits",
+    "Terabits",
+    "Percent",
+    "Bytes/Second",
+    "Kilobytes/Second",
+    "Megabytes/Second",
+    "Gigabytes/Second",
+    "Terabytes/Second",
+    "Bits/Second",
+    "Kilobits/Second",
+    "Megabits/Second",
+    "Gigabits/Second",
+    "Terabits/Second",
+    "Count/Second",
+)
+METERING_OPERATIONS = ("RegisterUsage", "MeterUsage", "BatchMeterUsage", "ResolveCustomer")
+LICENSE_MANAGER_OPERATIONS = (
+    "CheckoutLicense",
+    "ExtendLicenseConsumption",
+    "CheckInLicense",
+    "GetLicense",
+    "ListReceivedLicenses",
+)
 OPERATIONS = (
-    "RegisterUsage",
-    "MeterUsage",
-    "BatchMeterUsage",
-    "ResolveCustomer",
+    *METERING_OPERATIONS,
+    *LICENSE_MANAGER_OPERATIONS,
     "AssumeRoleWithWebIdentity",
     "GetCallerIdentity",
 )
+# IAM actions a role or key may call when its config says nothing: every Marketplace Metering and
+# License Manager action (a role that forgets one is configured with allowedActions).
+DEFAULT_ACTIONS = ("aws-marketplace:*", "license-manager:*")
 
 
 # The config sections the admin API can add entries to at run time, each with its key member:
@@ -37,6 +80,7 @@ OVERLAY_KEYS = {
     "issuers": "issuer",
     "staticCredentials": "accessKeyId",
     "registrationTokens": "token",
+    "licenses": "licenseArn",
 }
 
 
@@ -141,7 +185,7 @@ class Role(_Model):
     trust: list[Trust] = Field(default_factory=list)
     max_session_seconds: int = Field(default=3600, ge=900, le=43200)
     # IAM actions the role's policies allow (fnmatch globs); sellers often forget MeterUsage.
-    allowed_actions: list[str] = Field(default_factory=lambda: ["aws-marketplace:*"])
+    allowed_actions: list[str] = Field(default_factory=lambda: list(DEFAULT_ACTIONS))
 
     @field_validator("arn")
     @classmethod
@@ -188,7 +232,7 @@ class StaticCredentials(_Model):
     access_key_id: str = Field(min_length=16, max_length=128)
     secret_access_key: str = Field(min_length=1)
     arn: str = "arn:aws:iam::000000000000:user/static"
-    allowed_actions: list[str] = Field(default_factory=lambda: ["aws-marketplace:*"])
+    allowed_actions: list[str] = Field(default_factory=lambda: list(DEFAULT_ACTIONS))
 
     @property
     def account(self) -> str:
@@ -203,6 +247,114 @@ class RegistrationToken(_Model):
     customer_identifier: str | None = None
     license_arn: str | None = None
     expires_at: datetime | None = None
+
+
+class LicenseIssuer(_Model):
+    """Who issued (and signs) a License Manager license: AWS Marketplace for Marketplace contracts."""
+
+    name: str = Field(default="AWS/Marketplace", min_length=1)
+    key_fingerprint: str = Field(default=MARKETPLACE_KEY_FINGERPRINT)
+    # JWT_PS384 (the one DigitalSignatureMethod License Manager's model names) signs SignedTokens;
+    # None makes every checkout answer UnsupportedDigitalSignatureMethodException (an issuer whose
+    # KMS key cannot sign the way the caller needs).
+    signature_method: Literal["JWT_PS384", "None"] = "JWT_PS384"
+
+    @field_validator("key_fingerprint")
+    @classmethod
+    def _fingerprint(cls, value: str) -> str:
+        if not KEY_FINGERPRINT_RE.match(value):
+            raise ValueError(
+                "keyFingerprint must look like aws:<12-digit account>:<issuer>:issuer-fingerprint"
+            )
+        return value
+
+
+class LicenseEntitlement(_Model):
+    """One entitlement of a license: a counted quantity (maxCount, e.g. floating seats) or a feature."""
+
+    name: str = Field(min_length=1, max_length=255)
+    unit: str = "Count"
+    # How many units may be checked out at once (floating seats); None = unlimited / a feature flag.
+    max_count: int | None = Field(default=None, ge=0)
+    # Checkouts beyond maxCount are allowed (and shown as overage in the billing view).
+    overage: bool = False
+    allow_check_in: bool = True
+    # The entitlement's own value, for entitlements that carry one (e.g. a tier name).
+    value: str | None = None
+    price_per_unit: float = Field(default=0.0, ge=0)
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, value: str) -> str:
+        if value not in ENTITLEMENT_UNITS:
+            raise ValueError(f"unit must be one of {', '.join(ENTITLEMENT_UNITS)}")
+        return value
+
+
+class License(_Model):
+    """A License Manager license granted to one buyer account (a Marketplace contract)."""
+
+    license_arn: str
+    product_sku: str = Field(alias="productSKU", min_length=1, max_length=1024)
+    product_name: str = "Emulated product"
+    license_name: str = "Emulated contract"
+    # The buyer account the license is granted to; only its callers can check it out.
+    buyer_account: str
+    issuer: LicenseIssuer = Field(default_factory=LicenseIssuer)
+    # Where the license lives: calls signed for another Region get RedirectException naming it.
+    # Unset: the config's region (or any Region when that is unset too).
+    home_region: str | None = None
+    status: Literal[
+        "AVAILABLE", "PENDING_AVAILABLE", "DEACTIVATED", "SUSPENDED", "EXPIRED", "PENDING_DELETE", "DELETED"
+    ] = "AVAILABLE"
+    # The buyer's grant: anything but ACTIVE answers AuthorizationException (not yet accepted...).
+    received_status: Literal[
+        "PENDING_WORKFLOW",
+        "PENDING_ACCEPT",
+        "REJECTED",
+        "ACTIVE",
+        "FAILED_WORKFLOW",
+        "DELETED",
+        "DISABLED",
+        "WORKFLOW_COMPLETED",
+    ] = "ACTIVE"
+    valid_from: datetime = Field(default=datetime(2000, 1, 1, tzinfo=UTC))
+    valid_until: datetime | None = None
+    # How long a PROVISIONAL checkout holds its seats unless extended or checked in (AWS: 60 minutes).
+    provisional_ttl_minutes: int = Field(default=60, ge=1, le=24 * 60)
+    entitlements: list[LicenseEntitlement] = Field(default_factory=list)
+
+    @field_validator("license_arn")
+    @classmethod
+    def _arn(cls, value: str) -> str:
+        if not LICENSE_ARN_RE.match(value):
+            raise ValueError("licenseArn must look like arn:aws:license-manager::<account>:license:l-<id>")
+        return value
+
+    @field_validator("buyer_account")
+    @classmethod
+    def _buyer(cls, value: str) -> str:
+        if not ACCOUNT_RE.match(value):
+            raise ValueError("buyerAccount must be 12 digits")
+        return value
+
+    @field_validator("valid_from", "valid_until")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("validity times must carry a time zone (use Z for UTC)")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_entitlements(self) -> License:
+        names = [e.name for e in self.entitlements]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate entitlement names: {', '.join(dupes)}")
+        return self
+
+    def entitlement(self, name: str) -> LicenseEntitlement | None:
+        return next((e for e in self.entitlements if e.name == name), None)
 
 
 class Fault(_Model):
@@ -230,6 +382,7 @@ class EmulatorConfig(_Model):
     issuers: list[Issuer] = Field(default_factory=list)
     static_credentials: list[StaticCredentials] = Field(default_factory=list)
     registration_tokens: list[RegistrationToken] = Field(default_factory=list)
+    licenses: list[License] = Field(default_factory=list)
     faults: dict[str, Fault] = Field(default_factory=dict)
 
     @field_validator("faults")
@@ -246,6 +399,7 @@ class EmulatorConfig(_Model):
             ("productCode", [p.product_code for p in self.products]),
             ("role arn", [r.arn for r in self.roles]),
             ("issuer", [i.issuer for i in self.issuers]),
+            ("licenseArn", [lic.license_arn for lic in self.licenses]),
         ):
             dupes = {k for k in keys if keys.count(k) > 1}
             if dupes:
@@ -260,6 +414,9 @@ class EmulatorConfig(_Model):
 
     def issuer(self, iss: str) -> Issuer | None:
         return next((i for i in self.issuers if i.issuer == iss), None)
+
+    def license(self, arn: str) -> License | None:
+        return next((lic for lic in self.licenses if lic.license_arn == arn), None)
 
     def merged(self, overlay: dict[str, list[dict[str, Any]]]) -> EmulatorConfig:
         """This config with runtime additions (admin API) replacing entries of the same key."""

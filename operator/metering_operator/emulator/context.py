@@ -58,3 +58,5 @@ class EmulatorContext:
         for product in self.config.products:
             for version in product.public_key_versions:
                 self.keys.private_key(product.product_code, version.version)
+        for fingerprint in {lic.issuer.key_fingerprint for lic in self.config.licenses}:
+            self.keys.issuer_private_key(fingerprint)

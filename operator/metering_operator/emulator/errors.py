@@ -17,6 +17,8 @@ STS_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
 # HTTP status per code where AWS does not answer 400.
 _STATUS = {
     "InternalServiceErrorException": 500,
+    "ServerInternalException": 500,
+    "AuthorizationException": 403,
     "InternalFailure": 500,
     "ServiceUnavailable": 503,
     "IdempotencyConflictException": 409,
@@ -39,16 +41,26 @@ _STATUS = {
 class AwsError(Exception):
     """An error answer. ``injected`` marks faults from fault injection (for the event log)."""
 
-    def __init__(self, code: str, message: str, status: int | None = None, *, injected: bool = False) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: int | None = None,
+        *,
+        injected: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.status = status if status is not None else _STATUS.get(code, 400)
         self.injected = injected
+        # Members the error shape has besides the message (RedirectException's Location).
+        self.extra = dict(extra or {})
 
 
 def json_error(err: AwsError, request_id: str) -> web.Response:
-    body = json.dumps({"__type": err.code, "message": err.message})
+    body = json.dumps({"__type": err.code, "message": err.message, **err.extra})
     return web.Response(
         status=err.status,
         body=body.encode(),

@@ -11,12 +11,18 @@ import asyncio
 import random
 from typing import Any
 
-from metering_operator.emulator.config import OPERATIONS, Fault
+from metering_operator.emulator.config import LICENSE_MANAGER_OPERATIONS, OPERATIONS, Fault
 from metering_operator.emulator.errors import AwsError
 from metering_operator.emulator.state import State
 
 _KEY = "faults"
 _STS = {"AssumeRoleWithWebIdentity", "GetCallerIdentity"}
+# Each service spells throttling and internal errors its own way: (throttled, internal).
+_CODES = {
+    **{op: ("Throttling", "InternalFailure") for op in _STS},
+    **{op: ("RateLimitExceededException", "ServerInternalException") for op in LICENSE_MANAGER_OPERATIONS},
+}
+_METERING_CODES = ("ThrottlingException", "InternalServiceErrorException")
 
 
 class Faults:
@@ -65,17 +71,13 @@ class Faults:
             return
         if fault.latency_ms:
             await asyncio.sleep(fault.latency_ms / 1000)
-        sts = operation in _STS
+        throttled, internal = _CODES.get(operation, _METERING_CODES)
         if fault.fail_with:
             raise AwsError(fault.fail_with, f"Injected failure for {operation}.", injected=True)
         if fault.throttle_rate and self._rng.random() < fault.throttle_rate:
-            raise AwsError("Throttling" if sts else "ThrottlingException", "Rate exceeded", injected=True)
+            raise AwsError(throttled, "Rate exceeded", injected=True)
         if fault.fail_all or (fault.error_rate and self._rng.random() < fault.error_rate):
-            raise AwsError(
-                "InternalFailure" if sts else "InternalServiceErrorException",
-                "An internal error has occurred (injected).",
-                injected=True,
-            )
+            raise AwsError(internal, "An internal error has occurred (injected).", injected=True)
 
     async def delay_answer(self, operation: str, product_code: str | None = None) -> None:
         """Sleep the injected answer latency (after the operation was processed and recorded)."""

@@ -66,15 +66,19 @@ def authenticate(
     *,
     dialect: str,
     unknown_key_error: AwsError | None = None,
+    service: str | None = None,
 ) -> Caller:
     """Verify the request's SigV4 signature and return the caller, or raise the AWS error.
 
     ``unknown_key_error`` replaces the usual unknown-key answer (RegisterUsage tells callers
-    without an IRSA session that their platform is not supported).
+    without an IRSA session that their platform is not supported). ``service``, when given, is
+    the SigV4 signing name the credential scope must name (``license-manager``).
     """
     codes = sigv4.CODES[dialect]
     auth = sigv4.parse_authorization(incoming.headers, dialect)
     sigv4.check_freshness(auth, dialect)
+    if service is not None and auth.service != service:
+        raise AwsError(codes["mismatch"], f"Credential should be scoped to correct service: '{service}'.")
     static = next((c for c in config.static_credentials if c.access_key_id == auth.access_key_id), None)
     if static is not None:
         sigv4.verify(auth, static.secret_access_key, incoming, dialect)

@@ -1,6 +1,8 @@
-"""The aiohttp application: one port for the Metering JSON 1.1 API, STS query API and the admin API.
+"""The aiohttp application: one port for the Metering and License Manager JSON 1.1 APIs, the STS
+query API and the admin API.
 
-Requests with ``X-Amz-Target`` are Metering (JSON 1.1); form posts with ``Action=`` are STS;
+Requests with ``X-Amz-Target`` are Metering (``AWSMPMeteringService.*``) or License Manager
+(``AWSLicenseManager.*``), both JSON 1.1; form posts with ``Action=`` are STS;
 ``/_emulator/`` is the admin API. Every AWS call is written to the event log, whatever its
 outcome. Any input, however malformed, gets an AWS error shape: an unexpected exception is
 logged here and answered as InternalServiceError without a stack trace, and the server lives on.
@@ -20,6 +22,7 @@ import traceback
 import urllib.parse
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from metering_operator.emulator import admin, metering, sts, validation
+from metering_operator.emulator import admin, licensing, metering, sts, validation
+from metering_operator.emulator.config import LICENSE_MANAGER_OPERATIONS
 from metering_operator.emulator.context import EmulatorContext
 from metering_operator.emulator.errors import AwsError, json_error, xml_error
 from metering_operator.emulator.identity import Caller, authenticate
@@ -35,15 +39,47 @@ from metering_operator.emulator.sigv4 import IncomingRequest
 
 log = logging.getLogger("metering_operator.emulator")
 
-TARGET_PREFIX = "AWSMPMeteringService."
 MAX_BODY = 1024 * 1024 + 64 * 1024  # AWS caps BatchMeterUsage at 1 MB; leave room for framing
 
 Handler = Callable[[EmulatorContext, Caller, dict[str, Any]], dict[str, Any]]
-JSON_OPERATIONS: dict[str, Handler] = {
-    "RegisterUsage": metering.register_usage,
-    "MeterUsage": metering.meter_usage,
-    "BatchMeterUsage": metering.batch_meter_usage,
-    "ResolveCustomer": metering.resolve_customer,
+
+
+@dataclass(frozen=True)
+class JsonService:
+    """One JSON 1.1 service: its botocore model, SigV4 signing name, event source and operations."""
+
+    model: str
+    signing_name: str | None  # checked against the credential scope when set
+    event_source: str
+    operations: dict[str, Handler]
+    exempt_shapes: frozenset[str] = frozenset()
+
+
+JSON_SERVICES: dict[str, JsonService] = {
+    "AWSMPMeteringService.": JsonService(
+        "meteringmarketplace",
+        None,
+        "metering-marketplace",
+        {
+            "RegisterUsage": metering.register_usage,
+            "MeterUsage": metering.meter_usage,
+            "BatchMeterUsage": metering.batch_meter_usage,
+            "ResolveCustomer": metering.resolve_customer,
+        },
+        metering.EXEMPT_SHAPES,
+    ),
+    "AWSLicenseManager.": JsonService(
+        "license-manager",
+        licensing.SERVICE,
+        "license-manager",
+        {
+            "CheckoutLicense": licensing.checkout_license,
+            "ExtendLicenseConsumption": licensing.extend_license_consumption,
+            "CheckInLicense": licensing.check_in_license,
+            "GetLicense": licensing.get_license,
+            "ListReceivedLicenses": licensing.list_received_licenses,
+        },
+    ),
 }
 CONTEXT_KEY: web.AppKey[EmulatorContext] = web.AppKey("context", EmulatorContext)
 
@@ -63,7 +99,7 @@ def _incoming(request: web.Request, raw: bytes) -> IncomingRequest:
 
 def _product_of(body: Any) -> str | None:
     if isinstance(body, dict):
-        code = body.get("ProductCode")
+        code = body.get("ProductCode") or body.get("ProductSKU")
         if isinstance(code, str):
             return code
     return None
@@ -100,12 +136,14 @@ class AwsFrontend:
     # -- JSON 1.1 (Metering) ---------------------------------------------------------------
     async def _json(self, request: web.Request, raw: bytes, request_id: str, started: float) -> web.Response:
         target = request.headers.get("X-Amz-Target", "")
-        operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
-        handler = JSON_OPERATIONS.get(operation)
+        prefix, _, operation = target.partition(".")
+        service = JSON_SERVICES.get(prefix + ".")
+        handler = service.operations.get(operation) if service else None
+        source = service.event_source if service else "metering-marketplace"
         caller: Caller | None = None
         body: Any = None
         try:
-            if handler is None or request.method != "POST" or request.path != "/":
+            if service is None or handler is None or request.method != "POST" or request.path != "/":
                 raise AwsError("UnknownOperationException", f"Unknown operation {target[:100]!r}.")
             unknown_key = None
             if operation == "RegisterUsage":
@@ -120,18 +158,20 @@ class AwsFrontend:
                 _incoming(request, raw),
                 dialect="json",
                 unknown_key_error=unknown_key,
+                service=service.signing_name,
             )
             body = _parse_json(raw)
             product_code = body.get("ProductCode") if isinstance(body, dict) else None
             await self.ctx.faults.apply(operation, product_code if isinstance(product_code, str) else None)
-            validation.validate("meteringmarketplace", operation, body, metering.EXEMPT_SHAPES)
+            validation.validate(service.model, operation, body, service.exempt_shapes)
             result = handler(self.ctx, caller, body)
         except AwsError as err:
-            self._record(operation or "Unknown", request, request_id, caller, body, None, err, started)
+            name = operation or "Unknown"
+            self._record(name, request, request_id, caller, body, None, err, started, source)
             return json_error(err, request_id)
         except Exception:
             return self._unexpected(operation, request, request_id, caller, body, started)
-        self._record(operation, request, request_id, caller, body, result, None, started)
+        self._record(operation, request, request_id, caller, body, result, None, started, source)
         product_code = body.get("ProductCode") if isinstance(body, dict) else None
         await self.ctx.faults.delay_answer(operation, product_code if isinstance(product_code, str) else None)
         return web.Response(
@@ -206,11 +246,13 @@ class AwsFrontend:
     ) -> web.Response:
         # A bug, not an input problem: keep the trace in our log, never in the answer.
         log.error("unexpected error in %s (request %s):\n%s", operation, request_id, traceback.format_exc())
-        err = AwsError(
-            "InternalFailure" if xml else "InternalServiceErrorException",
-            "An internal error has occurred.",
-            500,
-        )
+        if xml:
+            code = "InternalFailure"
+        elif operation in LICENSE_MANAGER_OPERATIONS:
+            code = "ServerInternalException"
+        else:
+            code = "InternalServiceErrorException"
+        err = AwsError(code, "An internal error has occurred.", 500)
         with contextlib.suppress(Exception):
             self._record(operation or "Unknown", request, request_id, caller, body, None, err, started)
         return xml_error(err, request_id) if xml else json_error(err, request_id)

@@ -77,6 +77,22 @@ CREATE TABLE IF NOT EXISTS batch_records (
     caller TEXT NOT NULL,
     UNIQUE (product_code, customer_key, license_arn, dimension, hour)
 );
+CREATE TABLE IF NOT EXISTS license_checkouts (
+    token TEXT PRIMARY KEY,
+    license_arn TEXT NOT NULL,
+    account TEXT NOT NULL,
+    caller_key TEXT NOT NULL,
+    checkout_type TEXT NOT NULL,
+    entitlements TEXT NOT NULL,
+    node_id TEXT,
+    beneficiary TEXT,
+    issued_at REAL NOT NULL,
+    expiration REAL,
+    extended INTEGER NOT NULL DEFAULT 0,
+    checked_in_at REAL,
+    identity TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkouts_live ON license_checkouts (license_arn, checked_in_at, expiration);
 CREATE TABLE IF NOT EXISTS registration_tokens (token TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -101,6 +117,36 @@ class MeterRecord:
     timestamp: float
     created_at: float
     identity: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """One CheckoutLicense: the seats it holds until checked in or (PROVISIONAL) expired."""
+
+    token: str
+    license_arn: str
+    account: str
+    caller_key: str
+    checkout_type: str  # PROVISIONAL | PERPETUAL
+    entitlements: list[dict[str, Any]]  # [{"Name", "Unit", "Value"?}] as granted
+    node_id: str | None
+    beneficiary: str | None
+    issued_at: float
+    expiration: float | None  # None: never (a PERPETUAL checkout of a license without an end)
+    extended: int
+    checked_in_at: float | None
+    identity: dict[str, Any]
+
+    def active(self, now: float) -> bool:
+        """Holding its seats at ``now``: not checked in, and perpetual or not yet expired."""
+        if self.checked_in_at is not None:
+            return False
+        return self.checkout_type == "PERPETUAL" or (self.expiration is not None and now < self.expiration)
+
+    def state(self, now: float) -> str:
+        if self.checked_in_at is not None:
+            return "CheckedIn"
+        return "Active" if self.active(now) else "Expired"
 
 
 class State:
@@ -309,6 +355,53 @@ class State:
             for r in self._rows("batch_records", product_code, "created_at")
         ]
 
+    # -- License Manager checkouts ----------------------------------------------------------
+    def add_checkout(self, checkout: Checkout) -> None:
+        self.db.execute(
+            "INSERT INTO license_checkouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                checkout.token,
+                checkout.license_arn,
+                checkout.account,
+                checkout.caller_key,
+                checkout.checkout_type,
+                json.dumps(checkout.entitlements),
+                checkout.node_id,
+                checkout.beneficiary,
+                checkout.issued_at,
+                checkout.expiration,
+                checkout.extended,
+                checkout.checked_in_at,
+                json.dumps(checkout.identity),
+            ),
+        )
+
+    def checkout(self, token: str) -> Checkout | None:
+        row = self.db.execute("SELECT * FROM license_checkouts WHERE token = ?", (token,)).fetchone()
+        return None if row is None else _checkout(row)
+
+    def checkouts(self, license_arn: str | None = None, *, active_at: float | None = None) -> list[Checkout]:
+        """Checkouts (of one license), oldest first; with ``active_at``, only those holding seats then."""
+        sql = "SELECT * FROM license_checkouts WHERE 1 = 1"
+        params: list[Any] = []
+        if license_arn:
+            sql += " AND license_arn = ?"
+            params.append(license_arn)
+        if active_at is not None:
+            # Checkout.active, in SQL: seat counts must not read every expired checkout ever made.
+            sql += " AND checked_in_at IS NULL AND (checkout_type = 'PERPETUAL' OR expiration > ?)"
+            params.append(active_at)
+        return [_checkout(r) for r in self.db.execute(sql + " ORDER BY issued_at, rowid", params)]
+
+    def extend_checkout(self, token: str, expiration: float) -> None:
+        self.db.execute(
+            "UPDATE license_checkouts SET expiration = ?, extended = extended + 1 WHERE token = ?",
+            (expiration, token),
+        )
+
+    def check_in(self, token: str, now: float) -> None:
+        self.db.execute("UPDATE license_checkouts SET checked_in_at = ? WHERE token = ?", (now, token))
+
     # -- registration tokens ---------------------------------------------------------------
     def add_registration_token(self, token: str, data: dict[str, Any]) -> None:
         self.db.execute("INSERT INTO registration_tokens VALUES (?, ?)", (token, json.dumps(data)))
@@ -344,6 +437,24 @@ class State:
         sql += " ORDER BY seq LIMIT ?"
         params.append(limit)
         return [{"seq": r["seq"], **json.loads(r["data"])} for r in self.db.execute(sql, params)]
+
+
+def _checkout(row: sqlite3.Row) -> Checkout:
+    return Checkout(
+        token=row["token"],
+        license_arn=row["license_arn"],
+        account=row["account"],
+        caller_key=row["caller_key"],
+        checkout_type=row["checkout_type"],
+        entitlements=json.loads(row["entitlements"]),
+        node_id=row["node_id"],
+        beneficiary=row["beneficiary"],
+        issued_at=row["issued_at"],
+        expiration=row["expiration"],
+        extended=row["extended"],
+        checked_in_at=row["checked_in_at"],
+        identity=json.loads(row["identity"]),
+    )
 
 
 def _meter_record(row: sqlite3.Row) -> MeterRecord:

@@ -494,3 +494,17 @@ def test_eviction_events_do_not_depend_on_the_deletion_arriving_last(key: rsa.RS
     assert events(done) == [("Pod", "UngatedPodEvicted"), ("MeteredProduct", "UngatedPodEvicted")]
     # A pod that was gone already was not evicted by the operator: no Event says so.
     assert d.send(m.Evicted("u1", evict.pod, evict.reason, gone=True)) == []
+
+
+def test_a_change_seen_by_the_watch_is_not_hidden_by_a_late_write_answer(key: rsa.RSAPrivateKey) -> None:
+    """The buyer removes the gate while the denial's write is still answering: still evicted."""
+    d = Driver(info(key))
+    d.list(pod(rv="1"))
+    d.send(m.Registered("u1", m.Denied("CustomerNotEntitledException: no")))
+    # The watch delivers the denial annotation (rv 2), then the buyer's gate removal (rv 3) ...
+    denied = pod(notes={ANNOTATION_ENTITLEMENT: "Denied"}, rv="2")
+    d.send(m.PodUpdated(denied))
+    assert d.send(m.PodUpdated(pod(gated=False, notes={ANNOTATION_ENTITLEMENT: "Denied"}, rv="3"))) == []
+    # ... before the worker answers with the pod as its write left it (rv 2).
+    (evict,) = d.send(m.Written("u1", denied))
+    assert isinstance(evict, m.Evict)

@@ -425,13 +425,26 @@ def _registered(state: GateState, message: Registered, now: datetime) -> Step:
     return _dispatch_queued(state, now, effects)
 
 
+def _fresher(written: Pod, watched: Pod) -> bool:
+    """Whether the pod as the write left it is newer than what the watch has shown since.
+
+    The watch may already have delivered a later change (say, a buyer removing the gate) before
+    the worker's answer arrives: going back to the written version would hide it. resourceVersions
+    are etcd revisions, compared as numbers; anything else takes the written version."""
+    a = str(written.get("metadata", {}).get("resourceVersion", ""))
+    b = str(watched.get("metadata", {}).get("resourceVersion", ""))
+    if a.isdigit() and b.isdigit():
+        return int(a) > int(b)
+    return True
+
+
 def _written(state: GateState, message: Written, now: datetime) -> Step:
     effects: list[Effect] = []
     record = state.pods.get(message.uid)
     if record is None:
         return state, effects
     record = replace(record, busy=None, workload=message.workload or record.workload)
-    if message.pod is not None:
+    if message.pod is not None and _fresher(message.pod, record.pod):
         record = _observe(state, record, message.pod)
     if message.error is not None:
         attempts = record.attempts + 1

@@ -33,6 +33,7 @@ def pin(**overrides: Any) -> dict[str, Any]:
         "dimensions": [{"name": "nodes", "source": "Replicas", "aggregation": "Average", "rounding": "Up"}],
         "publicKey": KEY,
         "publicKeyVersion": 3,
+        "selector": {"matchLabels": {"app": "db"}},
     }
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not None}
@@ -63,6 +64,8 @@ def test_pins_render_into_flags_the_operator_parses_back(helm: Helm) -> None:
     )
     assert first.public_key == KEY  # the PEM's newlines survive YAML, JSON and the flag
     assert (first.public_key_version, [d.name for d in first.dimensions]) == (3, ["nodes"])
+    assert first.selector is not None
+    assert first.selector.match_labels == {"app": "db"}
     assert (second.key, second.min_mode, second.public_key) == ("shop/batch", EntitlementMode.OFF, None)
 
 
@@ -84,6 +87,8 @@ BAD_PINS = [
     (pin(dimensions=[{"name": "nodes", "source": "Nodes"}]), "/pins/0/dimensions/0/source"),
     (pin(dimensions=[{"source": "Replicas"}]), "/pins/0/dimensions/0"),
     (pin(minimumMode="Enforce"), "/pins/0"),
+    (pin(selector={"matchLabels": {"app": 3}}), "/pins/0/selector/matchLabels/app"),
+    (pin(selector={"matchExpressions": [{"key": "app", "operator": "Like"}]}), "/pins/0/selector"),
 ]
 
 

@@ -320,6 +320,7 @@ def test_buyer_weakenings_of_a_pinned_product_are_refused_or_obeyed_only_within_
         "dimensions": [READY_PODS],
         "publicKey": key,
         "publicKeyVersion": 1,
+        "selector": {"matchLabels": {"app": "db"}},
     }
     op = start_operator(operator, [shop, other], emulator, "--pin", json.dumps(pin))
 
@@ -418,7 +419,15 @@ def test_buyer_weakenings_of_a_pinned_product_are_refused_or_obeyed_only_within_
         field="spec.entitlement.scope",
     )
 
-    # 5. Remove the dimensions (Off needs one, so back to Audit in the same edit): still metered.
+    # 5. Narrow the selector to nothing: the pinned selector still selects the product's pods.
+    buyer.patch(shop, "db", {"selector": {"matchLabels": {"app": "nothing"}}})
+    admin.wait_condition(shop, "db", "Ready", "PinViolated", "spec.selector is app=nothing, pinned app=db")
+    wait_event(kube, shop, "db", "SelectorChanged", "spec.selector changed from app=db to app=nothing")
+    wait_metric(
+        op, "marketplace_metering_pin_violations", 1.0, namespace=shop, product="db", field="spec.selector"
+    )
+
+    # 6. Remove the dimensions (Off needs one, so back to Audit in the same edit): still metered.
     buyer.patch(shop, "db", {"entitlement": {"mode": "Audit"}, "metering": {"dimensions": []}})
     admin.wait_condition(
         shop, "db", "Ready", "PinViolated", "spec.metering.dimensions lacks pinned dimension(s) pods"
@@ -435,7 +444,7 @@ def test_buyer_weakenings_of_a_pinned_product_are_refused_or_obeyed_only_within_
     assert admin.condition(shop, "db", "Enforced")["reason"] == "Enforced", "what is obeyed is the pin"
     assert (admin.get(shop, "db").get("status") or {}).get("registration") is None
 
-    # 6. Product code change: refused by the API server (CEL transition rule).
+    # 7. Product code change: refused by the API server (CEL transition rule).
     error = refused(lambda: buyer.patch(shop, "db", {"productCode": "someothercode"}))
     assert error.status == 422
     assert "productCode is immutable" in str(error.body)
@@ -457,7 +466,7 @@ def test_buyer_weakenings_of_a_pinned_product_are_refused_or_obeyed_only_within_
     decoy_status = admin.get(other, "decoy").get("status") or {}
     assert not (decoy_status.get("metering") or {}).get("ledger")
 
-    # 7. Deleting the pinned product: reported (Event in its namespace, metric, operator log).
+    # 8. Deleting the pinned product: reported (Event in its namespace, metric, operator log).
     buyer.custom.delete_namespaced_custom_object(GROUP, VERSION, shop, PLURAL, "db")
     wait_event(kube, shop, "db", "PinnedProductMissing", f"MeteredProduct {shop}/db, pinned by the seller")
     wait_metric(op, "marketplace_metering_pinned_product_missing", 1.0, namespace=shop, product="db")
@@ -510,6 +519,9 @@ def test_without_pins_each_change_still_leaves_an_event_and_a_condition_transiti
     buyer.patch(namespace, "db", {"metering": {"dryRun": False}})
     wait_event(kube, namespace, "db", "DryRunChanged", "spec.metering.dryRun changed from true to false")
     admin.wait_condition(namespace, "db", "Enforced", "EntitlementAudit,ClusterScope")
+
+    buyer.patch(namespace, "db", {"selector": {"matchLabels": {"app": "nothing"}}})
+    wait_event(kube, namespace, "db", "SelectorChanged", "spec.selector changed from app=db to app=nothing")
 
     buyer.patch(namespace, "db", {"entitlement": {"mode": "Off"}})
     wait_event(

@@ -195,6 +195,13 @@ def test_without_pins_the_spec_is_obeyed_as_written() -> None:
     assert (resolution.violations, resolution.refusal, resolution.ready()) == ((), None, None)
 
 
+def test_an_unpinned_selector_is_the_products_own() -> None:
+    narrowed = spec(selector={"matchLabels": {"app": "none"}})
+    resolution = resolve(pins(), "shop", "db", narrowed)
+    assert resolution.violations == ()
+    assert resolution.spec.selector == narrowed.selector
+
+
 def test_a_product_that_meets_its_pin_has_no_violation() -> None:
     resolution = resolve(pins(), "shop", "db", spec())
     assert resolution.violations == ()
@@ -239,12 +246,18 @@ def test_a_product_that_meets_its_pin_has_no_violation() -> None:
         ({"publicKeyVersion": 1}, "spec.publicKeyVersion", "spec.publicKeyVersion is 1, pinned 2"),
         ({"publicKey": {"pem": pem(1)}}, "spec.publicKey", "not the pinned public key"),
         ({"productCode": "decoycode"}, "spec.productCode", f"spec.productCode is decoycode, pinned {CODE}"),
+        (
+            {"selector": {"matchLabels": {"app": "none"}}},
+            "spec.selector",
+            "spec.selector is app=none, pinned app=db",
+        ),
+        ({"selector": {}}, "spec.selector", "spec.selector is (every pod), pinned app=db"),
     ],
 )
 def test_each_weaker_field_is_not_obeyed_and_is_named(
     weaker: dict[str, Any], field: str, message: str
 ) -> None:
-    resolution = resolve(pins(), "shop", "db", spec(**weaker))
+    resolution = resolve(pins(pin(selector={"matchLabels": {"app": "db"}})), "shop", "db", spec(**weaker))
     assert [v.field for v in resolution.violations] == [field]
     assert message in resolution.violations[0].message
     # The pin wins: whatever was weakened, the effective spec is exactly the pinned product.
@@ -336,14 +349,20 @@ def test_each_protection_change_is_one_change_weakening_or_not() -> None:
         "spec.metering.dryRun": (spec(metering={"dryRun": True}), True, "false", "true"),
         "spec.metering.dimensions": (spec(metering={"dimensions": [VCPU]}), True, "replicas,vcpu", "vcpu"),
         "spec.productCode": (spec(productCode="other"), True, CODE, "other"),
+        "spec.selector": (spec(selector={"matchLabels": {"app": "none"}}), True, "app=db", "app=none"),
     }
     for field, (changed, weakens, old, new) in cases.items():
         found = transitions.changes(base, transitions.observe(changed))
         assert [(c.field, c.weakens, c.old, c.new) for c in found] == [(field, weakens, old, new)]
         back = transitions.changes(transitions.observe(changed), base)
-        assert [(c.field, c.weakens) for c in back] == [(field, field == "spec.productCode")]
+        assert [(c.field, c.weakens) for c in back] == [
+            (field, field in ("spec.productCode", "spec.selector"))
+        ]
     assert transitions.changes(base, base) == []
     assert transitions.changes(None, base) == []
+    # Recorded by an operator that did not observe selectors yet: no selector change is invented.
+    older = base.model_copy(update={"selector": None})
+    assert transitions.changes(older, transitions.observe(spec(selector={}))) == []
 
 
 def test_audit_to_off_weakens_and_off_to_audit_does_not() -> None:

@@ -3,7 +3,8 @@
 The seller ships the chart (and so the operator's flags); the buyer edits MeteredProducts. A pin,
 per product code, names the one MeteredProduct (``namespace/name``) that may carry the code and
 the least it must be: the minimum entitlement mode (Enforce > Audit > Off), the scope, the
-dimensions it meters, and the public key (with its version) that verifies RegisterUsage.
+dimensions it meters, the public key (with its version) that verifies RegisterUsage and,
+optionally, the selector of its pods.
 
 :func:`resolve` turns a MeteredProduct's spec into the *effective* spec the gate and metering act
 on. Where the spec is weaker than its pin it is not obeyed -- the pin wins field by field -- and
@@ -36,10 +37,12 @@ from metering_operator.domain.product import (
     EntitlementMode,
     EntitlementScope,
     EntitlementSource,
+    LabelSelector,
     MeteredProduct,
     MeteredProductSpec,
     PublicKeySource,
 )
+from metering_operator.domain.selectors import to_query
 from metering_operator.domain.signature import SignatureError, load_public_key
 
 #: Namespace names are DNS labels.
@@ -76,6 +79,8 @@ class Pin(BaseModel):
     dimensions: tuple[Dimension, ...] = Field(default=(), max_length=MAX_DIMENSIONS)
     public_key: str | None = Field(default=None, min_length=1, max_length=PEM_MAX_LENGTH, pattern=PEM_PATTERN)
     public_key_version: int | None = Field(default=None, strict=True, ge=1, le=2**31 - 1)
+    #: The product's pods; None: the MeteredProduct's own selector is obeyed.
+    selector: LabelSelector | None = None
 
     @field_validator("public_key")
     @classmethod
@@ -251,6 +256,13 @@ def _apply(pin: Pin, spec: MeteredProductSpec) -> Resolution:
         entitlement = entitlement.model_copy(
             update={"source": EntitlementSource.REGISTER_USAGE, "license_manager": None}
         )
+    selector = spec.selector
+    if pin.selector is not None and spec.selector != pin.selector:
+        violated(
+            "spec.selector",
+            f"spec.selector is {to_query(spec.selector) or '(every pod)'}, pinned {to_query(pin.selector)}",
+        )
+        selector = pin.selector
     dimensions = _dimensions(pin, list(spec.metering.dimensions), violated)
     if spec.metering.dry_run:
         violated("spec.metering.dryRun", "spec.metering.dryRun is true, a pinned product is never dry-run")
@@ -260,6 +272,7 @@ def _apply(pin: Pin, spec: MeteredProductSpec) -> Resolution:
             "public_key_version": version,
             "public_key": public_key,
             "entitlement": entitlement,
+            "selector": selector,
             "metering": spec.metering.model_copy(update={"dimensions": dimensions, "dry_run": False}),
         }
     )

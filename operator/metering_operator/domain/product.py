@@ -1027,6 +1027,9 @@ class ObservedSpec(_StatusModel):
     dimensions: list[Annotated[str, Field(max_length=DIMENSION_NAME_MAX_LENGTH)]] = Field(
         default_factory=list, max_length=MAX_DIMENSIONS, description="spec.metering.dimensions names."
     )
+    selector: str | None = Field(
+        default=None, description="spec.selector as a label selector string ('' selects every pod)."
+    )
 
 
 class MeteredProductStatus(_StatusModel):
@@ -1049,7 +1052,7 @@ class MeteredProductStatus(_StatusModel):
     )
     observed_spec: ObservedSpec | None = Field(
         default=None,
-        description="Product code, entitlement mode and scope, dryRun and dimension names as the "
+        description="Product code, entitlement mode and scope, dryRun, dimension names and selector as the "
         "operator last saw them in the spec (as written, before any seller pin): a change to any of "
         "them is reported with an Event, also when it happened while the operator was down.",
     )

@@ -2,10 +2,10 @@
 condition that states where it stands.
 
 A buyer who can edit a MeteredProduct can switch ``Enforce`` to ``Audit`` or ``Off``, turn on
-``dryRun``, switch scope ``Pod`` to ``Cluster`` or (without the CRD's transition rule) change the
-product code. Each such change must leave a record, pinned or not: :func:`changes` lists them
-(old value, new value, whether it weakens), each becomes an Event, and :func:`enforced_condition`
-moves the ``Enforced`` condition.
+``dryRun``, switch scope ``Pod`` to ``Cluster``, narrow the selector, remove dimensions or (without
+the CRD's transition rule) change the product code. Each such change must leave a record, pinned
+or not: :func:`changes` lists them (old value, new value, whether it weakens), each becomes an
+Event, and :func:`enforced_condition` moves the ``Enforced`` condition.
 
 The operator remembers what it last saw in ``status.observedSpec`` (:class:`ObservedSpec`), which
 only the operator can write (status subresource): a change made while the operator was down is
@@ -28,6 +28,7 @@ from metering_operator.domain.product import (
     MeteredProductSpec,
     ObservedSpec,
 )
+from metering_operator.domain.selectors import to_query
 
 ENFORCED = "Enforced"
 
@@ -40,6 +41,7 @@ def observe(spec: MeteredProductSpec) -> ObservedSpec:
         scope=spec.entitlement.scope,
         dry_run=spec.metering.dry_run,
         dimensions=sorted(d.name for d in spec.metering.dimensions),
+        selector=to_query(spec.selector),
     )
 
 
@@ -107,6 +109,18 @@ def changes(old: ObservedSpec | None, new: ObservedSpec) -> list[Change]:
                 ",".join(new.dimensions) or "(none)",
                 bool(removed),
                 "DimensionsChanged",
+            )
+        )
+    # None: recorded before selectors were observed, so no change can be told.
+    if old.selector is not None and new.selector is not None and old.selector != new.selector:
+        # Whether a new selector takes pods away cannot be judged from the strings: a Warning.
+        found.append(
+            Change(
+                "spec.selector",
+                old.selector or "(every pod)",
+                new.selector or "(every pod)",
+                True,
+                "SelectorChanged",
             )
         )
     return found

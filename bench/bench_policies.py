@@ -187,7 +187,7 @@ def render(runs: dict[str, dict[str, Any]], command: str, cost: dict[str, list[f
     ]
     return f"""# Entitlement gate: with the admission policies next to without
 
-- Machine: {a["machine"]}, Python {a["python"]}. Both runs one after the other in one process
+- Machine: {a["machine"]}, Python {a["python"]}. The runs one after the other in one process
   (A, B, C), on the same local cluster, emulator and machine: `{command}`.
 - A, without: the operator's webhook (local mode) adds the gate; no admission policies; the operator
   runs with the admin kubeconfig (today's path). B, as a ServiceAccount: the same, but the operator
@@ -200,7 +200,7 @@ def render(runs: dict[str, dict[str, Any]], command: str, cost: dict[str, list[f
 - Load: the machine is shared by five engineers' clusters and tests (2 cores). 1-minute load average
   A: {a["load_start"]:.1f} -> {a["load_end"]:.1f}; B: {c["load_start"]:.1f} -> {c["load_end"]:.1f};
   C: {b["load_start"]:.1f} -> {b["load_end"]:.1f}.
-  Above ~2 every component waits for CPU; compare the two columns, not the absolute numbers.
+  Above ~2 every component waits for CPU; compare the columns, not the absolute numbers.
 
 | measure | A: admin, webhook | B: ServiceAccount, webhook | C: ServiceAccount, policies | C / B | C / A |
 |---|---|---|---|---|---|

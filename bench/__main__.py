@@ -1,6 +1,6 @@
 """`python -m bench` (`make bench`): run every benchmark and rewrite its results file.
 
-Each benchmark also runs on its own (see bench/README.md); this only saves typing the three
+Each benchmark also runs on its own (see bench/README.md); this only saves typing the four
 commands. Benchmarks start or join the local cluster themselves.
 """
 
@@ -12,6 +12,7 @@ import sys
 BENCHMARKS: tuple[tuple[str, ...], ...] = (
     ("bench.bench_emulator", "--output", "bench/results/emulator.md"),
     ("bench.bench_entitlement", "--output", "bench/results/entitlement.md"),
+    ("bench.bench_policies", "--output", "bench/results/policies.md"),
     ("bench.bench_metering", "--cluster", "--output", "bench/results/metering.md"),
 )
 

@@ -456,6 +456,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             op.wait_ready()
             wait_gated_by_policy(core, namespace)
+        elif getattr(args, "as_service_account", False):
+            # Today's webhook path, but as a ServiceAccount: what the identity alone changes (API
+            # Priority and Fairness exempts only system:masters, the admin's group).
+            op = launch_operator(
+                info,
+                namespace,
+                emulator,
+                work / "operator.log",
+                extra_env={"KUBECONFIG": str(operator_identity(api, info, namespace, work))},
+            )
+            op.wait_ready()
         else:
             op = launch_operator(info, namespace, emulator, work / "operator.log")
             op.wait_ready()
@@ -653,7 +664,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
         if emulator is not None:
             emulator.stop()
-        if namespace and args.policies:
+        if namespace and (args.policies or getattr(args, "as_service_account", False)):
             from metering_operator.admission.install import delete as delete_policies
 
             delete_policies(api, f"bench-{namespace}")

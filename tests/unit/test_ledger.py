@@ -271,6 +271,15 @@ def test_restore_brings_back_live_entries_as_unknown_and_the_open_hour() -> None
     assert L.find(back, H, "replicas").client_token == L.find(s, H, "replicas").client_token
     # nothing lost, nothing to do
     assert L.restore(s, journal, now) == (s, [])
+    # a Pending entry's quantity edited down before it was sent: the written request comes back
+    entry = L.find(s, H, "replicas")
+    cheaper = entry.model_copy(update={"quantity": Decimal(1), "allocations": []})
+    edited = s.model_copy(update={"ledger": [cheaper if e is entry else e for e in s.ledger]})
+    fixed, findings = L.restore(edited, journal, now)
+    assert len(findings) == 1
+    assert "was edited" in findings[0]
+    again = L.find(fixed, H, "replicas")
+    assert (again.quantity, again.allocations, again.state) == (entry.quantity, entry.allocations, S.UNKNOWN)
 
 
 def test_removed_dimension_expires_with_a_reason_instead_of_vanishing() -> None:

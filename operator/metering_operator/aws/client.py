@@ -40,11 +40,12 @@ SERVICE_NAME = "meteringmarketplace"
 USER_AGENT = "marketplace-metering-operator"
 
 # A RegisterUsage holds a pod behind its gate, so a dead endpoint must fail fast and be retried
-# by the operator. A MeterUsage whose answer is lost leaves its hour Unknown until a resend is
-# answered, so a lost answer must be noticed in seconds; both calls answer in well under a
-# second normally. `metering-operator run --aws-read-timeout-seconds` changes it.
-DEFAULT_CONNECT_TIMEOUT = 3.0
-DEFAULT_READ_TIMEOUT = 5.0
+# by the operator; the read timeout leaves room for AWS's slow tail. The metering runtime passes
+# its own, shorter timeouts (`--aws-read-timeout-seconds`, default 5 s): a MeterUsage whose answer
+# is lost leaves its hour Unknown until a resend is answered, so a lost answer must be noticed in
+# seconds.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 15.0
 # Enough pooled connections for the operator's worker threads sharing one client.
 DEFAULT_MAX_POOL_CONNECTIONS = 32
 

@@ -640,7 +640,7 @@ def live_entries(status: MeteringStatus) -> list[LedgerEntry]:
 
 
 def restore(status: MeteringStatus, saved: MeteringStatus, now: datetime) -> tuple[MeteringStatus, list[str]]:
-    """Put back live entries (and the open hour) that ``status`` lost but ``saved`` still has.
+    """Put back live entries (and the open hour) that ``status`` lost or edited but ``saved`` has.
 
     ``saved`` is the operator's own copy (its journal). A restored Pending or Unknown entry comes
     back Unknown: the copy may predate a call, and an Unknown entry is resent identically and
@@ -668,6 +668,32 @@ def restore(status: MeteringStatus, saved: MeteringStatus, now: datetime) -> tup
             )
         back.append(entry)
     findings: list[str] = []
+    # A live entry's request is frozen when the hour closes: one that differs from the saved copy
+    # was edited (a lower quantity would bill less than was used). The saved request is put back,
+    # Unknown, since the edited one may have been sent already.
+    frozen = {"quantity", "decimal", "allocations", "client_token", "carried_from"}
+    saved_live = {(e.hour, e.dimension): e for e in saved.ledger if e.state in LIVE}
+    edited: dict[tuple[datetime, str], LedgerEntry] = {}
+    for entry in status.ledger:
+        copy = saved_live.get((entry.hour, entry.dimension))
+        if (
+            entry.state in LIVE
+            and copy is not None
+            and entry.model_dump(include=frozen) != copy.model_dump(include=frozen)
+        ):
+            findings.append(
+                f"ledger entry {entry.dimension} at {entry.hour.isoformat()} was edited (quantity "
+                f"{entry.quantity}, written {copy.quantity}): the request written at the hour's close "
+                "restored"
+            )
+            edited[(entry.hour, entry.dimension)] = entry.model_copy(
+                update={
+                    **{k: getattr(copy, k) for k in frozen},
+                    "state": LedgerState.UNKNOWN,
+                    "attempts": max(entry.attempts, 1),
+                    "answered": 0,
+                }
+            )
     open_hour = status.open_hour
     recent = saved.open_hour is not None and current - timedelta(hours=1) <= saved.open_hour.start <= current
     if open_hour is None and saved.open_hour is not None and recent:
@@ -678,7 +704,8 @@ def restore(status: MeteringStatus, saved: MeteringStatus, now: datetime) -> tup
         findings.append(f"{len(back)} live ledger entr(ies) were lost: restored from the journal ({names})")
     if not findings:
         return status, []
-    ledger = sorted([*status.ledger, *back], key=lambda e: (e.hour, e.dimension))
+    kept = [edited.get((e.hour, e.dimension), e) for e in status.ledger]
+    ledger = sorted([*kept, *back], key=lambda e: (e.hour, e.dimension))
     return status.model_copy(update={"open_hour": open_hour, "ledger": ledger}), findings
 
 

@@ -132,7 +132,9 @@ def test_provisional_seat_returns_after_60_minutes_unless_extended(
         checkout(waiting, sku)
     assert code_of(still_held) == "NoEntitlementsAllowedException"
     extended = kept.extend_license_consumption(LicenseConsumptionToken=first["LicenseConsumptionToken"])
-    assert dt.datetime.fromisoformat(extended["Expiration"]) == issued + dt.timedelta(minutes=59 + 60)
+    # The emulator clock runs on from where it was set: allow the seconds the test itself takes.
+    extended_by = dt.datetime.fromisoformat(extended["Expiration"]) - issued
+    assert dt.timedelta(minutes=119) <= extended_by < dt.timedelta(minutes=120)
 
     emulator.admin.advance_clock(2 * 60)  # 61 minutes after checkout: the unextended seat is free
     assert usage(emulator, arn)["inUse"] == "1"
@@ -230,10 +232,14 @@ def test_signed_token_is_a_ps384_jws_from_the_issuer_key(
     assert header == {"alg": "PS384", "typ": "JWT", "kid": MARKETPLACE_FINGERPRINT}
     pem = emulator.admin.license_issuer_key_pem(MARKETPLACE_FINGERPRINT)
     claims = jwt.decode(token, pem, algorithms=["PS384"])
+    # Times in the signed JSON are UTC without a zone (AWS's example); the answer's carry a Z.
+    issued = dt.datetime.fromisoformat(result["IssuedAt"])
+    assert dt.timedelta(0) <= issued - NOW < dt.timedelta(minutes=1)
+    assert result["IssuedAt"].endswith("Z")
     assert claims == {
         "entitlementsAllowed": [{"name": "seats", "unit": "Count", "value": "1"}],
-        "issuedAt": "2031-07-09T10:20:00",
-        "expiration": "2031-07-09T11:20:00",
+        "issuedAt": issued.strftime("%Y-%m-%dT%H:%M:%S"),
+        "expiration": (issued + dt.timedelta(minutes=60)).strftime("%Y-%m-%dT%H:%M:%S"),
         "licenseArn": arn,
         "licenseConsumptionToken": result["LicenseConsumptionToken"],
         "nodeId": "10.0.21.57",
@@ -242,7 +248,6 @@ def test_signed_token_is_a_ps384_jws_from_the_issuer_key(
         "keyFingerprint": MARKETPLACE_FINGERPRINT,
         "checkoutType": "PROVISIONAL",
     }
-    assert result["IssuedAt"] == "2031-07-09T10:20:00Z"
     # Any other key refuses it, including a product's RegisterUsage key.
     other = emulator.admin.public_key_pem("hourlyprod1", 1)
     with pytest.raises(jwt.InvalidSignatureError):

@@ -11,8 +11,9 @@ run: idle RSS, a steady stream (gate latency, CPU per pod), a burst created at o
 waiting before the operator starts (pods/s, CPU per pod, writes and AWS calls per pod), peak RSS.
 CPU is the operator process's utime + stime from ``/proc/<pid>/stat`` over each phase.
 
-``--profile DIR`` also samples the new operator with py-spy during its burst and backlog phases of the
-first round and writes the folded stacks and a summary (top frames by own and total samples).
+``--profile DIR`` adds one more run of the new operator, left out of the comparison, sampled with py-spy
+during its burst and backlog phases: the folded stacks and a summary (top frames by own and total
+samples, see bench/profile_summary.py) are written to DIR.
 """
 
 from __future__ import annotations
@@ -371,7 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steady-seconds", type=float, default=20.0)
     parser.add_argument("--burst", type=int, default=200)
     parser.add_argument("--baseline", type=int, default=30, help="pods for the bare boto3 round trip")
-    parser.add_argument("--profile", type=Path, default=None, help="py-spy the new operator's first run here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="one extra, unmeasured run of the new operator sampled by py-spy into this directory",
+    )
     parser.add_argument("--only", choices=["base", "new"], default=None, help="run one side only (profiling)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -407,17 +413,16 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 tag = f"{'AB'[variants.index(variant)]}{round_index + 1}"
                 print(f"== {tag}: {variant.name} {variant.commit}", flush=True)
-                profile_dir = None
-                if args.profile is not None and variant.name == "new" and round_index == 0:
-                    profile_dir = args.profile
-                    profile_dir.mkdir(parents=True, exist_ok=True)
-                run = one_run(variant, args, api, info, emulator, pem, work, tag, profile_dir)
-                results["runs"].append(run)
-                if profile_dir is not None:
-                    for phase in ("burst", "backlog"):
-                        folded = profile_dir / f"{phase}.folded"
-                        if folded.exists():
-                            (profile_dir / f"{phase}.txt").write_text(profile_summary.summarize(folded))
+                results["runs"].append(one_run(variant, args, api, info, emulator, pem, work, tag, None))
+        if args.profile is not None:
+            # A run of its own, left out of the table: sampling slows the process it samples.
+            args.profile.mkdir(parents=True, exist_ok=True)
+            print(f"== P: new {variants[1].commit}, profiled into {args.profile}", flush=True)
+            one_run(variants[1], args, api, info, emulator, pem, work, "p", args.profile)
+            for phase in ("burst", "backlog"):
+                folded = args.profile / f"{phase}.folded"
+                if folded.exists():
+                    (args.profile / f"{phase}.txt").write_text(profile_summary.summarize(folded))
         core = client.CoreV1Api(api)
         namespace = new_namespace(core)
         try:

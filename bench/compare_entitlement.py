@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         if emulator is not None:
             emulator.stop()
         cluster.release(os.getpid(), keep=True)
+    if not results["runs"]:
+        return 0  # --rounds 0: a profiling run only
     report = render(results)
     print(report)
     if args.output:

@@ -18,7 +18,7 @@ LINE = re.compile(r":\d+\)$")
 #: Innermost frames that are a thread waiting, which py-spy's idle detection does not always
 #: recognise (a pool worker on its queue, a read of a server's answer, a selector, a condition).
 WAITING = (
-    "_worker (concurrent/futures/thread.py)",
+    "_worker (futures/thread.py)",
     "Condition.wait (",
     "SSLSocket.read (",
     "SocketIO.readinto (",
@@ -48,6 +48,8 @@ def summarize(path: Path, top: int = 25) -> str:
     total: Counter[str] = Counter()
     libs: Counter[str] = Counter()
     ours: Counter[str] = Counter()
+    busy_ours: Counter[str] = Counter()
+    busy_own: Counter[str] = Counter()
     samples = waiting = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -57,17 +59,23 @@ def summarize(path: Path, top: int = 25) -> str:
         samples += count
         raw = [f for f in stack.split(";") if f]
         frames = [frame_name(f) for f in raw]
-        if any(LINE.sub(")", raw[-1]).startswith(w) or w in frame_name(raw[-1]) for w in WAITING):
+        is_waiting = any(w in frame_name(raw[-1]) for w in WAITING)
+        if is_waiting:
             waiting += count
         own[frames[-1]] += count
         for name in set(frames):
             total[name] += count
         libs[library(raw[-1])] += count
         mine = [frame_name(f) for f in raw if "metering_operator" in f]
-        ours[mine[-1] if mine else "(no operator frame: kopf, asyncio, threads)"] += count
+        step = mine[-1] if mine else "(no operator frame: kopf, asyncio, threads)"
+        ours[step] += count
+        if not is_waiting:
+            busy_ours[step] += count
+            busy_own[frames[-1]] += count
 
     def table(counter: Counter[str], title: str) -> str:
-        rows = [f"{100 * n / samples:5.1f}%  {n:6d}  {name}" for name, n in counter.most_common(top)]
+        whole = sum(counter.values()) or 1
+        rows = [f"{100 * n / whole:5.1f}%  {n:6d}  {name}" for name, n in counter.most_common(top)]
         return f"## {title}\n\n   %   samples  frame\n" + "\n".join(rows)
 
     return (
@@ -77,6 +85,8 @@ def summarize(path: Path, top: int = 25) -> str:
                 f"Of these, {waiting} ({100 * waiting / max(1, samples):.0f}%) have a waiting frame "
                 "innermost (pool queue, socket read, selector, condition): py-spy does not always see "
                 "those threads as idle, so count them as waiting, not CPU.",
+                table(busy_ours, "Not waiting: samples by the innermost operator frame (the CPU's step)"),
+                table(busy_own, "Not waiting: top frames by own samples"),
                 table(libs, "Own samples by library (innermost frame)"),
                 table(ours, "Own samples by the innermost operator frame on the stack"),
                 table(own, "Top frames by own samples"),

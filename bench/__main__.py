@@ -2,6 +2,9 @@
 
 Each benchmark also runs on its own (see bench/README.md); this only saves typing the four
 commands. Benchmarks start or join the local cluster themselves.
+
+`python -m bench entitlement --base <commit> ...` runs the side-by-side comparison of the gate
+(bench/compare_entitlement.py): a base commit's operator and this tree's, alternately.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ BENCHMARKS: tuple[tuple[str, ...], ...] = (
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["entitlement"]:
+        from bench import compare_entitlement
+
+        return compare_entitlement.main(sys.argv[2:])
     for module, *args in BENCHMARKS:
         print(f"== {module} {' '.join(args)}", flush=True)
         result = subprocess.run([sys.executable, "-m", module, *args], check=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -191,6 +192,30 @@ def test_register_usage_signature_verifies_with_the_products_key(world: AwsWorld
     assert isinstance(claims["iat"], int)
     registrations = world.emulator.admin.registrations(HOURLY_PRODUCT)
     assert pod_uid in str(registrations)
+
+
+def test_pod_clients_share_one_boto_client_and_each_call_signs_as_its_own_pod(world: AwsWorld) -> None:
+    """Per-pod clients are views of one boto3 client signing each call with that pod's session.
+
+    Calls from many threads at once, interleaved: the emulator attributes every registration to
+    the session that signed it, so a call signed with another thread's credentials would show up
+    as a registration whose nonce (this pod's uid) names a different pod than its identity.
+    """
+    uids = [str(uuid.uuid4()) for _ in range(12)]
+    clients = {uid: world.factory.for_credentials(world.pod_credentials(ENTITLED_ROLE, uid)) for uid in uids}
+    assert len({id(c.boto_client) for c in clients.values()}) == 1
+
+    def register(uid: str) -> str:
+        result = clients[uid].register_usage(
+            RegisterUsageRequest(product_code=HOURLY_PRODUCT, public_key_version=1, nonce=uid)
+        )
+        return str(jwt.decode(result.signature, options={"verify_signature": False})["nonce"])
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(register, uids * 3)) == uids * 3
+    rows = [r for r in world.emulator.admin.registrations(HOURLY_PRODUCT) if r["nonce"] in uids]
+    assert sorted(r["identity"]["podUid"] for r in rows) == sorted(uids)
+    assert all(r["identity"]["podUid"] == r["nonce"] and r["calls"] == 3 for r in rows)
 
 
 def test_register_usage_through_cache_and_factory_helper(world: AwsWorld) -> None:

@@ -14,13 +14,16 @@ script) can pass ``max_attempts`` > 1 to get botocore's "standard" mode back.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import boto3
 from botocore.config import Config
+from botocore.credentials import Credentials as BotoCredentials
 
 from metering_operator import metrics
 from metering_operator.aws import errors
@@ -82,14 +85,57 @@ class Credentials(Protocol):
     def session_token(self) -> str | None: ...
 
 
-class MeteringClient:
-    """Typed wrapper of one boto3 ``meteringmarketplace`` client (thread-safe, like boto3 clients)."""
+#: The credentials a call on a shared per-call client signs with (see :class:`PerCallSigning`).
+_CALL_CREDENTIALS: ContextVar[BotoCredentials | None] = ContextVar("metering_call_credentials", default=None)
+
+
+class PerCallSigning:
+    """One boto3 client whose calls each sign with credentials given for that call.
+
+    A client per pod (each pod has its own IRSA session) cost more operator CPU than the call:
+    building it (about 3 ms), a new connection pool and TLS context, and cold per-client caches
+    (endpoint rules, auth scheme) on its one call. botocore's signer takes per-request
+    credentials from the request's signing context; a ``before-sign`` handler puts the call's
+    credentials there from a context variable, which the calling thread sets around the call
+    (:meth:`signing_with`), so concurrent calls from other threads never see them. A call with no
+    credentials set fails instead of signing with anything else.
+    """
 
     def __init__(self, boto_client: Any) -> None:
+        self.client = boto_client
+        service_id = boto_client.meta.service_model.service_id.hyphenize()
+        boto_client.meta.events.register(f"before-sign.{service_id}", self._sign_with_call_credentials)
+
+    @staticmethod
+    def _sign_with_call_credentials(request: Any, **_: Any) -> None:
+        credentials = _CALL_CREDENTIALS.get()
+        if credentials is None:
+            raise RuntimeError("a per-call Metering client was called without credentials")
+        request.context.setdefault("signing", {})["request_credentials"] = credentials
+
+    @staticmethod
+    @contextlib.contextmanager
+    def signing_with(credentials: BotoCredentials) -> Iterator[None]:
+        token = _CALL_CREDENTIALS.set(credentials)
+        try:
+            yield
+        finally:
+            _CALL_CREDENTIALS.reset(token)
+
+
+class MeteringClient:
+    """Typed wrapper of one boto3 ``meteringmarketplace`` client (thread-safe, like boto3 clients).
+
+    With ``call_credentials`` the client is a view of a shared :class:`PerCallSigning` client whose
+    every call signs with these credentials.
+    """
+
+    def __init__(self, boto_client: Any, call_credentials: BotoCredentials | None = None) -> None:
         service = boto_client.meta.service_model.service_name
         if service != SERVICE_NAME:
             raise ValueError(f"expected a {SERVICE_NAME!r} client, got {service!r}")
         self._client = boto_client
+        self._call_credentials = call_credentials
 
     @classmethod
     def create(
@@ -126,8 +172,9 @@ class MeteringClient:
         return str(self._client.meta.endpoint_url)
 
     def close(self) -> None:
-        """Release the client's pooled connections (per-pod clients should be closed after use)."""
-        self._client.close()
+        """Release the client's pooled connections; a view of a shared client leaves them to it."""
+        if self._call_credentials is None:
+            self._client.close()
 
     def __enter__(self) -> MeteringClient:
         return self
@@ -161,7 +208,10 @@ class MeteringClient:
 
     # -- plumbing -----------------------------------------------------------------------------
     def _call(self, operation: str, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        return call_aws(operation, getattr(self._client, method), params)
+        if self._call_credentials is None:
+            return call_aws(operation, getattr(self._client, method), params)
+        with PerCallSigning.signing_with(self._call_credentials):
+            return call_aws(operation, getattr(self._client, method), params)
 
 
 def call_aws(operation: str, method: Any, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,9 +232,10 @@ def call_aws(operation: str, method: Any, params: Mapping[str, Any]) -> dict[str
 class MeteringClientFactory:
     """Builds :class:`MeteringClient` objects for one Region and endpoint.
 
-    All clients come from one boto3 session, so botocore loads the service model and endpoint
-    rules once; a client for a pod's temporary credentials then costs milliseconds, not the tens
-    of milliseconds of a fresh session. boto3 sessions are not thread-safe, hence the lock.
+    The operator's own client (:meth:`default`) is built once. Clients for temporary credentials
+    (:meth:`for_credentials`, one per pod) are views of one shared client that sign each call with
+    their credentials (:class:`PerCallSigning`): building nothing per pod. boto3 sessions are not
+    thread-safe, hence the lock.
     """
 
     def __init__(
@@ -201,6 +252,7 @@ class MeteringClientFactory:
         self._config = config or client_config()
         self._lock = threading.Lock()
         self._default: MeteringClient | None = None
+        self._per_call: PerCallSigning | None = None
 
     def default(self) -> MeteringClient:
         """The operator's own identity (default credential chain); built once, then shared."""
@@ -212,13 +264,16 @@ class MeteringClientFactory:
     def for_credentials(self, credentials: Credentials) -> MeteringClient:
         """A client signing with ``credentials`` (for example a pod's IRSA session)."""
         with self._lock:
-            return self._build(
-                {
-                    "aws_access_key_id": credentials.access_key_id,
-                    "aws_secret_access_key": credentials.secret_access_key,
-                    "aws_session_token": credentials.session_token,
-                }
-            )
+            if self._per_call is None:
+                # Explicit placeholder keys keep the default credential chain (the operator's own
+                # identity) out of this client; its calls never sign with them (PerCallSigning).
+                placeholder = {"aws_access_key_id": "per-call", "aws_secret_access_key": "per-call"}
+                self._per_call = PerCallSigning(self._build(placeholder).boto_client)
+            shared = self._per_call.client
+        frozen = BotoCredentials(
+            credentials.access_key_id, credentials.secret_access_key, credentials.session_token
+        )
+        return MeteringClient(shared, call_credentials=frozen)
 
     def _build(self, credential_kwargs: Mapping[str, Any]) -> MeteringClient:
         return MeteringClient(

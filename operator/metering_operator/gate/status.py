@@ -34,6 +34,7 @@ from metering_operator.domain.product import API_VERSION, GROUP, KIND, PLURAL, V
 from metering_operator.domain.readiness import ready_condition
 from metering_operator.gate.product import ProductInfo
 from metering_operator.gate.runtime import GateRuntime
+from metering_operator.kube.apiclient import release
 from metering_operator.kube.pods import object_ref
 
 log = logging.getLogger(__name__)
@@ -157,17 +158,19 @@ class StatusWriter:
     def apply(self, write: StatusWrite) -> bool:
         """Server-side apply (blocking: a worker thread); True when done or nothing is left to do."""
         try:
-            client.CustomObjectsApi(self.rt.api).patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                self.name,
-                write.body,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type="application/apply-patch+yaml",
-                _preload_content=False,
+            release(
+                client.CustomObjectsApi(self.rt.api).patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    self.name,
+                    write.body,
+                    field_manager=FIELD_MANAGER,
+                    force=True,
+                    _content_type="application/apply-patch+yaml",
+                    _preload_content=False,
+                )
             )
         except ApiException as exc:
             log.warning(

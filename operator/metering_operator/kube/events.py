@@ -17,6 +17,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from metering_operator.domain.conditions import format_time
+from metering_operator.kube.apiclient import release
 
 log = logging.getLogger(__name__)
 COMPONENT = "marketplace-metering-operator"
@@ -48,7 +49,7 @@ class EventPoster:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(namespace, body, _preload_content=False)
+            release(self.core.create_namespaced_event(namespace, body, _preload_content=False))
             self.posted += 1
         except ApiException as exc:
             log.warning(

@@ -19,6 +19,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from metering_operator.kube.apiclient import release
 from metering_operator.kube.watch import WatchExpired as WatchExpired  # re-exported for callers
 from metering_operator.kube.watch import WatchStream
 
@@ -166,7 +167,7 @@ class PodApi:
             "deleteOptions": {"preconditions": {"uid": uid}},
         }
         try:
-            self.core.create_namespaced_pod_eviction(name, namespace, body, _preload_content=False)
+            release(self.core.create_namespaced_pod_eviction(name, namespace, body, _preload_content=False))
         except ApiException as exc:
             if exc.status == 404:
                 raise PodGone(f"{namespace}/{name}") from None
@@ -216,12 +217,14 @@ class PodApi:
             "DaemonSet": self.apps.patch_namespaced_daemon_set,
         }[ref.kind]
         try:
-            patch(
-                ref.name,
-                ref.namespace,
-                body,
-                _content_type="application/merge-patch+json",
-                _preload_content=False,
+            release(
+                patch(
+                    ref.name,
+                    ref.namespace,
+                    body,
+                    _content_type="application/merge-patch+json",
+                    _preload_content=False,
+                )
             )
         except ApiException as exc:
             if exc.status != 404:

@@ -27,6 +27,7 @@ from kubernetes.client.rest import ApiException
 
 from metering_operator.domain.conditions import format_time
 from metering_operator.domain.product import GROUP
+from metering_operator.kube.apiclient import release
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,14 @@ class DenialRecords:
     ) -> None:
         name = record_name(product_namespace, product_name)
         try:
-            self.core.patch_namespaced_config_map(
-                name,
-                self.namespace,
-                {"data": dict(data)},
-                _content_type="application/merge-patch+json",
-                _preload_content=False,
+            release(
+                self.core.patch_namespaced_config_map(
+                    name,
+                    self.namespace,
+                    {"data": dict(data)},
+                    _content_type="application/merge-patch+json",
+                    _preload_content=False,
+                )
             )
             return
         except ApiException as exc:
@@ -103,7 +106,7 @@ class DenialRecords:
             "data": {k: v for k, v in data.items() if v is not None},
         }
         try:
-            self.core.create_namespaced_config_map(self.namespace, body, _preload_content=False)
+            release(self.core.create_namespaced_config_map(self.namespace, body, _preload_content=False))
         except ApiException as exc:
             if exc.status != 409:
                 raise

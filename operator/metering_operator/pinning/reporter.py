@@ -35,6 +35,7 @@ from metering_operator.domain.product import (
     MeteredProduct,
     ObservedSpec,
 )
+from metering_operator.kube.apiclient import release
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.pods import object_ref
 from metering_operator.pinning.presence import PinPresence
@@ -172,17 +173,19 @@ class SpecReporter:
             "status": {"observedSpec": observed, "conditions": [condition]},
         }
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                patch,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type="application/apply-patch+yaml",
-                _preload_content=False,
+            release(
+                self.custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    patch,
+                    field_manager=FIELD_MANAGER,
+                    force=True,
+                    _content_type="application/apply-patch+yaml",
+                    _preload_content=False,
+                )
             )
         except ApiException as exc:
             if exc.status != 404:  # gone: nothing left to report on

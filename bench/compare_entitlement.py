@@ -1,0 +1,450 @@
+"""Side by side: the entitlement gate of a named base commit and of this tree, one run, one machine.
+
+    .venv/bin/python -m bench entitlement --base 2a5c17a --rounds 2 --output bench/results/entitlement.md
+
+The base commit is checked out once as a detached ``git worktree`` under ``.local/bench-base/`` and its
+operator runs from that source root with this virtualenv's interpreter (``PYTHONPATH`` points at its
+``operator/``), so both operators share the interpreter, the libraries, the cluster and the emulator.
+The two run alternately, base then new, ``--rounds`` times (ABAB...), each in a fresh namespace with
+the same product, so drift in the machine's load (other work shares its cores) hits both alike. Per
+run: idle RSS, a steady stream (gate latency, CPU per pod), a burst created at once and a backlog
+waiting before the operator starts (pods/s, CPU per pod, writes and AWS calls per pod), peak RSS.
+CPU is the operator process's utime + stime from ``/proc/<pid>/stat`` over each phase.
+
+``--profile DIR`` adds one more run of the new operator, left out of the comparison, sampled with py-spy
+during its burst and backlog phases: the folded stacks and a summary (top frames by own and total
+samples, see bench/profile_summary.py) are written to DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devtools.cluster import ClusterInfo, LocalCluster
+from kubernetes import client, config
+from tests.e2e.conftest import (
+    BUYER_ROLE,
+    PRODUCT_CODE,
+    REPO_ROOT,
+    OperatorProcess,
+    emulator_config,
+    install_crd,
+    launch_operator,
+    remove_products,
+)
+from tests.emulator.harness import EmulatorProcess, start_emulator
+
+from bench import profile_summary
+from bench.bench_entitlement import (
+    BareBaseline,
+    ReleaseWatch,
+    Rss,
+    aws_calls,
+    create_pod,
+    pct,
+    phase_summary,
+    pod_patches,
+    wait_released,
+)
+from metering_operator.domain.product import GROUP, PLURAL, VERSION
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "base" or "new"
+    commit: str
+    root: Path  # source root holding operator/
+
+
+def git(*args: str, cwd: Path = REPO_ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def base_variant(commit: str) -> Variant:
+    """A detached worktree of ``commit`` (kept between runs: checking out is not what we measure)."""
+    sha = git("rev-parse", "--verify", f"{commit}^{{commit}}")
+    root = REPO_ROOT / ".local" / "bench-base" / sha
+    if not (root / "operator").is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        git("worktree", "add", "--detach", "--force", str(root), sha)
+    return Variant("base", sha, root)
+
+
+def new_variant() -> Variant:
+    sha = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "operator")
+    return Variant("new", sha + ("+uncommitted" if dirty else ""), REPO_ROOT)
+
+
+def start_operator(
+    variant: Variant, info: ClusterInfo, namespace: str, emulator: EmulatorProcess, log: Path
+) -> OperatorProcess:
+    env = {"PYTHONPATH": str(variant.root / "operator")}
+    # The base commit predates --no-admission-policies (it has no policies to turn off):
+    # ``policies=True`` only keeps the flag off its command line.
+    return launch_operator(info, namespace, emulator, log, extra_env=env, policies=variant.name == "base")
+
+
+class Profiler:
+    """py-spy sampling the operator process (non-idle samples only: where its CPU goes)."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        py_spy = Path(sys.executable).with_name("py-spy")
+        self.proc = subprocess.Popen(
+            [str(py_spy), "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "-o", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def stop(self) -> None:
+        self.proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def new_namespace(core: client.CoreV1Api) -> str:
+    namespace = str(core.create_namespace({"metadata": {"generateName": "bench-cmp-"}}).metadata.name)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            core.read_namespaced_service_account("default", namespace)
+            break
+        except client.ApiException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    core.create_namespaced_service_account(
+        namespace,
+        {"metadata": {"name": "buyer", "annotations": {"eks.amazonaws.com/role-arn": BUYER_ROLE}}},
+    )
+    return namespace
+
+
+def create_product(api: client.ApiClient, namespace: str, pem: str) -> None:
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "MeteredProduct",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "productCode": PRODUCT_CODE,
+                "publicKeyVersion": 1,
+                "publicKey": {"pem": pem},
+                "selector": {"matchLabels": {"app": "bench"}},
+            },
+        },
+    )
+
+
+def wait_namespace_gone(core: client.CoreV1Api, namespace: str, timeout: float = 120) -> None:
+    core.delete_namespace(namespace, propagation_policy="Background")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespace(namespace)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def profiling(pid: int, out: Path | None) -> Iterator[None]:
+    profiler = Profiler(pid, out) if out is not None else None
+    try:
+        yield
+    finally:
+        if profiler is not None:
+            profiler.stop()
+
+
+def one_run(
+    variant: Variant,
+    args: argparse.Namespace,
+    api: client.ApiClient,
+    info: ClusterInfo,
+    emulator: EmulatorProcess,
+    pem: str,
+    work: Path,
+    tag: str,
+    profile_dir: Path | None,
+) -> dict[str, Any]:
+    core = client.CoreV1Api(api)
+    namespace = new_namespace(core)
+    create_product(api, namespace, pem)
+    op = start_operator(variant, info, namespace, emulator, work / f"operator-{tag.lower()}.log")
+    out: dict[str, Any] = {"variant": variant.name, "tag": tag, "load_start": os.getloadavg()[0]}
+    rw: ReleaseWatch | None = None
+    rss: Rss | None = None
+    try:
+        op.wait_ready()
+        time.sleep(2)  # the product's controller starts right after readiness
+        rss = Rss(op.pid)
+        out["rss_idle_mb"] = rss.now() / 1024
+        rw = ReleaseWatch(api, namespace, "app=bench")
+
+        # (a) steady stream
+        n_steady = int(args.steady_rate * args.steady_seconds)
+        created: dict[str, float] = {}
+        patches0, calls0, cpu0 = pod_patches(api), aws_calls(emulator), rss.cpu_seconds()
+        start = time.monotonic()
+
+        def create_steady(i: int) -> None:
+            name = f"steady-{i:04d}"
+            create_pod(core, namespace, name, "bench", "buyer")
+            created[name] = time.monotonic()
+
+        with ThreadPoolExecutor(8) as pool:
+            for i in range(n_steady):
+                delay = start + i / args.steady_rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                pool.submit(create_steady, i)
+        names = [f"steady-{i:04d}" for i in range(n_steady)]
+        wait_released(rw, names, 300)
+        latencies = [max(0.0, rw.released[n] - created[n]) for n in names]
+        steady = phase_summary(
+            "steady", n_steady, pod_patches(api) - patches0, calls0, aws_calls(emulator), 0
+        )
+        steady.update(
+            cpu_ms_per_pod=1000 * (rss.cpu_seconds() - cpu0) / n_steady,
+            p50=pct(latencies, 50),
+            p99=pct(latencies, 99),
+        )
+        out["steady"] = steady
+        print(f"  {tag} steady {steady}", flush=True)
+
+        # (b) burst, created at once
+        names = [f"burst-{i:04d}" for i in range(args.burst)]
+        patches0, calls0, cpu0 = pod_patches(api), aws_calls(emulator), rss.cpu_seconds()
+        with profiling(op.pid, profile_dir / "burst.folded" if profile_dir else None):
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda n: create_pod(core, namespace, n, "bench", "buyer"), names))
+            wait_released(rw, names, 300)
+        t_done = max(rw.released[n] for n in names)
+        burst = phase_summary(
+            "burst", args.burst, pod_patches(api) - patches0, calls0, aws_calls(emulator), 0
+        )
+        burst.update(
+            cpu_ms_per_pod=1000 * (rss.cpu_seconds() - cpu0) / args.burst,
+            pods_per_second=args.burst / (t_done - t0),
+        )
+        out["burst"] = burst
+        print(f"  {tag} burst {burst}", flush=True)
+        peak = rss.peak
+
+        # (b2) backlog: gated pods waiting while the operator is down, then it starts
+        op.stop()
+        rss.stop()
+        names = [f"backlog-{i:04d}" for i in range(args.burst)]
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda n: create_pod(core, namespace, n, "bench", "buyer", gated=True), names))
+        patches0, calls0 = pod_patches(api), aws_calls(emulator)
+        op.start()
+        rss = Rss(op.pid)
+        with profiling(op.pid, profile_dir / "backlog.folded" if profile_dir else None):
+            op.wait_ready()
+            wait_released(rw, names, 300)
+        cpu_total = rss.cpu_seconds()  # since the process started: imports and startup included
+        first = min(rw.released[n] for n in names)
+        last = max(rw.released[n] for n in names)
+        backlog = phase_summary(
+            "backlog", args.burst, pod_patches(api) - patches0, calls0, aws_calls(emulator), 0
+        )
+        backlog.update(process_cpu_s=cpu_total, pods_per_second=args.burst / max(1e-9, last - first))
+        out["backlog"] = backlog
+        print(f"  {tag} backlog {backlog}", flush=True)
+        out["rss_peak_mb"] = max(peak, rss.peak) / 1024
+        out["load_end"] = os.getloadavg()[0]
+        return out
+    finally:
+        if rw is not None:
+            rw.stop()
+        if rss is not None:
+            rss.stop()
+        remove_products(api, [namespace], operator_alive=op.alive())
+        op.stop()
+        if op.webhook_configuration:
+            with contextlib.suppress(client.ApiException):
+                client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(
+                    op.webhook_configuration
+                )
+        wait_namespace_gone(core, namespace)
+
+
+METRICS: tuple[tuple[str, str, str, bool], ...] = (
+    # (label, path, unit, lower is better)
+    ("operator CPU per gated pod, steady", "steady.cpu_ms_per_pod", "ms", True),
+    ("operator CPU per gated pod, burst", "burst.cpu_ms_per_pod", "ms", True),
+    ("burst throughput (created at once)", "burst.pods_per_second", "pods/s", False),
+    ("backlog throughput (waiting, then operator starts)", "backlog.pods_per_second", "pods/s", False),
+    ("backlog: process CPU from start to last release", "backlog.process_cpu_s", "s", True),
+    ("steady gate latency p50", "steady.p50", "ms", True),
+    ("steady gate latency p99", "steady.p99", "ms", True),
+    ("RSS idle (product watched, no pods)", "rss_idle_mb", "MiB", True),
+    ("RSS peak (steady + burst + backlog)", "rss_peak_mb", "MiB", True),
+    ("pod writes per pod (max of phases)", "writes", "", True),
+    ("RegisterUsage per pod (all phases)", "register", "", True),
+)
+
+
+def value(run: dict[str, Any], path: str) -> float:
+    if path == "writes":
+        return float(max(run[p]["writes_per_pod"] for p in ("steady", "burst", "backlog")))
+    if path == "register":
+        return float(max(run[p]["register_per_pod"] for p in ("steady", "burst", "backlog")))
+    node: Any = run
+    for part in path.split("."):
+        node = node[part]
+    scale = 1000.0 if path.endswith((".p50", ".p99")) else 1.0
+    return float(node) * scale
+
+
+def render(r: dict[str, Any]) -> str:
+    runs: list[dict[str, Any]] = r["runs"]
+    base = [x for x in runs if x["variant"] == "base"]
+    new = [x for x in runs if x["variant"] == "new"]
+    rows = []
+    for label, path, unit, _lower in METRICS:
+        b = [value(x, path) for x in base]
+        n = [value(x, path) for x in new]
+        mb, mn = statistics.median(b), statistics.median(n)
+        ratio = f"{mn / mb:.2f}" if mb else "-"
+        each_b = " / ".join(f"{v:.3g}" for v in b)
+        each_n = " / ".join(f"{v:.3g}" for v in n)
+        rows.append(f"| {label} | {unit} | {mb:.3g} ({each_b}) | {mn:.3g} ({each_n}) | {ratio} |")
+    table = "\n".join(rows)
+    order = " ".join(f"{x['tag']}" for x in runs)
+    loads = ", ".join(f"{x['tag']} {x['load_start']:.1f}->{x['load_end']:.1f}" for x in runs)
+    bare = r["bare"]
+    return f"""# Entitlement gate: base commit and new code side by side
+
+- Command: `{r["command"]}`
+- Machine: {r["machine"]}, Python {r["python"]}; `nproc` {r["nproc"]}. Cluster (kube-apiserver, etcd, KWOK),
+  emulator, both operators and this client share it; other work on the machine shares it too.
+- Base: `{r["base"]}` (a git worktree, run from its source root with this interpreter);
+  new: `{r["new"]}`. One cluster, one emulator, one product spec; webhook in local mode, no
+  admission policies.
+- Order (alternating, to cancel drift): {order}. Each run has its own namespace, deleted before the next.
+- 1-minute load average at the start / end of each run: {loads}; {r["load_start"]:.1f} when the
+  benchmark started and {r["load_end"]:.1f} when it ended.
+- Phases per run: a steady stream of {r["steady_pods"]} pods at {r["steady_rate"]:g}/s, a burst of
+  {r["burst"]} pods created at once (16 client threads), a backlog of {r["burst"]} gated pods created while
+  the operator is stopped. CPU: the operator process's utime + stime (/proc/<pid>/stat) over the phase,
+  divided by its pods (webhook, watch, registration and writes all included).
+
+| measure | unit | base: median (each run) | new: median (each run) | new / base |
+|---|---|---|---|---|
+{table}
+
+Bare STS + RegisterUsage round trip through boto3 (no operator), after the runs:
+p50 {bare["p50"] * 1000:.1f} ms, p99 {bare["p99"] * 1000:.1f} ms.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--base", required=True, help="commit to compare with (e.g. 2a5c17a)")
+    parser.add_argument("--rounds", type=int, default=2, help="base/new pairs, run alternately")
+    parser.add_argument("--steady-rate", type=float, default=10.0)
+    parser.add_argument("--steady-seconds", type=float, default=20.0)
+    parser.add_argument("--burst", type=int, default=200)
+    parser.add_argument("--baseline", type=int, default=30, help="pods for the bare boto3 round trip")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="one extra, unmeasured run of the new operator sampled by py-spy into this directory",
+    )
+    parser.add_argument("--only", choices=["base", "new"], default=None, help="run one side only (profiling)")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    command = " ".join(["python -m bench entitlement", *(argv if argv is not None else sys.argv[1:])])
+    variants = [base_variant(args.base), new_variant()]
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+        "nproc": subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip(),
+        "python": sys.version.split()[0],
+        "load_start": os.getloadavg()[0],
+        "base": variants[0].commit,
+        "new": variants[1].commit,
+        "steady_rate": args.steady_rate,
+        "steady_pods": int(args.steady_rate * args.steady_seconds),
+        "burst": args.burst,
+        "runs": [],
+    }
+    cluster = LocalCluster()
+    info, _ = cluster.acquire(os.getpid())
+    work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    print(f"logs in {work}", flush=True)
+    api = config.new_client_from_config(config_file=str(info.kubeconfig))
+    api.configuration.connection_pool_maxsize = 32
+    emulator: EmulatorProcess | None = None
+    try:
+        install_crd(api)
+        emulator = start_emulator(emulator_config(info), work / "emulator")
+        pem = emulator.admin.public_key_pem(PRODUCT_CODE, 1)
+        for round_index in range(args.rounds):
+            for variant in variants:
+                if args.only and variant.name != args.only:
+                    continue
+                tag = f"{'AB'[variants.index(variant)]}{round_index + 1}"
+                print(f"== {tag}: {variant.name} {variant.commit}", flush=True)
+                results["runs"].append(one_run(variant, args, api, info, emulator, pem, work, tag, None))
+        if args.profile is not None:
+            # A run of its own, left out of the table: sampling slows the process it samples.
+            args.profile.mkdir(parents=True, exist_ok=True)
+            print(f"== P: new {variants[1].commit}, profiled into {args.profile}", flush=True)
+            one_run(variants[1], args, api, info, emulator, pem, work, "p", args.profile)
+            for phase in ("burst", "backlog"):
+                folded = args.profile / f"{phase}.folded"
+                if folded.exists():
+                    (args.profile / f"{phase}.txt").write_text(profile_summary.summarize(folded))
+        core = client.CoreV1Api(api)
+        namespace = new_namespace(core)
+        try:
+            bare = BareBaseline(api, core, namespace, emulator, "cmp", args.baseline)
+            for i in range(args.baseline):
+                bare.one(i)
+        finally:
+            wait_namespace_gone(core, namespace)
+        results["bare"] = {"p50": pct(bare.pairs, 50), "p99": pct(bare.pairs, 99)}
+        results["load_end"] = os.getloadavg()[0]
+    finally:
+        if emulator is not None:
+            emulator.stop()
+        cluster.release(os.getpid(), keep=True)
+    if not results["runs"]:
+        return 0  # --rounds 0: a profiling run only
+    report = render(results)
+    print(report)
+    if args.output:
+        args.output.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

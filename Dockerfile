@@ -36,11 +36,14 @@ LABEL org.opencontainers.image.title="marketplace-metering-operator" \
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp \
     PATH=/opt/venv/bin:$PATH
-# The wheel is bind-mounted from the build stage, so no layer keeps a copy of it. Then, to keep the
-# image small: pip and setuptools leave (nothing installs at run time), botocore keeps the models
-# of the two services the operator and the emulator use (the other ~400 are 27 MiB), and the
-# Kubernetes client loses its asyncio copy `kubernetes.aio` (42 MiB), which nothing imports.
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels python -m venv /opt/venv && /opt/venv/bin/pip install /wheels/*.whl && /opt/venv/bin/pip uninstall --yes pip setuptools && find /opt/venv/lib/python3*/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d ! -name meteringmarketplace ! -name sts -exec rm -rf {} + && rm -rf /opt/venv/lib/python3*/site-packages/kubernetes/aio
+# Only the wheel comes from the build stage (about 200 KB). It is copied rather than bind-mounted:
+# buildah's layer cache does not see a bind mount's content, and would keep an old install of the
+# package under a changed wheel. Then, to keep the image small: pip and setuptools leave (nothing
+# installs at run time), botocore keeps the models of the two services the operator and the
+# emulator use (the other ~400 are 27 MiB), and the Kubernetes client loses its asyncio copy
+# `kubernetes.aio` (42 MiB), which nothing imports.
+COPY --from=build /wheels /wheels
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install /wheels/*.whl && /opt/venv/bin/pip uninstall --yes pip setuptools && find /opt/venv/lib/python3*/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d ! -name meteringmarketplace ! -name sts -exec rm -rf {} + && rm -rf /opt/venv/lib/python3*/site-packages/kubernetes/aio
 # A numeric non-root user (matches the chart's runAsUser), so runAsNonRoot can be verified.
 USER 65532:65532
 ENTRYPOINT ["metering-operator"]

@@ -682,6 +682,9 @@ def _cmd_up(cluster: LocalCluster) -> int:
     cluster.log(f"JWKS:     {info.jwks_uri}")
     cluster.log(f"binaries: {info.bin_dir}")
     cluster.log(f"logs:     {info.state_dir / 'logs'}")
+    from devtools.local_aws import write_emulator_config
+
+    cluster.log(f"emulator: metering-operator emulator --config {write_emulator_config(info)}")
     cluster.log(f"up in {time.monotonic() - t0:.1f}s")
     print(f"KUBECONFIG={info.kubeconfig}", flush=True)
     return 0

@@ -114,7 +114,7 @@ def parse_run(value: str) -> RunStep:
 
 
 def copy_sources(value: str) -> tuple[list[str], str]:
-    """COPY's sources and destination (no --from, which the final stage does not use)."""
+    """COPY's sources and destination from the build context (not COPY --from=<stage>)."""
     words = value.split()
     if any(w.startswith("--") for w in words):
         raise ValueError(f"COPY {value!r}: options are not understood")

@@ -199,6 +199,23 @@ def _checkout_view(checkout: Checkout, now: float) -> dict[str, Any]:
     }
 
 
+def billing_report(
+    ctx: EmulatorContext, product_code: str | None = None, license_arn: str | None = None
+) -> dict[str, Any]:
+    """What AWS would bill now: registered pods (hourly pricing), metered dimensions, and seats."""
+    now = ctx.clock.timestamp()
+    pods = [_pod_bill(ctx, reg, now) for reg in ctx.state.registrations(product_code)]
+    dimensions = _dimension_bills(ctx, product_code)
+    total_amount = round(sum(float(entry["amount"]) for entry in (*pods, *dimensions)), 6)
+    return {
+        "now": _iso(now),
+        "pods": pods,
+        "dimensions": dimensions,
+        "licenses": _seat_usage(ctx, license_arn, now),
+        "totalAmount": total_amount,
+    }
+
+
 def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
     state = ctx.state
     app[READ_TIMEOUT_KEY] = ctx.config.limits.request_timeout_seconds
@@ -236,21 +253,7 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
         return _ok({"records": _iso_fields(rows, "hour", "timestamp", "createdAt")})
 
     async def billing(request: web.Request) -> web.Response:
-        code = request.query.get("productCode")
-        now = ctx.clock.timestamp()
-        pods = [_pod_bill(ctx, reg, now) for reg in state.registrations(code)]
-        dimensions = _dimension_bills(ctx, code)
-        total_amount = round(sum(float(entry["amount"]) for entry in (*pods, *dimensions)), 6)
-        licenses = _seat_usage(ctx, request.query.get("licenseArn"), now)
-        return _ok(
-            {
-                "now": _iso(now),
-                "pods": pods,
-                "dimensions": dimensions,
-                "licenses": licenses,
-                "totalAmount": total_amount,
-            }
-        )
+        return _ok(billing_report(ctx, request.query.get("productCode"), request.query.get("licenseArn")))
 
     async def license_checkouts(request: web.Request) -> web.Response:
         now = ctx.clock.timestamp()

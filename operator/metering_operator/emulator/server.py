@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from metering_operator.emulator import admin, bounds, licensing, metering, sts, validation
+from metering_operator.emulator import admin, bounds, licensing, metering, page, sts, validation
 from metering_operator.emulator.config import LICENSE_MANAGER_OPERATIONS
 from metering_operator.emulator.context import EmulatorContext
 from metering_operator.emulator.errors import AwsError, json_error, xml_error
@@ -320,6 +320,7 @@ def create_app(ctx: EmulatorContext) -> web.Application:
     app = web.Application(client_max_size=bounds.MAX_JSON_BODY)
     app[CONTEXT_KEY] = ctx
     frontend = AwsFrontend(ctx)
+    page.add_routes(app, ctx)  # before the admin API's catch-all under the same prefix
     admin.add_routes(app, ctx)
     app.router.add_route("*", "/{tail:.*}", frontend.handle)
     return app

@@ -448,6 +448,11 @@ class State:
         self.db.execute("DELETE FROM events WHERE seq <= ?", (newest - max_events,))
         self.db.execute("DELETE FROM events WHERE logged_at < ?", (logged_at - max_age_seconds,))
 
+    def recent_events(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` events, newest first."""
+        rows = self.db.execute("SELECT seq, data FROM events ORDER BY seq DESC LIMIT ?", (limit,))
+        return [{"seq": r["seq"], **json.loads(r["data"])} for r in rows]
+
     def event_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 

@@ -87,6 +87,24 @@ def test_image_carries_the_version_label_and_runs_as_65532(built_image: str) -> 
         "run", "--rm", "--ulimit=nofile=1024:1024", "--ulimit=nproc=1024:1024", built_image, "--version"
     )
     assert version.stdout.strip() == f"metering-operator {__version__}", version.stderr
+    # botocore was pruned to two service models: both clients, and the emulator's use of the
+    # Metering model (the chart's in-cluster emulator runs this image), still load; pip is gone.
+    probe = Container("probe", []).podman(
+        "run",
+        "--rm",
+        "--ulimit=nofile=1024:1024",
+        "--ulimit=nproc=1024:1024",
+        "--entrypoint",
+        "python",
+        built_image,
+        "-c",
+        "import boto3, importlib.util; from metering_operator.emulator.validation import service_model; "
+        f"[boto3.client(s, region_name='{TEST_REGION}') for s in ('meteringmarketplace', 'sts')]; "
+        "[service_model(s).operation_names for s in ('meteringmarketplace', 'sts')]; "
+        "print(importlib.util.find_spec('pip') is None)",
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "True", "the image should carry no pip"
 
 
 @pytest.fixture

@@ -27,9 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DISTRIBUTION = "marketplace-metering-operator"
 IMAGE_NAME = "localhost/marketplace-metering-operator"
 BASE_IMAGE_NAME = "localhost/mmo-python"
 BASE_SUITE = "bookworm"  # Debian 12: Python 3.11, the version the project supports
@@ -70,8 +72,10 @@ def runtime() -> str:
     return found
 
 
-def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+def _run(cmd: list[str], *, quiet: bool = False) -> str:
+    """Run ``cmd``; its stdout, or (``quiet``) nothing; progress and errors go to stderr."""
+    done = subprocess.run(cmd, check=True, text=True, stdout=subprocess.DEVNULL if quiet else subprocess.PIPE)
+    return done.stdout or ""
 
 
 def _image_exists(ref: str) -> bool:
@@ -108,14 +112,18 @@ def base_image() -> str:
         # The machine's own Debian sources (its mirror), else mmdebstrap's default.
         cmd += [BASE_SUITE, str(partial)] + ([str(APT_SOURCES)] if APT_SOURCES.exists() else [])
         _log(f"making the base image from Debian packages: {' '.join(cmd)}")
-        _run(cmd, stdout=subprocess.DEVNULL)
+        _run(cmd, quiet=True)
         partial.rename(tarball)
+        # Tarballs of older recipes are never used again.
+        for stale in tarball.parent.glob(f"python-3.11-{BASE_SUITE}-*.tar"):
+            if stale != tarball:
+                stale.unlink()
     _log(f"importing {tarball} as {ref}")
-    container = _run(["buildah", "from", "scratch"], capture_output=True).stdout.strip()
+    container = _run(["buildah", "from", "scratch"]).strip()
     try:
-        _run(["buildah", "add", "--quiet", container, str(tarball), "/"], stdout=subprocess.DEVNULL)
+        _run(["buildah", "add", "--quiet", container, str(tarball), "/"], quiet=True)
         _run(["buildah", "config", "--env", "LANG=C.UTF-8", "--cmd", '["python3"]', container])
-        _run(["buildah", "commit", "--quiet", container, ref], stdout=subprocess.DEVNULL)
+        _run(["buildah", "commit", "--quiet", container, ref], quiet=True)
     finally:
         subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
     return ref
@@ -126,18 +134,16 @@ def wheelhouse(target: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
+    # The project's runtime requirements as installed (make venv reinstalls on a pyproject.toml
+    # change), and what building its wheel needs; the project itself is built by the Dockerfile.
+    requirements = [r for r in metadata.requires(DISTRIBUTION) or [] if "extra ==" not in r]
     pip = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(target)]
-    # The project (for its dependencies), then what building its wheel needs.
-    _run([*pip, str(REPO_ROOT), "setuptools>=77", "wheel", "pip"], stdout=subprocess.DEVNULL)
-    # The project itself comes from the Dockerfile's own build stage, never from here.
-    for own in target.glob("marketplace_metering_operator-*.whl"):
-        own.unlink()
+    _run([*pip, *requirements, "setuptools>=77", "wheel", "pip"], quiet=True)
     return target
 
 
 def image_size(ref: str) -> int:
-    out = _run(["podman", "image", "inspect", "--format", "{{.Size}}", ref], capture_output=True).stdout
-    return int(out.strip())
+    return int(_run(["podman", "image", "inspect", "--format", "{{.Size}}", ref]).strip())
 
 
 def build(tag: str | None = None) -> str:
@@ -150,7 +156,7 @@ def build(tag: str | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="mmo-wheelhouse-") as tmp:
         wheels = wheelhouse(Path(tmp) / "wheelhouse")
         _log(f"building {ref} from {REPO_ROOT / 'Dockerfile'} on {base}")
-        _run(
+        subprocess.run(
             [
                 "buildah",
                 "bud",
@@ -171,7 +177,8 @@ def build(tag: str | None = None) -> str:
                 str(REPO_ROOT / "Dockerfile"),
                 str(REPO_ROOT),
             ],
-            stdout=sys.stderr,
+            check=True,
+            stdout=sys.stderr,  # the build's progress; stdout's last line is the image reference
         )
     size = image_size(ref)
     _log(f"built {ref}: {size / 1e6:.1f} MB in {time.monotonic() - started:.0f}s")

@@ -107,11 +107,13 @@ def _product_of(body: Any) -> str | None:
 class AwsFrontend:
     def __init__(self, ctx: EmulatorContext) -> None:
         self.ctx = ctx
+        # Read once, like the server's keep-alive timeout: a config reload does not change it.
+        self.read_timeout = ctx.config.limits.request_timeout_seconds
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         request_id = str(uuid.uuid4())
         started = time.monotonic()
-        timeout = self.ctx.config.limits.request_timeout_seconds
+        timeout = self.read_timeout
         try:
             raw = await bounds.read_body(request, timeout)
         except bounds.BodyTimeout:

@@ -95,3 +95,15 @@ def test_scrape_check_names_what_the_operator_does_not_export() -> None:
     )
     assert "marketplace_metering_pods_gated{state='Denied'} never appears (seen ['Pending'])" in message
     assert "marketplace_metering_last_sent_hour_timestamp_seconds has no samples in the scrape" in message
+
+
+def test_scrape_check_still_wants_the_family_of_a_metric_without_samples() -> None:
+    ungated = "marketplace_metering_ungated_pods_total"
+    with pytest.raises(AssertionError) as failure:
+        check_queries_against_scrape("", without_samples=frozenset({ungated}))
+    assert f"metric {ungated} is not exported at all" in str(failure.value)
+    base = ungated.removesuffix("_total")
+    exported = f"# HELP {base} x\n# TYPE {base} counter\n"
+    with pytest.raises(AssertionError) as failure:
+        check_queries_against_scrape(exported, without_samples=frozenset({ungated}))
+    assert ungated not in str(failure.value)

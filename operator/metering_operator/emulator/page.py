@@ -131,7 +131,7 @@ def _calls(events: list[dict[str, Any]]) -> str:
 def _faults(faults: dict[str, dict[str, Any]]) -> str:
     rows = []
     for operation, fault in sorted(faults.items()):
-        active = {k: v for k, v in fault.items() if v not in (None, 0, 0.0, False)}
+        active = {k: v for k, v in fault.items() if v}  # unset: None, 0, False, []
         rows.append([_e(operation), _e(", ".join(f"{k}={v}" for k, v in active.items()) or "none")])
     return f"<h2>Faults</h2>{_table(['operation', 'injected'], rows, set(), 'faults')}"
 

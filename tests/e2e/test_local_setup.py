@@ -58,14 +58,13 @@ def test_make_cluster_writes_an_emulator_config_that_trusts_the_cluster(
     # `emulator-config` rewrites it. (Not `devtools.cluster up` here: a cluster asked for on the
     # command line is marked as the user's, and this session would then leave it running.)
     config_path = cluster.state_dir / "emulator-config.yaml"
-    written = config_path.read_text()
+    assert config_path.is_file(), "the cluster's start writes the emulator configuration"
     rewrite = _run(
         cluster, "-m", "devtools.local_aws", "--state-dir", str(cluster.state_dir), "emulator-config"
     )
     assert rewrite.returncode == 0, rewrite.stderr
     assert rewrite.stdout.strip() == str(config_path)
-    assert config_path.read_text() == written
-    config = yaml.safe_load(written)
+    config = yaml.safe_load(config_path.read_text())
     assert config["issuers"][0] == {
         "issuer": cluster.issuer,
         "jwksUrl": cluster.jwks_uri,

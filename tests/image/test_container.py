@@ -228,6 +228,9 @@ def test_container_gates_registers_and_meters_as_the_chart_runs_it(
         "logFormat": "text",
         "metrics": {"port": metrics_port},
         "health": {"port": health_port},
+        # The webhook path of the gate (the chart's default on 1.37 is a MutatingAdmissionPolicy),
+        # so the container serves admission with the chart's TLS Secret.
+        "admissionPolicies": {"gate": "webhook"},
         "webhook": {"enabled": True, "port": webhook_port},
         "serviceAccount": {"roleArn": OPERATOR_ROLE},
         "webIdentityToken": {"inject": True},

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv control-plane cluster cluster-down lint test manifests demo bench clean
+.PHONY: venv control-plane cluster cluster-down lint test unit image manifests demo bench clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,15 @@ lint: venv
 
 test: venv control-plane lint
 	$(VENV)/bin/pytest
+
+# The pure tests only: no control plane, no cluster, no emulator process; seconds.
+unit: venv
+	$(VENV)/bin/pytest -q -m "not cluster" tests/unit
+
+# The container image from the Dockerfile with buildah (no daemon). Without PYTHON_IMAGE the base
+# image is made from Debian 12 packages with mmdebstrap and cached; see devtools/image.py.
+image: venv
+	$(PY) -m devtools.image
 
 # The CRD and sample from the models, then the chart's CRD copy and the rendered install bundle.
 manifests: venv control-plane

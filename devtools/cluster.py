@@ -446,6 +446,10 @@ class LocalCluster:
             on_timeout=lambda: procs.log_tail(cm),
         )
         self.log(f"{len(info.nodes)} fake nodes Ready ({time.monotonic() - t0:.1f}s)")
+        from devtools.local_aws import write_emulator_config
+
+        # The emulator configuration for this cluster's issuer (README "Running the operator").
+        self.log(f"emulator: metering-operator emulator --config {write_emulator_config(info)}")
         return info
 
     def _write_kubeconfigs(self, info: ClusterInfo, pki: Pki) -> dict[str, Path]:
@@ -682,6 +686,10 @@ def _cmd_up(cluster: LocalCluster) -> int:
     cluster.log(f"JWKS:     {info.jwks_uri}")
     cluster.log(f"binaries: {info.bin_dir}")
     cluster.log(f"logs:     {info.state_dir / 'logs'}")
+    from devtools.local_aws import write_emulator_config
+
+    # Written at start; rewritten here so a cluster started by older code gets one too.
+    cluster.log(f"emulator: metering-operator emulator --config {write_emulator_config(info)}")
     cluster.log(f"up in {time.monotonic() - t0:.1f}s")
     print(f"KUBECONFIG={info.kubeconfig}", flush=True)
     return 0

@@ -42,6 +42,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
 from devtools.cluster import DEFAULT_STATE_DIR, ClusterInfo, LocalCluster
+from devtools.local_aws import operator_identity
 from devtools.stack import (
     Emulator,
     Kubectl,
@@ -527,25 +528,16 @@ class Demo:
         assert self.info is not None
         assert self.emulator is not None
         s.step("Start the operator (metering-operator run, a real process)")
-        # The operator's own AWS identity, as on EKS: IRSA with its ServiceAccount's token.
-        token = (
-            self.k()
-            .run(
-                "create",
-                "token",
-                OPERATOR_SA,
-                "-n",
-                self.ns,
-                "--audience",
-                "sts.amazonaws.com",
-                "--duration",
-                "2h",
-            )
-            .strip()
+        # The operator's own AWS identity, as on EKS: IRSA with its ServiceAccount's token
+        # (README "Running the operator" does the same with `python -m devtools.local_aws`).
+        identity = operator_identity(
+            self.info,
+            self.ns,
+            OPERATOR_SA,
+            self.operator_role,
+            token_file=self.opts.work_dir / "operator-token",
+            hours=2,
         )
-        token_file = self.opts.work_dir / "operator-token"
-        token_file.write_text(token + "\n")
-        token_file.chmod(0o600)
         log_path = self.opts.work_dir / "operator.log"
         log_path.unlink(missing_ok=True)
         self.operator = start_operator(
@@ -572,8 +564,7 @@ class Demo:
                 "5",
             ],
             extra_env={
-                "AWS_ROLE_ARN": self.operator_role,
-                "AWS_WEB_IDENTITY_TOKEN_FILE": str(token_file),
+                **identity,
                 "AWS_ROLE_SESSION_NAME": "metering-operator",
             },
         )

@@ -175,6 +175,21 @@ def admin_request(
     return raw.decode()
 
 
+def all_events(
+    base: str, operation: str | None = None, error_code: str | None = None, timeout: float = 30.0
+) -> list[dict[str, Any]]:
+    """Every retained event of the emulator's log, oldest first, read page by page."""
+    events: list[dict[str, Any]] = []
+    since = 0
+    while True:
+        query = {"operation": operation, "errorCode": error_code, "since": str(since), "limit": "1000"}
+        page = admin_request(base, "GET", "/events", None, query, timeout)
+        events += page["events"]
+        if not page.get("more"):
+            return events
+        since = int(page["nextSince"])
+
+
 class EmulatorAdmin:
     """The emulator's ``/_emulator/`` JSON API (docs/emulator.md), the calls the stack needs."""
 
@@ -206,7 +221,7 @@ class EmulatorAdmin:
         return dict(self.request("GET", "/billing", productCode=product_code))
 
     def events(self, operation: str | None = None, error_code: str | None = None) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/events", operation=operation, errorCode=error_code)["events"])
+        return all_events(self.base, operation, error_code, self.timeout)
 
     def public_key_pem(self, product_code: str, version: int) -> str:
         path = f"/products/{urllib.parse.quote(product_code, safe='')}/keys/{version}.pem"

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from metering_operator import __version__
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("metering_operator.commands.run", "run the operator (kopf) against the current cluster"),
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="metering-operator",
         description="AWS Marketplace metering operator for Kubernetes.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)

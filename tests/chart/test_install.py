@@ -95,7 +95,7 @@ def test_install_upgrade_uninstall(
     assert role_arn in notes
     assert f"namespaces {namespace}" in notes
     assert "trustedProductCodes is empty" in notes
-    assert "kubectl apply --server-side" in notes, "the CRD upgrade step"
+    assert "kubectl apply -f <chart>/crds/" in notes, "the CRD upgrade step"
     status = cluster_helm.status(name, namespace)
     assert status["info"]["status"] == "deployed"
     assert status["version"] == 1

@@ -265,13 +265,14 @@ def test_status_subresource_and_printer_columns(
 
     table = kubectl(cluster, "get", "mprod", name, "-n", crd_namespace)
     header, row = table.splitlines()[:2]
-    for column in ("NAME", "PRODUCT", "MODE", "ENTITLED", "LAST METERED HOUR", "READY", "AGE"):
+    for column in ("NAME", "PRODUCT", "MODE", "ENTITLED", "DENIED", "LAST METERED HOUR", "READY", "AGE"):
         assert column in header, header
-    assert row.split()[:6] == [
+    assert row.split()[:7] == [
         name,
         "1fszvu527waovqeuhpkyx2b5d",
         "Enforce",
         "3",
+        str(status.pods.denied),
         "2026-11-26T03:00:00Z",
         "True",
     ]

@@ -146,8 +146,10 @@ def test_demo_tells_the_whole_story_and_cleans_up(
     assert "the emulator holds exactly these 2 records" in sent
 
     table = run.step_text(13)
-    assert re.search(r"NAME\s+PRODUCT\s+MODE\s+ENTITLED\s+LAST METERED HOUR\s+READY\s+AGE", table), table
-    assert re.search(r"example-product\s+1fszvu527waovqeuhpkyx2b5d\s+Enforce\s+5\s+\S+Z\s+True", table), table
+    header = r"NAME\s+PRODUCT\s+MODE\s+ENTITLED\s+DENIED\s+LAST METERED HOUR\s+READY\s+AGE"
+    assert re.search(header, table), table
+    row = r"example-product\s+1fszvu527waovqeuhpkyx2b5d\s+Enforce\s+5\s+0\s+\S+Z\s+True"
+    assert re.search(row, table), table
 
     bill = run.step_text(14)
     billed = [int(s) for s in re.findall(r"^\s+pod example-product-\S+\s+(\d+) s x", bill, re.M)]

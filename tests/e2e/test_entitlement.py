@@ -415,10 +415,13 @@ def test_unentitled_buyer_pods_stay_gated_and_denied_across_restart(buyer: Buyer
     assert "EntitlementDenied" in product_events
     calls_before = len(buyer_emulator.admin.events(operation="RegisterUsage"))
     assert calls_before == 2
+    # Every pod denied: `kubectl get mprod` must not say READY True (readiness rule 5).
+    ready = condition(buyer.condition("paid", "Ready", "False"), "Ready")
+    assert ready["reason"] == "AllPodsDenied", ready
 
     # A crash and restart must not turn a denial into a running pod, nor ask AWS again.
     op.restart(kill=True).wait_ready()
-    wait_product_ready(kube, namespace, "paid")
+    wait_condition(kube, namespace, "paid", "Ready", "False")
     time.sleep(5)
     after = pods(kube, namespace, "paid")
     assert len(after) == 2

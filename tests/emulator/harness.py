@@ -36,7 +36,7 @@ import jwt
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from devtools.stack import AdminError as AdminError
-from devtools.stack import admin_request
+from devtools.stack import admin_request, all_events
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LISTENING_PREFIX = "emulator listening on "
@@ -83,7 +83,7 @@ class AdminClient:
 
     def events(self, operation: str | None = None, error_code: str | None = None) -> list[dict[str, Any]]:
         """CloudTrail-style log of every call, oldest first."""
-        return list(self.get("/events", **_q(operation=operation, errorCode=error_code))["events"])
+        return all_events(self.base, operation, error_code, self.timeout)
 
     def credentials(self) -> list[dict[str, Any]]:
         """Temporary credentials issued by AssumeRoleWithWebIdentity, with the caller identity."""

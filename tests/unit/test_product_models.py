@@ -527,6 +527,7 @@ def test_printer_columns() -> None:
         "Product": ".spec.productCode",
         "Mode": ".spec.entitlement.mode",
         "Entitled": ".status.pods.registered",
+        "Denied": ".status.pods.denied",
         "Last Metered Hour": ".status.metering.lastSentHour",
         "Ready": '.status.conditions[?(@.type=="Ready")].status',
         "Age": ".metadata.creationTimestamp",

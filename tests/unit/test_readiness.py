@@ -77,3 +77,14 @@ def test_metering_rejects() -> None:
     assert not metering_rejects(metering("False", "SendFailing"))
     assert not metering_rejects(metering("True", "DimensionRejected"))
     assert not metering_rejects({})
+
+
+def test_all_pods_denied_is_not_ready() -> None:
+    ready = ready_condition(denied_pods=3)
+    assert (ready.status, ready.reason) == ("False", "AllPodsDenied")
+    assert "denied all 3 pod(s)" in ready.message
+    # One pod registered or still pending: the product runs for this buyer, Ready stays True.
+    assert ready_condition(denied_pods=3, other_pods=1).status == "True"
+    assert ready_condition().status == "True"
+    # Configuration faults still come first.
+    assert ready_condition(key_error="no key", denied_pods=3).reason == "PublicKeyUnavailable"

@@ -177,6 +177,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Pods registered with a verified signature.",
     },
     {
+        "name": "Denied",
+        "type": "integer",
+        "jsonPath": ".status.pods.denied",
+        "description": "Pods AWS Marketplace refused (they stay gated); see the Entitled condition.",
+    },
+    {
         "name": "Last Metered Hour",
         "type": "string",
         "jsonPath": ".status.metering.lastSentHour",

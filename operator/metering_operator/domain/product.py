@@ -753,6 +753,9 @@ _NO_DIMENSIONS_MESSAGE = (
 )
 
 
+_NO_KEY_VERSION_MESSAGE = "publicKeyVersion is required unless entitlement.mode is Off"
+
+
 class MeteredProductSpec(_SpecModel):
     """A paid AWS Marketplace container product: which pods it is, how they are entitled and metered."""
 
@@ -777,6 +780,12 @@ class MeteredProductSpec(_SpecModel):
                     field_path=".publicKey",
                     reason="FieldValueForbidden",
                 ),
+                _cel(
+                    f"({_MODE_OFF}) || has(self.publicKeyVersion)",
+                    _NO_KEY_VERSION_MESSAGE,
+                    field_path=".publicKeyVersion",
+                    reason="FieldValueRequired",
+                ),
             ]
         }
     )
@@ -792,12 +801,14 @@ class MeteredProductSpec(_SpecModel):
         # mirrors it; domain.transitions.immutable_changes does, for two specs.
         json_schema_extra={"x-kubernetes-validations": [_cel("self == oldSelf", PRODUCT_CODE_IMMUTABLE)]},
     )
-    public_key_version: int = Field(
+    # A metering-only product (entitlement.mode Off) never calls RegisterUsage, so has no key.
+    public_key_version: int | None = Field(
+        default=None,
         strict=True,  # the API server refuses "1" for an integer; so do the models
         ge=1,
         le=2**31 - 1,
         description="Version of the public key AWS issued for this product (RegisterUsage "
-        "PublicKeyVersion), at least 1.",
+        "PublicKeyVersion), at least 1. Required unless entitlement.mode is Off.",
     )
     public_key: PublicKeySource | None = Field(
         default=None,
@@ -829,6 +840,8 @@ class MeteredProductSpec(_SpecModel):
             raise ValueError(_PUBLIC_KEY_MESSAGE)
         if licensed and self.public_key is not None:
             raise ValueError(_NO_PUBLIC_KEY_MESSAGE)
+        if not off and self.public_key_version is None:
+            raise ValueError(_NO_KEY_VERSION_MESSAGE)
         return self
 
     def dimension(self, name: str) -> Dimension | None:

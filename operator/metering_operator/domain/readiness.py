@@ -19,7 +19,10 @@ The rule, first match wins:
    that resending can never fix (:data:`REJECTING_METERING_REASONS`: AWS refused a dimension,
    or another MeteredProduct already meters the same code)
                                                  -> False with the Metering reason and message
-5. otherwise                                     -> True ``Configured``
+5. entitlement is on, pods were seen, and AWS denied every one of them (the buyer is not
+   entitled: a final answer someone has to fix in the subscription or the listing)
+                                                 -> False ``AllPodsDenied``
+6. otherwise                                     -> True ``Configured``
 
 ``SendFailing`` (MeterUsage failing, retried inside the 6-hour window) deliberately keeps Ready
 True: the configuration is fine and no hour is lost. A product with entitlement ``Off`` is judged
@@ -51,6 +54,8 @@ def ready_condition(
     key_error: str | None = None,
     meters: bool = False,
     metering: Mapping[str, Any] | None = None,
+    denied_pods: int = 0,
+    other_pods: int = 0,
 ) -> ConditionSpec:
     """Ready from the spec's usability and, for a metered product, its Metering condition.
 
@@ -58,6 +63,8 @@ def ready_condition(
     entitlement does not need it (mode Off). ``metering`` is the product's current Metering
     condition (None when absent). ``pinned`` is the pins' verdict
     (:meth:`metering_operator.domain.pins.Resolution.ready`), None when the pin is met or absent.
+    ``denied_pods`` / ``other_pods``: the product's pods AWS denied, and those registered or still
+    pending.
     """
     if spec_error is not None:
         return ConditionSpec(READY, "False", "InvalidSpec", spec_error)
@@ -76,6 +83,14 @@ def ready_condition(
     if meters and metering is not None and metering_rejects(metering):
         return ConditionSpec(
             READY, "False", str(metering["reason"]), str(metering.get("message") or metering["reason"])
+        )
+    if denied_pods and not other_pods:
+        return ConditionSpec(
+            READY,
+            "False",
+            "AllPodsDenied",
+            f"AWS Marketplace denied all {denied_pods} pod(s) of the product: they stay gated; "
+            "see the Entitled condition and the pods' Events",
         )
     what = "product is trusted and its configuration loads"
     if meters:

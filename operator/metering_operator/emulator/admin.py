@@ -17,13 +17,15 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from metering_operator.emulator import licensing
+from metering_operator.emulator import bounds, licensing
 from metering_operator.emulator.config import OPERATIONS, ConfigError, Fault
 from metering_operator.emulator.context import EmulatorContext
-from metering_operator.emulator.state import Checkout
+from metering_operator.emulator.state import EVENTS_PAGE_DEFAULT, EVENTS_PAGE_MAX, Checkout
 from metering_operator.emulator.validation import strict_json
 
 PREFIX = "/_emulator"
+#: The read timeout of request bodies (the emulator's limits.requestTimeoutSeconds), set at start.
+READ_TIMEOUT_KEY: web.AppKey[float] = web.AppKey("read_timeout", float)
 MINUTE = 60.0
 # A century: far beyond any test's needs, and keeps every computed time inside datetime's range.
 MAX_SECONDS = 100 * 366 * 86400.0
@@ -52,7 +54,14 @@ def _iso_fields(rows: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    timeout = request.app[READ_TIMEOUT_KEY]
+    try:
+        raw = await bounds.read_body(request, timeout)
+    except bounds.BodyTimeout:
+        raise web.HTTPRequestTimeout(
+            text=json.dumps({"error": f"the request body did not arrive within {timeout:g} seconds"}),
+            content_type="application/json",
+        ) from None
     try:
         data = strict_json(raw) if raw.strip() else {}
     except (ValueError, RecursionError):
@@ -190,8 +199,26 @@ def _checkout_view(checkout: Checkout, now: float) -> dict[str, Any]:
     }
 
 
+def billing_report(
+    ctx: EmulatorContext, product_code: str | None = None, license_arn: str | None = None
+) -> dict[str, Any]:
+    """What AWS would bill now: registered pods (hourly pricing), metered dimensions, and seats."""
+    now = ctx.clock.timestamp()
+    pods = [_pod_bill(ctx, reg, now) for reg in ctx.state.registrations(product_code)]
+    dimensions = _dimension_bills(ctx, product_code)
+    total_amount = round(sum(float(entry["amount"]) for entry in (*pods, *dimensions)), 6)
+    return {
+        "now": _iso(now),
+        "pods": pods,
+        "dimensions": dimensions,
+        "licenses": _seat_usage(ctx, license_arn, now),
+        "totalAmount": total_amount,
+    }
+
+
 def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
     state = ctx.state
+    app[READ_TIMEOUT_KEY] = ctx.config.limits.request_timeout_seconds
 
     async def health(_: web.Request) -> web.Response:
         return _ok({"ok": True, "now": ctx.clock.now().isoformat(), "region": ctx.config.region})
@@ -226,21 +253,7 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
         return _ok({"records": _iso_fields(rows, "hour", "timestamp", "createdAt")})
 
     async def billing(request: web.Request) -> web.Response:
-        code = request.query.get("productCode")
-        now = ctx.clock.timestamp()
-        pods = [_pod_bill(ctx, reg, now) for reg in state.registrations(code)]
-        dimensions = _dimension_bills(ctx, code)
-        total_amount = round(sum(float(entry["amount"]) for entry in (*pods, *dimensions)), 6)
-        licenses = _seat_usage(ctx, request.query.get("licenseArn"), now)
-        return _ok(
-            {
-                "now": _iso(now),
-                "pods": pods,
-                "dimensions": dimensions,
-                "licenses": licenses,
-                "totalAmount": total_amount,
-            }
-        )
+        return _ok(billing_report(ctx, request.query.get("productCode"), request.query.get("licenseArn")))
 
     async def license_checkouts(request: web.Request) -> web.Response:
         now = ctx.clock.timestamp()
@@ -269,13 +282,18 @@ def add_routes(app: web.Application, ctx: EmulatorContext) -> None:
     async def events(request: web.Request) -> web.Response:
         try:
             since = int(request.query.get("since", "0"))
-            limit = int(request.query.get("limit", "1000000"))
+            limit = int(request.query.get("limit", str(EVENTS_PAGE_DEFAULT)))
         except ValueError:
             return _bad("since and limit must be integers")
-        if not (0 <= since < 2**63 and 0 <= limit < 2**63):  # SQLite integers are 64-bit
-            return _bad("since and limit must be from 0 to 2**63-1")
+        if not 0 <= since < 2**63:  # SQLite integers are 64-bit
+            return _bad("since must be from 0 to 2**63-1")
+        if not 1 <= limit <= EVENTS_PAGE_MAX:
+            # A page is held in memory as JSON; the log itself can be large.
+            return _bad(f"limit must be from 1 to {EVENTS_PAGE_MAX} (page with since=nextSince)")
         rows = state.events(request.query.get("operation"), request.query.get("errorCode"), since, limit)
-        return _ok({"events": rows})
+        # The next page starts after this one; a short page is the last.
+        next_since = rows[-1]["seq"] if rows else since
+        return _ok({"events": rows, "nextSince": next_since, "more": len(rows) == limit})
 
     async def credentials(_: web.Request) -> web.Response:
         return _ok({"credentials": _iso_fields(state.all_credentials(), "expiration")})

@@ -375,8 +375,21 @@ class Fault(_Model):
     product_codes: list[str] = Field(default_factory=list)
 
 
+class Limits(_Model):
+    """Bounds that keep one emulator process within a small container's memory and descriptors."""
+
+    # A request's headers and body must arrive within this many seconds; a half-sent request
+    # is then closed (also the idle keep-alive timeout between requests).
+    request_timeout_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # The event log keeps at most this many calls, and none older than maxEventAgeSeconds
+    # (wall clock): oldest dropped first.
+    max_events: int = Field(default=10_000, ge=1, le=10_000_000)
+    max_event_age_seconds: float = Field(default=7 * 86400.0, gt=0)
+
+
 class EmulatorConfig(_Model):
     region: str | None = None
+    limits: Limits = Field(default_factory=Limits)
     products: list[Product] = Field(default_factory=list)
     roles: list[Role] = Field(default_factory=list)
     issuers: list[Issuer] = Field(default_factory=list)

@@ -336,7 +336,10 @@ def _plan_record(
             "TimestampOutOfBoundsException",
             f"Record {index}: timestamp {_iso(timestamp)} is outside the accepted window.",
         )
-    has_id = record.get("CustomerIdentifier") is not None
+    # AWS's model gives CustomerIdentifier a default of "" (min length 0), and SDKs that fill in
+    # defaults (unlike boto3) always send it: an empty value means "not given".
+    customer_identifier = record.get("CustomerIdentifier") or None
+    has_id = customer_identifier is not None
     if has_id == (record.get("CustomerAWSAccountId") is not None):
         raise AwsError(
             "ValidationException",
@@ -358,13 +361,11 @@ def _plan_record(
             f"for product {product.product_code}.",
         )
     if has_id:
-        customer = next(
-            (c for c in product.customers if c.customer_identifier == record["CustomerIdentifier"]), None
-        )
+        customer = next((c for c in product.customers if c.customer_identifier == customer_identifier), None)
         if customer is None:
             raise AwsError(
                 "InvalidCustomerIdentifierException",
-                f"Record {index}: customer {record['CustomerIdentifier']} does not exist.",
+                f"Record {index}: customer {customer_identifier} does not exist.",
             )
         account = customer.aws_account_id
     else:

@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from metering_operator.emulator import admin, licensing, metering, sts, validation
+from metering_operator.emulator import admin, bounds, licensing, metering, page, sts, validation
 from metering_operator.emulator.config import LICENSE_MANAGER_OPERATIONS
 from metering_operator.emulator.context import EmulatorContext
 from metering_operator.emulator.errors import AwsError, json_error, xml_error
@@ -39,7 +39,6 @@ from metering_operator.emulator.sigv4 import IncomingRequest
 
 log = logging.getLogger("metering_operator.emulator")
 
-MAX_BODY = 1024 * 1024 + 64 * 1024  # AWS caps BatchMeterUsage at 1 MB; leave room for framing
 
 Handler = Callable[[EmulatorContext, Caller, dict[str, Any]], dict[str, Any]]
 
@@ -108,12 +107,18 @@ def _product_of(body: Any) -> str | None:
 class AwsFrontend:
     def __init__(self, ctx: EmulatorContext) -> None:
         self.ctx = ctx
+        # Read once, like the server's keep-alive timeout: a config reload does not change it.
+        self.read_timeout = ctx.config.limits.request_timeout_seconds
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         request_id = str(uuid.uuid4())
         started = time.monotonic()
+        timeout = self.read_timeout
         try:
-            raw = await request.read()
+            raw = await bounds.read_body(request, timeout)
+        except bounds.BodyTimeout:
+            log.warning("request body not received within %gs: connection closed", timeout)
+            return bounds.request_timeout_response(timeout)
         except web.HTTPRequestEntityTooLarge:
             err = AwsError("SerializationException", "The request body is larger than 1 MB.", 413)
             return json_error(err, request_id)
@@ -124,6 +129,11 @@ class AwsFrontend:
             )
         if "X-Amz-Target" in request.headers:
             return await self._json(request, raw, request_id, started)
+        if len(raw) > bounds.MAX_QUERY_BODY:
+            # Only the JSON protocol carries large bodies (BatchMeterUsage); an STS form is small.
+            err = AwsError("ValidationError", "The request body is larger than 64 KB.", 413)
+            self._record("Unknown", request, request_id, None, None, None, err, started, "sts")
+            return xml_error(err, request_id)
         params = self._query_params(request, raw)
         if params is not None and "Action" in params:
             return await self._query(request, raw, params, request_id, started)
@@ -275,6 +285,9 @@ class AwsFrontend:
             if caller
             else ({"type": "WebIdentityUser", **sts_identity} if sts_identity else None)
         )
+        if identity is None and isinstance(params, dict):
+            # Nobody proved who sent this: keep a bounded trace, not the whole request.
+            params = bounds.unauthenticated(params)
         event = {
             "eventTime": self.ctx.clock.now().isoformat(),
             "wallTime": datetime.now(UTC).isoformat(),
@@ -285,7 +298,7 @@ class AwsFrontend:
             "userAgent": request.headers.get("User-Agent"),
             "requestID": request_id,
             "userIdentity": identity,
-            "requestParameters": params if isinstance(params, (dict, list)) else None,
+            "requestParameters": bounds.logged_parameters(params),
             "responseElements": response,
             "errorCode": err.code if err else None,
             "errorMessage": err.message if err else None,
@@ -293,13 +306,23 @@ class AwsFrontend:
             "injected": bool(err and err.injected),
             "durationMs": round((time.monotonic() - started) * 1000, 3),
         }
-        self.ctx.state.add_event(operation, err.code if err else None, _product_of(params), event)
+        limits = self.ctx.config.limits
+        self.ctx.state.add_event(
+            operation,
+            err.code if err else None,
+            _product_of(params),
+            event,
+            logged_at=time.time(),
+            max_events=limits.max_events,
+            max_age_seconds=limits.max_event_age_seconds,
+        )
 
 
 def create_app(ctx: EmulatorContext) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=bounds.MAX_JSON_BODY)
     app[CONTEXT_KEY] = ctx
     frontend = AwsFrontend(ctx)
+    page.add_routes(app, ctx)  # before the admin API's catch-all under the same prefix
     admin.add_routes(app, ctx)
     app.router.add_route("*", "/{tail:.*}", frontend.handle)
     return app
@@ -314,7 +337,16 @@ async def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set); ``announce`` gets the URL once listening."""
     app = create_app(ctx)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # keepalive_timeout also bounds a connection whose request headers never finish arriving
+    # (aiohttp arms it when the connection opens); bodies are bounded in bounds.read_body.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=ctx.config.limits.request_timeout_seconds,
+        # After an early answer (408, 413), how long the rest of a body may still be drained.
+        lingering_time=2.0,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -99,9 +99,16 @@ CREATE TABLE IF NOT EXISTS events (
     operation TEXT NOT NULL,
     error_code TEXT,
     product_code TEXT,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    logged_at REAL
 );
 """
+# State directories written before the event log had retention lack its column.
+_MIGRATIONS = (("events", "logged_at", "ALTER TABLE events ADD COLUMN logged_at REAL"),)
+_EVENTS_INDEX = "CREATE INDEX IF NOT EXISTS events_logged_at ON events (logged_at)"
+#: The most events one ``GET /_emulator/events`` page returns, and its default size.
+EVENTS_PAGE_MAX = 1000
+EVENTS_PAGE_DEFAULT = 100
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,11 @@ class State:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        for table, column, ddl in _MIGRATIONS:
+            columns = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self.db.execute(ddl)
+        self.db.execute(_EVENTS_INDEX)
 
     def close(self) -> None:
         self.db.close()
@@ -412,19 +424,44 @@ class State:
 
     # -- events ----------------------------------------------------------------------------
     def add_event(
-        self, operation: str, error_code: str | None, product_code: str | None, data: dict[str, Any]
+        self,
+        operation: str,
+        error_code: str | None,
+        product_code: str | None,
+        data: dict[str, Any],
+        *,
+        logged_at: float,
+        max_events: int,
+        max_age_seconds: float,
     ) -> None:
-        self.db.execute(
-            "INSERT INTO events (operation, error_code, product_code, data) VALUES (?, ?, ?, ?)",
-            (operation, error_code, product_code, json.dumps(data, default=str)),
+        """Append one call; then drop the oldest beyond ``max_events`` and those older than the age.
+
+        ``logged_at`` is wall-clock time: retention must not depend on the settable clock.
+        """
+        cursor = self.db.execute(
+            "INSERT INTO events (operation, error_code, product_code, data, logged_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (operation, error_code, product_code, json.dumps(data, default=str), logged_at),
         )
+        newest = int(cursor.lastrowid or 0)
+        # Both deletes use an index (seq is the primary key), so they cost little per call.
+        self.db.execute("DELETE FROM events WHERE seq <= ?", (newest - max_events,))
+        self.db.execute("DELETE FROM events WHERE logged_at < ?", (logged_at - max_age_seconds,))
+
+    def recent_events(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` events, newest first."""
+        rows = self.db.execute("SELECT seq, data FROM events ORDER BY seq DESC LIMIT ?", (limit,))
+        return [{"seq": r["seq"], **json.loads(r["data"])} for r in rows]
+
+    def event_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def events(
         self,
         operation: str | None = None,
         error_code: str | None = None,
         since: int = 0,
-        limit: int = 1_000_000,
+        limit: int = EVENTS_PAGE_DEFAULT,
     ) -> list[dict[str, Any]]:
         sql = "SELECT seq, data FROM events WHERE seq > ?"
         params: list[Any] = [since]

@@ -69,7 +69,9 @@ class ProductInfo:
         return self.resolution is None or self.resolution.obeyed
 
     def product_key(self) -> ProductKey:
+        # Both are required unless mode is Off, and an Off product never registers (see active).
         assert self.public_key is not None
+        assert self.spec.public_key_version is not None
         return ProductKey(self.spec.product_code, self.spec.public_key_version, self.public_key)
 
     def ref(self) -> dict[str, str]:

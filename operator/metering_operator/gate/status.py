@@ -74,6 +74,8 @@ def gate_conditions(
         key_error=info.key_error,
         meters=bool(info.spec.metering.dimensions),
         metering=get_condition(existing, "Metering"),
+        denied_pods=view.counts.denied,
+        other_pods=view.counts.registered + view.counts.pending,
     )
     if not info.trusted:
         return ready, ConditionSpec("Entitled", "False", "UntrustedProductCode", ready.message)

@@ -1,7 +1,7 @@
-"""A small Dockerfile reader, so tests can check the image recipe and replay its steps without Docker.
+"""A small Dockerfile reader, so tests can check the image recipe without building it.
 
-Only the instructions this project's Dockerfile uses are understood (ARG, FROM, ENV, WORKDIR, COPY,
-RUN, USER, ENTRYPOINT, CMD); anything else is an error, so a new instruction is noticed by the tests
+Only the instructions this project's Dockerfile uses are understood (ARG, FROM, ENV, LABEL, WORKDIR,
+COPY, RUN, USER, ENTRYPOINT, CMD); anything else is an error, so a new instruction is noticed by the tests
 instead of silently skipped.
 """
 
@@ -10,11 +10,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KNOWN = {"ARG", "FROM", "ENV", "WORKDIR", "COPY", "RUN", "USER", "ENTRYPOINT", "CMD"}
+KNOWN = {"ARG", "FROM", "ENV", "LABEL", "WORKDIR", "COPY", "RUN", "USER", "ENTRYPOINT", "CMD"}
 
 
 @dataclass
@@ -92,17 +91,6 @@ def exec_form(value: str) -> list[str] | None:
     return None
 
 
-def parse_env(value: str) -> dict[str, str]:
-    """ENV key=value pairs (the only ENV form the Dockerfile uses)."""
-    env: dict[str, str] = {}
-    for word in shlex.split(value):
-        key, sep, val = word.partition("=")
-        if not sep:
-            raise ValueError(f"ENV {value!r}: use the key=value form")
-        env[key] = val
-    return env
-
-
 @dataclass
 class RunStep:
     command: str
@@ -126,7 +114,7 @@ def parse_run(value: str) -> RunStep:
 
 
 def copy_sources(value: str) -> tuple[list[str], str]:
-    """COPY's sources and destination (no --from, which the final stage does not use)."""
+    """COPY's sources and destination from the build context (not COPY --from=<stage>)."""
     words = value.split()
     if any(w.startswith("--") for w in words):
         raise ValueError(f"COPY {value!r}: options are not understood")

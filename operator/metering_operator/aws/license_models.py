@@ -21,42 +21,15 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from metering_operator.aws.models import LICENSE_ARN_PATTERN, UtcDatetime, _AwsModel, _AwsResult
+from metering_operator.domain.product import LicenseEntitlementUnit
 
 #: The issuer key fingerprint of AWS Marketplace, as AWS's seller guide for container contracts gives it.
 MARKETPLACE_KEY_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
 CLIENT_TOKEN_PATTERN = r"^\S+$"
 CLIENT_TOKEN_MAX_LENGTH = 2048
 
-#: botocore's EntitlementDataUnit enum (the same values as EntitlementUnit).
-EntitlementUnit = Literal[
-    "Count",
-    "None",
-    "Seconds",
-    "Microseconds",
-    "Milliseconds",
-    "Bytes",
-    "Kilobytes",
-    "Megabytes",
-    "Gigabytes",
-    "Terabytes",
-    "Bits",
-    "Kilobits",
-    "Megabits",
-    "Gigabits",
-    "Terabits",
-    "Percent",
-    "Bytes/Second",
-    "Kilobytes/Second",
-    "Megabytes/Second",
-    "Gigabytes/Second",
-    "Terabytes/Second",
-    "Bits/Second",
-    "Kilobits/Second",
-    "Megabits/Second",
-    "Gigabits/Second",
-    "Terabits/Second",
-    "Count/Second",
-]
+#: botocore's EntitlementDataUnit enum: one list, kept in the domain (the CRD uses it too).
+EntitlementUnit = LicenseEntitlementUnit
 
 
 class CheckoutType(StrEnum):

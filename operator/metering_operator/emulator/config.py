@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from metering_operator.domain.product import LicenseEntitlementUnit
 
 PRODUCT_CODE_RE = re.compile(r"^[-a-zA-Z0-9/=:_.@]{1,255}$")
 ROLE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:iam::(\d{12}):role/[\w+=,.@/-]+$")
@@ -23,36 +25,8 @@ ACCOUNT_RE = re.compile(r"^\d{12}$")
 KEY_FINGERPRINT_RE = re.compile(r"^aws:\d{12}:[A-Za-z0-9/_.+=@-]{1,128}:issuer-fingerprint$")
 MARKETPLACE_KEY_FINGERPRINT = "aws:294406891311:AWS/Marketplace:issuer-fingerprint"
 LICENSE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:license-manager::\d{12}:license[:/]l-[0-9a-zA-Z]{1,64}$")
-# botocore's EntitlementUnit / EntitlementDataUnit enum (license-manager 2018-08-01).
-ENTITLEMENT_UNITS = (
-    "Count",
-    "None",
-    "Seconds",
-    "Microseconds",
-    "Milliseconds",
-    "Bytes",
-    "Kilobytes",
-    "Megabytes",
-    "Gigabytes",
-    "Terabytes",
-    "Bits",
-    "Kilobits",
-    "Megabits",
-    "Gigabits",
-    "Terabits",
-    "Percent",
-    "Bytes/Second",
-    "Kilobytes/Second",
-    "Megabytes/Second",
-    "Gigabytes/Second",
-    "Terabytes/Second",
-    "Bits/Second",
-    "Kilobits/Second",
-    "Megabits/Second",
-    "Gigabits/Second",
-    "Terabits/Second",
-    "Count/Second",
-)
+# botocore's EntitlementUnit / EntitlementDataUnit enum (license-manager 2018-08-01): one list, in the domain.
+ENTITLEMENT_UNITS: tuple[str, ...] = get_args(LicenseEntitlementUnit)
 METERING_OPERATIONS = ("RegisterUsage", "MeterUsage", "BatchMeterUsage", "ResolveCustomer")
 LICENSE_MANAGER_OPERATIONS = (
     "CheckoutLicense",

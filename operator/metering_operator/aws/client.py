@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -229,14 +229,21 @@ def call_aws(operation: str, method: Any, params: Mapping[str, Any]) -> dict[str
     return response
 
 
-class MeteringClientFactory:
-    """Builds :class:`MeteringClient` objects for one Region and endpoint.
+C = TypeVar("C")
 
-    The operator's own client (:meth:`default`) is built once. Clients for temporary credentials
-    (:meth:`for_credentials`, one per pod) are views of one shared client that sign each call with
-    their credentials (:class:`PerCallSigning`): building nothing per pod. boto3 sessions are not
-    thread-safe, hence the lock.
+
+class ServiceClientFactory(Generic[C]):
+    """Builds wrapped boto3 clients of one service for one Region and endpoint from one session.
+
+    The operator's own client (:meth:`default`) is built once and shared. One session loads the
+    service model once; boto3 sessions are not thread-safe, hence the lock. Subclasses name the
+    service and wrap the boto3 client in their typed adapter.
     """
+
+    #: botocore's service name, e.g. ``meteringmarketplace``.
+    service_name: str
+    #: Said in the error when no Region is given.
+    purpose: str
 
     def __init__(
         self,
@@ -246,20 +253,56 @@ class MeteringClientFactory:
         session: boto3.Session | None = None,
         config: Config | None = None,
     ) -> None:
-        self.region = require_region(region, "the Metering client factory")
+        self.region = require_region(region, self.purpose)
         self.endpoint_url = endpoint_url
         self._session = session or boto3.Session()
         self._config = config or client_config()
         self._lock = threading.Lock()
-        self._default: MeteringClient | None = None
-        self._per_call: PerCallSigning | None = None
+        self._default: C | None = None
 
-    def default(self) -> MeteringClient:
+    def default(self) -> C:
         """The operator's own identity (default credential chain); built once, then shared."""
         with self._lock:
             if self._default is None:
                 self._default = self._build({})
             return self._default
+
+    def _wrap(self, boto_client: Any) -> C:
+        raise NotImplementedError
+
+    def _build(self, credential_kwargs: Mapping[str, Any]) -> C:
+        return self._wrap(
+            self._session.client(
+                self.service_name,
+                region_name=self.region,
+                endpoint_url=self.endpoint_url,
+                config=self._config,
+                **credential_kwargs,
+            )
+        )
+
+
+class MeteringClientFactory(ServiceClientFactory[MeteringClient]):
+    """Builds :class:`MeteringClient` objects for one Region and endpoint.
+
+    Clients for temporary credentials (:meth:`for_credentials`, one per pod) are views of one
+    shared client that sign each call with their credentials (:class:`PerCallSigning`): building
+    nothing per pod.
+    """
+
+    service_name = SERVICE_NAME
+    purpose = "the Metering client factory"
+
+    def __init__(
+        self,
+        region: str,
+        *,
+        endpoint_url: str | None = None,
+        session: boto3.Session | None = None,
+        config: Config | None = None,
+    ) -> None:
+        super().__init__(region, endpoint_url=endpoint_url, session=session, config=config)
+        self._per_call: PerCallSigning | None = None
 
     def for_credentials(self, credentials: Credentials) -> MeteringClient:
         """A client signing with ``credentials`` (for example a pod's IRSA session)."""
@@ -275,13 +318,5 @@ class MeteringClientFactory:
         )
         return MeteringClient(shared, call_credentials=frozen)
 
-    def _build(self, credential_kwargs: Mapping[str, Any]) -> MeteringClient:
-        return MeteringClient(
-            self._session.client(
-                SERVICE_NAME,
-                region_name=self.region,
-                endpoint_url=self.endpoint_url,
-                config=self._config,
-                **credential_kwargs,
-            )
-        )
+    def _wrap(self, boto_client: Any) -> MeteringClient:
+        return MeteringClient(boto_client)

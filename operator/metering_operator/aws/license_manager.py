@@ -11,7 +11,6 @@ never assumed. Every call blocks: run it from a worker thread, never on kopf's e
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ import boto3
 from botocore.config import Config
 
 from metering_operator.aws import errors
-from metering_operator.aws.client import Credentials, call_aws, client_config
+from metering_operator.aws.client import Credentials, ServiceClientFactory, call_aws, client_config
 from metering_operator.aws.license_models import (
     CheckInLicenseRequest,
     CheckoutLicenseRequest,
@@ -107,34 +106,14 @@ class LicenseManagerClient:
         return call_aws(operation, getattr(self._client, method), params)
 
 
-class LicenseManagerClientFactory:
+class LicenseManagerClientFactory(ServiceClientFactory[LicenseManagerClient]):
     """Builds :class:`LicenseManagerClient` objects for one Region and endpoint from one session.
 
-    One session loads the service model once, so a client for a pod's temporary credentials costs
-    milliseconds; boto3 sessions are not thread-safe, hence the lock.
+    A client for a pod's temporary credentials costs milliseconds (the model is loaded once).
     """
 
-    def __init__(
-        self,
-        region: str,
-        *,
-        endpoint_url: str | None = None,
-        session: boto3.Session | None = None,
-        config: Config | None = None,
-    ) -> None:
-        self.region = require_region(region, "the License Manager client factory")
-        self.endpoint_url = endpoint_url
-        self._session = session or boto3.Session()
-        self._config = config or client_config()
-        self._lock = threading.Lock()
-        self._default: LicenseManagerClient | None = None
-
-    def default(self) -> LicenseManagerClient:
-        """The operator's own identity (scope Cluster); built once, then shared."""
-        with self._lock:
-            if self._default is None:
-                self._default = self._build({})
-            return self._default
+    service_name = SERVICE_NAME
+    purpose = "the License Manager client factory"
 
     def for_credentials(self, credentials: Credentials) -> LicenseManagerClient:
         """A client signing with ``credentials`` (a pod's IRSA session, scope Pod)."""
@@ -147,13 +126,5 @@ class LicenseManagerClientFactory:
                 }
             )
 
-    def _build(self, credential_kwargs: Mapping[str, Any]) -> LicenseManagerClient:
-        return LicenseManagerClient(
-            self._session.client(
-                SERVICE_NAME,
-                region_name=self.region,
-                endpoint_url=self.endpoint_url,
-                config=self._config,
-                **credential_kwargs,
-            )
-        )
+    def _wrap(self, boto_client: Any) -> LicenseManagerClient:
+        return LicenseManagerClient(boto_client)

@@ -124,3 +124,17 @@ CLOCK_SKEW = Gauge(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+RECORDS_REMOVED = Counter(
+    "records_removed_total",
+    "The operator's own record ConfigMaps (denials, metering journal) of deleted MeteredProducts "
+    "removed once they could no longer matter, by kind.",
+    ["kind"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+RECORD_SWEEPS = Counter(
+    "record_sweeps_total",
+    "Completed sweeps over the operator's record ConfigMaps (see records_removed_total).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)

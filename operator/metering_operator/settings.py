@@ -107,6 +107,13 @@ class OperatorSettings(BaseModel):
         "the operator uses the reference clock instead.",
     )
 
+    record_sweep_interval_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="How often the operator removes its own records (denials, metering journal) of "
+        "deleted MeteredProducts that can no longer matter; 0 turns the sweep off.",
+    )
+
     @model_validator(mode="after")
     def _pins_fit(self) -> OperatorSettings:
         for pin in self.pins.pins:

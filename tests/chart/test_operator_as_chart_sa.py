@@ -25,7 +25,7 @@ from devtools.cluster import ClusterInfo
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from metering_operator.domain.product import ANNOTATION_PRODUCT, GROUP
+from metering_operator.domain.product import ANNOTATION_PRODUCT, GROUP, MANAGED_BY, MANAGED_BY_LABEL
 from tests.chart.helmcli import Helm
 from tests.conftest import temporary_namespace
 from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importing them)
@@ -285,6 +285,7 @@ TOKEN_BOUND = "may only mint tokens bound to a Pod"
 TOKEN_AUDIENCE = "may only mint tokens for the audience sts.amazonaws.com"
 TOKEN_HOUR = "may only mint tokens valid for at most 3600 seconds"
 PRODUCT_SPEC = "never changes, creates or deletes a product"
+CONFIGMAP_ONLY = "may only delete its own records"
 WRONG_SA = "cannot bind token for serviceaccount"  # the API server's own check on pod-bound tokens
 
 
@@ -365,6 +366,11 @@ def test_chart_service_account_cannot_be_turned_against_the_cluster(
             {"metadata": {"name": "allowed", "labels": labels}, "spec": pod_spec},
         )
 
+        # In the release namespace: a ConfigMap that is not the operator's, and one of its records.
+        for cm_name, labels_ in (("seller-config", {}), ("mmo-denials-old", {MANAGED_BY_LABEL: MANAGED_BY})):
+            admin_core.create_namespaced_config_map(
+                namespace, {"metadata": {"name": cm_name, "labels": labels_}, "data": {"k": "v"}}
+            )
         api = service_account_client(cluster, kube, namespace, name, tmp_path / "chart-sa.kubeconfig")
         core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
         custom, rbac = client.CustomObjectsApi(api), client.RbacAuthorizationV1Api(api)
@@ -488,6 +494,10 @@ def test_chart_service_account_cannot_be_turned_against_the_cluster(
                 ),
                 WORKLOAD_ONLY,
             ),
+            "delete a ConfigMap in its own namespace that is not its record": (
+                lambda: core.delete_namespaced_config_map("seller-config", namespace),
+                CONFIGMAP_ONLY,
+            ),
             "pod image": (
                 lambda: core.patch_namespaced_pod(
                     "victim", ns, {"spec": {"containers": [{"name": "app", "image": "evil.invalid/x:1"}]}}
@@ -608,6 +618,8 @@ def test_chart_service_account_cannot_be_turned_against_the_cluster(
         apps.patch_namespaced_deployment(
             attack, ns, {"metadata": {"annotations": {ENTITLEMENT: "Granted 0/0"}}}
         )
+        core.delete_namespaced_config_map("mmo-denials-old", namespace)  # its own record
+        assert admin_core.read_namespaced_config_map("seller-config", namespace).data == {"k": "v"}
         token = core.create_namespaced_service_account_token("product", ns, _token(pod=victim))
         assert token.status.token
         api.close()

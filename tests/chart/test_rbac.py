@@ -65,7 +65,7 @@ NEEDED = [
     *[Access(v, "leases", "coordination.k8s.io", namespace=RELEASE_NS) for v in ("get", "create", "update")],
     Access("create", "events", namespace=RELEASE_NS),
     # denial records and the metering journal (docs/metering.md), in the operator's namespace only
-    *[Access(v, "configmaps", namespace=RELEASE_NS) for v in ("get", "create", "patch")],
+    *[Access(v, "configmaps", namespace=RELEASE_NS) for v in ("get", "list", "create", "patch", "delete")],
     *[
         Access(v, "customresourcedefinitions", "apiextensions.k8s.io", namespace=CLUSTER)
         for v in ("get", "list", "watch")
@@ -104,7 +104,7 @@ FORBIDDEN = [
     Access("update", "configmaps"),
     Access("create", "configmaps"),
     Access("patch", "configmaps"),
-    Access("delete", "configmaps", namespace=RELEASE_NS),
+    Access("update", "configmaps", namespace=RELEASE_NS),
     Access("create", "serviceaccounts"),
     Access("patch", "serviceaccounts"),
     Access("delete", "events"),

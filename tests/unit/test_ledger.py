@@ -282,6 +282,27 @@ def test_restore_brings_back_live_entries_as_unknown_and_the_open_hour() -> None
     assert (again.quantity, again.allocations, again.state) == (entry.quantity, entry.allocations, S.UNKNOWN)
 
 
+def test_a_journal_stops_being_restorable_only_when_restore_would_bring_nothing_back() -> None:
+    """The record sweeper deletes a gone product's journal once ``restorable`` is False: that must
+    never happen while :func:`restore` could still use it (re-created product, wiped status)."""
+    now = H + timedelta(hours=1, minutes=5)
+    s = L.tick(first_hour(), now, RULES, POLICY, UID)
+    journal = s.model_copy(update={"ledger": L.live_entries(s)})
+    assert L.restorable(journal, now)
+    seen = []
+    for quarter in range(0, 4 * 30):
+        at = now + timedelta(minutes=15 * quarter)
+        useful = L.restorable(journal, at)
+        seen.append(useful)
+        if not useful:
+            assert L.restore(MeteringStatus(), journal, at) == (MeteringStatus(), [])
+    # True for a while, then False for good (RESTORE_HORIZON after the newest live hour).
+    assert seen[0]
+    assert not seen[-1]
+    assert seen == sorted(seen, reverse=True)
+    assert not L.restorable(MeteringStatus(), now)
+
+
 def test_removed_dimension_expires_with_a_reason_instead_of_vanishing() -> None:
     s = L.tick(first_hour(), H + timedelta(hours=1), RULES, POLICY, UID)
     s = L.tick(s, POLICY.expires_at(H), [REPLICAS], POLICY, UID)

@@ -56,6 +56,8 @@ from metering_operator.domain.product import (
     ANNOTATION_ENTITLEMENT,
     ANNOTATION_PRODUCT,
     GROUP,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
     SCHEDULING_GATE,
 )
 
@@ -478,6 +480,7 @@ def operator_writes() -> dict[str, Any]:
                 _rule("", ["pods", "pods/*", "serviceaccounts", "serviceaccounts/token"], writes),
                 *workload_rules,
                 _rule(GROUP, ["meteredproducts"], writes, version="*"),
+                _rule("", ["configmaps"], ["DELETE"]),
             ]
         },
         "variables": [
@@ -489,6 +492,7 @@ def operator_writes() -> dict[str, Any]:
                 "request.resource.group in ['apps', 'batch'] && request.?subResource.orValue('') == ''",
             ),
             _var("isProduct", "request.resource.resource == 'meteredproducts'"),
+            _var("isConfigMap", "request.resource.resource == 'configmaps'"),
             _var(
                 "isToken",
                 "request.resource.resource == 'serviceaccounts' && "
@@ -541,6 +545,18 @@ def operator_writes() -> dict[str, Any]:
                 "messageExpression": (
                     "variables.kind + ' ' + variables.name + "
                     f"': the metering operator may only write {PREFIX}* annotations on workloads'"
+                ),
+                "reason": "Forbidden",
+            },
+            {
+                # Its records of deleted products (kube/sweep.py): never anyone else's ConfigMap.
+                "expression": (
+                    "!variables.isConfigMap || "
+                    f"oldObject.metadata.?labels[{_q(MANAGED_BY_LABEL)}].orValue('') == {_q(MANAGED_BY)}"
+                ),
+                "messageExpression": (
+                    "'ConfigMap ' + variables.name + ': the metering operator may only delete its own "
+                    f"records (label {MANAGED_BY_LABEL}={MANAGED_BY})'"
                 ),
                 "reason": "Forbidden",
             },

@@ -184,6 +184,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="how far the local clock may drift from the API server's before the operator uses the "
         "API server's (default 30)",
     )
+    parser.add_argument(
+        "--record-sweep-interval-seconds",
+        type=float,
+        default=3600.0,
+        help="how often to remove the records (denials, metering journal) of deleted MeteredProducts "
+        "that can no longer matter (default 3600; 0: never)",
+    )
 
 
 def load_pins(pin_args: list[str], pins_file: str | None) -> Any:
@@ -283,6 +290,7 @@ def _settings(
         aws_read_timeout_seconds=args.aws_read_timeout_seconds,
         aws_connect_timeout_seconds=args.aws_connect_timeout_seconds,
         clock_tolerance_seconds=args.clock_tolerance_seconds,
+        record_sweep_interval_seconds=args.record_sweep_interval_seconds,
     )
 
 
@@ -435,7 +443,7 @@ def main(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from metering_operator import metrics
-    from metering_operator.handlers import entitlement, metering, pins  # noqa: F401
+    from metering_operator.handlers import entitlement, housekeeping, metering, pins  # noqa: F401
 
     _configure_logging(settings, args.verbose)
     if settings.metrics_port:

@@ -93,6 +93,7 @@ __all__ = [
     "observe",
     "prune",
     "repair",
+    "restorable",
     "restore",
     "tick",
 ]
@@ -707,6 +708,19 @@ def restore(status: MeteringStatus, saved: MeteringStatus, now: datetime) -> tup
     kept = [edited.get((e.hour, e.dimension), e) for e in status.ledger]
     ledger = sorted([*kept, *back], key=lambda e: (e.hour, e.dimension))
     return status.model_copy(update={"open_hour": open_hour, "ledger": ledger}), findings
+
+
+def restorable(saved: MeteringStatus, now: datetime) -> bool:
+    """Whether :func:`restore` could still put anything of ``saved`` back at ``now`` or later.
+
+    A journal for which this is False can never matter again (every live entry is older than
+    :data:`RESTORE_HORIZON`, and so far outside AWS's window; the open hour is older than the
+    previous hour), so the operator may delete it once its product is gone.
+    """
+    current = hour_start(ensure_utc(now))
+    if saved.open_hour is not None and saved.open_hour.start >= current - timedelta(hours=1):
+        return True
+    return any(entry.hour >= current - RESTORE_HORIZON for entry in live_entries(saved))
 
 
 def prune(status: MeteringStatus, policy: Policy) -> MeteringStatus:

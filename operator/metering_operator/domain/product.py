@@ -57,6 +57,10 @@ ANNOTATION_REGISTERED_AT = f"{GROUP}/registered-at"
 ANNOTATION_PRODUCT = f"{GROUP}/product"
 #: The scheduling gate that holds a pod until it is registered.
 SCHEDULING_GATE = f"{GROUP}/entitlement"
+#: The label on every object the operator creates for itself (its records in its own namespace):
+#: the `-operator` admission policy lets it delete ConfigMaps carrying this label and no others.
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "marketplace-metering-operator"
 
 # --- patterns and limits (shared with the CRD; Go RE2 and Python agree on all of these) -------------
 

@@ -17,8 +17,11 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from metering_operator.domain.product import ANNOTATION_PRODUCT, MANAGED_BY, MANAGED_BY_LABEL
+
 DATA_KEY = "journal.json"
 LABEL = "marketplace.metering.dev/journal"
+COMPONENT = "metering-journal"
 
 
 def configmap_name(namespace: str, name: str) -> str:
@@ -54,8 +57,12 @@ class JournalStore:
             "metadata": {
                 "name": cm_name,
                 "namespace": self.namespace,
-                "labels": {LABEL: "true"},
-                "annotations": {"marketplace.metering.dev/product": f"{namespace}/{name}"},
+                "labels": {
+                    LABEL: "true",
+                    MANAGED_BY_LABEL: MANAGED_BY,
+                    "app.kubernetes.io/component": COMPONENT,
+                },
+                "annotations": {ANNOTATION_PRODUCT: f"{namespace}/{name}"},
             },
             "data": {DATA_KEY: json.dumps(content, sort_keys=True, separators=(",", ":"))},
         }

@@ -26,14 +26,16 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from metering_operator.domain.conditions import format_time
-from metering_operator.domain.product import GROUP
+from metering_operator.domain.product import ANNOTATION_PRODUCT, MANAGED_BY_LABEL
+from metering_operator.domain.product import MANAGED_BY as OPERATOR_NAME
 from metering_operator.kube.apiclient import release
 
 log = logging.getLogger(__name__)
 
-PRODUCT_ANNOTATION = f"{GROUP}/product"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "marketplace-metering-operator"}
-COMPONENT = {"app.kubernetes.io/component": "entitlement-denials"}
+MANAGED_BY = {MANAGED_BY_LABEL: OPERATOR_NAME}
+COMPONENT_LABEL = "app.kubernetes.io/component"
+DENIALS_COMPONENT = "entitlement-denials"
+COMPONENT = {COMPONENT_LABEL: DENIALS_COMPONENT}
 
 
 def record_name(namespace: str, name: str) -> str:
@@ -101,7 +103,7 @@ class DenialRecords:
             "metadata": {
                 "name": name,
                 "labels": {**MANAGED_BY, **COMPONENT},
-                "annotations": {PRODUCT_ANNOTATION: f"{product_namespace}/{product_name}"},
+                "annotations": {ANNOTATION_PRODUCT: f"{product_namespace}/{product_name}"},
             },
             "data": {k: v for k, v in data.items() if v is not None},
         }

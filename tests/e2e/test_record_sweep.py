@@ -23,7 +23,7 @@ from metering_operator.domain.conditions import format_time
 from metering_operator.domain.product import ANNOTATION_PRODUCT, GROUP, MANAGED_BY, MANAGED_BY_LABEL, PLURAL
 from metering_operator.kube import journal, records
 from tests.conftest import temporary_namespace
-from tests.e2e.conftest import OperatorFactory, wait_for
+from tests.e2e.conftest import PRODUCT_CODE, OperatorFactory, wait_for
 from tests.emulator.harness import EmulatorProcess
 
 pytestmark = pytest.mark.cluster
@@ -99,9 +99,11 @@ def test_records_of_deleted_products_are_removed_once_useless_and_no_sooner(
             "kind": "MeteredProduct",
             "metadata": {"name": "alive"},
             "spec": {
-                "productCode": "prod-sweep",
+                "productCode": PRODUCT_CODE,
+                "publicKeyVersion": 1,
+                "publicKey": {"pem": buyer_emulator.admin.public_key_pem(PRODUCT_CODE, 1)},
                 "selector": {"matchLabels": {"app": "nothing"}},
-                "entitlement": {"mode": "Off"},
+                "entitlement": {"mode": "Audit", "scope": "Pod"},
             },
         },
     )

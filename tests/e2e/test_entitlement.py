@@ -244,6 +244,20 @@ def gate_latency_count(op: OperatorProcess, namespace: str, product: str = "paid
     return 0.0
 
 
+def gated_gauge(op: OperatorProcess, namespace: str, state: str, product: str = "paid") -> float:
+    """``pods_gated`` for one MeteredProduct and state, as this operator process exports it."""
+    for family in text_string_to_metric_families(op.metrics()):
+        for sample in family.samples:
+            if sample.name == "marketplace_metering_pods_gated" and sample.labels == {
+                "namespace": namespace,
+                "product": product,
+                "product_code": PRODUCT_CODE,
+                "state": state,
+            }:
+                return float(sample.value)
+    return 0.0
+
+
 @pytest.fixture
 def key_pem(buyer_emulator: EmulatorProcess) -> str:
     return buyer_emulator.admin.public_key_pem(PRODUCT_CODE, 1)
@@ -422,7 +436,11 @@ def test_unentitled_buyer_pods_stay_gated_and_denied_across_restart(buyer: Buyer
     # A crash and restart must not turn a denial into a running pod, nor ask AWS again.
     op.restart(kill=True).wait_ready()
     wait_condition(kube, namespace, "paid", "Ready", "False")
-    time.sleep(5)
+    # The new process's own gauge (it starts empty): it looked at both pods and decided Denied.
+    wait_for(
+        "the restarted operator to hold both pods as Denied",
+        lambda: gated_gauge(op, namespace, "Denied") == 2,
+    )
     after = pods(kube, namespace, "paid")
     assert len(after) == 2
     for pod in after:
@@ -577,7 +595,6 @@ def test_off_mode_and_unselected_pods_are_left_alone(buyer: Buyer) -> None:
             for p in pods(kube, namespace, app)
         ),
     )
-    time.sleep(2)
     for app in ("off", "unrelated"):
         (pod,) = pods(kube, namespace, app)
         assert not any(k.startswith(GROUP) for k in notes(pod)), notes(pod)
@@ -613,7 +630,7 @@ def test_untrusted_product_code_is_refused_with_a_condition(buyer: Buyer) -> Non
     assert condition(status, "Ready")["reason"] == "UntrustedProductCode"
     created = buyer.pod()
     assert not gated(created)
-    time.sleep(2)
+    # The condition above is the operator's decision: it registers nothing for an untrusted code.
     assert buyer.emulator.admin.registrations(PRODUCT_CODE) == []
 
 

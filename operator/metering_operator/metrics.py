@@ -138,3 +138,17 @@ RECORD_SWEEPS = Counter(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+LEASE_ROUNDS = Counter(
+    "lease_rounds_total",
+    "Metering leader election rounds by outcome: led (acquired or renewed), deferred (another "
+    "replica's renewal is live), lost (another replica wrote first), error.",
+    ["outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+LEADER = Gauge(
+    "leader",
+    "1 while this replica holds the metering Lease (only the leader meters), else 0.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)

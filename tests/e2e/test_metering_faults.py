@@ -12,7 +12,6 @@ worth 2 replicas and 0.5 vCPU.
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -22,9 +21,10 @@ from typing import Any
 import pytest
 from devtools.cluster import ClusterInfo
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from metering_operator.domain.product import GROUP, PLURAL, VERSION, LedgerState
-from tests.e2e.conftest import OperatorFactory, wait_for
+from tests.e2e.conftest import OperatorFactory, OperatorProcess, wait_for
 from tests.e2e.test_metering import (
     H0,
     HOUR,
@@ -85,6 +85,17 @@ def assert_records(world: World, expected: dict[tuple[str, datetime], str]) -> N
         assert len(records[key]) == 1, f"{key}: {len(records[key])} records"
         assert Decimal(records[key][0]["quantity"]) == Decimal(quantity), f"{key}: {records[key][0]}"
     assert world.duplicate_errors() == []
+
+
+def lease_rounds(op: OperatorProcess, outcome: str) -> float:
+    """``lease_rounds_total`` for one outcome, as this operator process exports it."""
+    for family in text_string_to_metric_families(op.metrics()):
+        for sample in family.samples:
+            if sample.name == "marketplace_metering_lease_rounds_total" and sample.labels == {
+                "outcome": outcome
+            }:
+                return float(sample.value)
+    return 0.0
 
 
 def patch_status(world: World, body: dict[str, Any]) -> None:
@@ -237,7 +248,11 @@ def test_a_replica_whose_clock_runs_20s_fast_does_not_take_a_live_lease(
     for hour in range(1, 3):
         world.set_clock(H0 + hour * HOUR)
         world.wait_entries(H0 + (hour - 1) * HOUR, LedgerState.SENT, ["replicas", "vcpu"])
-    time.sleep(4)  # more than the 3 s lease: the old elector took over within one round
+    # op-b looks at the Lease round after round and defers to op-a's live renewals: seven rounds
+    # (half a third of the 3 s lease apart) span more than a lease; the old elector took over
+    # within one round.
+    deferred = lease_rounds(b, "deferred")
+    wait_for("op-b to defer for more than a lease", lambda: lease_rounds(b, "deferred") >= deferred + 7)
     lease = client.CoordinationV1Api(world.apps.api_client).read_namespaced_lease(LEASE, world.namespace)
     assert (lease.spec.holder_identity, lease.spec.lease_transitions or 0) == ("op-a", 0)
     assert "acquired lease" not in b.log()

@@ -67,6 +67,7 @@ class LeaseElector:
         now: Callable[[], datetime] = _now,
         monotonic: Callable[[], float] = time.monotonic,
         on_server_time: Callable[[datetime, float], None] | None = None,
+        on_round: Callable[[str], None] | None = None,
     ) -> None:
         if not identity:
             raise ValueError("a leader election identity is required")
@@ -80,6 +81,9 @@ class LeaseElector:
         self._now = now
         self._monotonic = monotonic
         self._on_server_time = on_server_time
+        #: Told each round's outcome: "led" (acquired or renewed), "deferred" (another holder's
+        #: renewal is still live), "lost" (another replica wrote first) or "error".
+        self._on_round = on_round or (lambda _outcome: None)
         self._lock = threading.Lock()
         # Monotonic deadlines, never wall-clock times.
         self._leading_until: float | None = None
@@ -150,6 +154,7 @@ class LeaseElector:
             if exc.status != 404:
                 log.warning("leader election: cannot read lease: %s", exc.reason)
                 self._expire_if_stale()
+                self._on_round("error")
                 return self.is_leader()
             return self._create(now, started)
         spec = lease.spec
@@ -176,6 +181,7 @@ class LeaseElector:
                     seconds,
                 )
             self._set_leading(None)
+            self._on_round("deferred")
             return False
         self._logged_holder = None
         transitions = (spec.lease_transitions or 0) if spec else 0
@@ -203,13 +209,16 @@ class LeaseElector:
         except ApiException as exc:
             if exc.status == 409:  # someone else wrote first: they won this round
                 self._set_leading(None)
+                self._on_round("lost")
                 return False
             log.warning("leader election: cannot update lease: %s", exc.reason)
             self._expire_if_stale()
+            self._on_round("error")
             return self.is_leader()
         # Lead a little less long than the lease says, counted from before the read, so we
         # stop before anyone may start (they count a full duration from after our write).
         self._set_leading(started + self.duration.total_seconds() * 2 / 3)
+        self._on_round("led")
         return True
 
     def _create(self, now: datetime, started: float) -> bool:
@@ -231,8 +240,10 @@ class LeaseElector:
             if exc.status != 409:
                 log.warning("leader election: cannot create lease: %s", exc.reason)
             self._set_leading(None)
+            self._on_round("lost" if exc.status == 409 else "error")
             return False
         self._set_leading(started + self.duration.total_seconds() * 2 / 3)
+        self._on_round("led")
         return True
 
     def _expire_if_stale(self) -> None:
@@ -253,6 +264,7 @@ class LeaseElector:
                 self.try_acquire_or_renew()
             except Exception:  # the loop must survive anything; leadership then lapses by itself
                 log.exception("leader election round failed")
+                self._on_round("error")
             self._stop.wait(period if self.is_leader() else period / 2)
 
     def stop(self, release: bool = True) -> None:

@@ -108,7 +108,9 @@ def build_runtime(
         settings.lease_duration_seconds,
         now=(wall or clock).now,
         on_server_time=reference.observe if reference is not None else None,
+        on_round=lambda outcome: metrics.LEASE_ROUNDS.labels(outcome=outcome).inc(),
     )
+    metrics.LEADER.set_function(lambda: 1.0 if elector.is_leader() else 0.0)
     elector.start()
     config = client_config(
         connect_timeout=settings.aws_connect_timeout_seconds, read_timeout=settings.aws_read_timeout_seconds

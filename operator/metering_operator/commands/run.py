@@ -477,13 +477,19 @@ def main(args: argparse.Namespace) -> int:
         settings.posting.level = logging.WARNING
         settings.persistence.finalizer = "marketplace.metering.dev/operator"
 
+    from metering_operator.kube.apiclient import new_api_client
+    from metering_operator.kube.podcache import PodCache
     from metering_operator.metering.runtime import build_runtime as build_metering_runtime
 
+    # One pod list + watch per namespace, shared by the gate and metering (one connection each).
+    pod_cache = PodCache(new_api_client(pool_size=max(4, len(settings.namespaces) + 2)))
     memo = kopf.Memo(
         settings=settings,
         clock=clock,
-        gate_runtime=entitlement.build_runtime(settings, clock),
-        metering_runtime=build_metering_runtime(settings, clock, wall=wall, reference=reference),
+        gate_runtime=entitlement.build_runtime(settings, clock, pod_cache),
+        metering_runtime=build_metering_runtime(
+            settings, clock, wall=wall, reference=reference, cache=pod_cache
+        ),
     )
     log.info(
         "starting: region=%s namespaces=%s trusted=%s pinned=%s webhook=%s",

@@ -1,10 +1,10 @@
 """The per-MeteredProduct control loop of the entitlement gate: the state machine's runtime.
 
-One :class:`ProductController` runs per MeteredProduct (a kopf daemon thread). It lists and
-watches only the product's pods (namespace + the product's own selector, filtered by the API
-server) and feeds everything that happens -- pod events, worker results, timers, product
-changes -- as messages into the pure :func:`metering_operator.gate.machine.step`, then carries
-out the effects it returns:
+One :class:`ProductController` runs per MeteredProduct (a kopf daemon thread). It subscribes
+to its namespace's shared pod cache (:mod:`metering_operator.kube.podcache`: one list + watch per
+namespace for every product and for metering) with the product's selector, and feeds everything
+that happens -- pod events, worker results, timers, product changes -- as messages into the pure
+:func:`metering_operator.gate.machine.step`, then carries out the effects it returns:
 
 * RegisterUsage attempts go to the shared ``aws_pool``; pod writes, evictions, Events, status
   writes and workload summaries to the shared ``kube_pool`` -- so none of those waits behind AWS;
@@ -12,16 +12,16 @@ out the effects it returns:
   delivered as ``Due`` messages when their time comes: no worker ever sleeps, and a throttled
   product holds at most ``max_inflight`` AWS workers, never another product's pods.
 
-All of the controller's state is touched by its own thread only: the watch thread and the
-workers talk to it through a queue.
+All of the controller's state is touched by its own thread only: the cache's namespace thread
+and the workers talk to it through a queue.
 
 Status (counts, ``Ready``/``Entitled`` conditions, ``observedGeneration``, scope Cluster's
 ``registration``) is written by :mod:`metering_operator.gate.status` with server-side apply, and
 only when it differs from what the object already says. This is the only writer of ``Ready``
 (:func:`metering_operator.domain.readiness.ready_condition`), which also judges the
 ``Metering`` condition the metering handlers own and write; the controller re-judges Ready
-when that condition's verdict changes on the (live) object. The product's watch ends the
-moment the controller stops (deletion), not at the watch's server-side timeout.
+when that condition's verdict changes on the (live) object. The product's subscription ends the
+moment the controller stops (deletion); the namespace's watch ends with its last subscriber.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, assert_never
 
@@ -44,10 +45,12 @@ from pydantic import ValidationError
 
 from metering_operator import metrics
 from metering_operator.domain import entitlement as ent
+from metering_operator.domain.cached_pod import CachedPod
 from metering_operator.domain.conditions import get_condition
 from metering_operator.domain.pins import resolve
-from metering_operator.domain.product import EntitlementMode, MeteredProductSpec
+from metering_operator.domain.product import EntitlementMode, LabelSelector, MeteredProductSpec
 from metering_operator.domain.readiness import metering_rejects
+from metering_operator.domain.selectors import to_query
 from metering_operator.domain.signature import SignatureError, load_public_key
 from metering_operator.gate import effects as fx
 from metering_operator.gate import machine
@@ -55,9 +58,9 @@ from metering_operator.gate import model as m
 from metering_operator.gate.product import ProductInfo
 from metering_operator.gate.runtime import GateRuntime
 from metering_operator.gate.status import GateView, StatusWrite, StatusWriter
+from metering_operator.kube.podcache import Subscription
 from metering_operator.kube.pods import WorkloadRef
 from metering_operator.kube.records import record_name
-from metering_operator.kube.watch import WatchExpired, WatchStream
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,13 @@ FLUSH_INTERVAL_SECONDS = 0.5
 #: The product (spec, key) is looked at this often; a ConfigMap key is re-read every minute.
 PRODUCT_POLL_SECONDS = 0.2
 KEY_REFRESH_SECONDS = 60.0
+#: A listing whose denial record could not be read is tried again after this long.
+LISTING_RETRY_SECONDS = 1.0
 
 #: The controller's own note that a status write answered (True: done or nothing left to do).
 _StatusDone = bool
 #: (watch token, or 0 for workers' answers; the message). Status answers use token -1.
-Envelope = tuple[int, "m.Message | _StatusDone"]
+Envelope = tuple[int, "m.Message | _Listing | _StatusDone"]
 
 
 class ProductController:
@@ -95,8 +100,11 @@ class ProductController:
         self._key_loaded_at = 0.0
         self._watch_token = 0
         self._watch_selector: str | None = None
-        self._watch_stop: threading.Event | None = None
-        self._watch_stream: WatchStream | None = None
+        self._subscription: Subscription | None = None
+        #: A listing whose denial record could not be read yet: (token, pods, retry at).
+        self._listing: tuple[int, tuple[m.Pod, ...], float] | None = None
+        #: This subscription's pod messages that came while the listing waits (in order).
+        self._held: list[m.Message] = []
         self._stop = threading.Event()
         self._dirty = True
         self._last_flush = 0.0
@@ -115,6 +123,7 @@ class ProductController:
                 try:
                     self._refresh_product()
                     self._notice_metering()
+                    self._retry_listing()
                     self._drain(timeout=self._next_wait())
                     self._fire_timers()
                     self._flush()
@@ -124,7 +133,7 @@ class ProductController:
                     stopped.wait(1.0)
         finally:
             self._stop.set()
-            self._stop_watch()
+            self._unsubscribe()
             self._clear_gauges()
 
     def dispatch(self, message: m.Message) -> None:
@@ -136,6 +145,8 @@ class ProductController:
 
     def _next_wait(self) -> float:
         wait = PRODUCT_POLL_SECONDS
+        if self._listing is not None:
+            wait = min(wait, max(0.0, self._listing[2] - time.monotonic()))
         if self._timers:
             until = (self._timers[0][0] - self.rt.clock.now()).total_seconds()
             wait = min(wait, max(0.0, until))
@@ -164,22 +175,20 @@ class ProductController:
                 self._dirty = True
             return
         if token and token != self._watch_token:
-            return  # from a watch that has been replaced
+            return  # from a subscription that has been replaced
         assert not isinstance(message, bool)
-        self.dispatch(message)
+        if isinstance(message, _Listing):
+            self._take_listing(token, message.pods)
+        elif token and self._listing is not None:
+            self._held.append(message)  # after the listing that waits for its denial record
+        else:
+            self.dispatch(message)
 
     def _fire_timers(self) -> None:
         now = self.rt.clock.now()
         while self._timers and self._timers[0][0] <= now:
             _, _, key = heapq.heappop(self._timers)
             self.dispatch(m.Due(key))
-
-    def _stop_watch(self) -> None:
-        """End the pod watch now: its blocked read is cut short, so the thread exits at once."""
-        if self._watch_stop is not None:
-            self._watch_stop.set()
-        if self._watch_stream is not None:
-            self._watch_stream.close()
 
     # ------------------------------------------------------------------------------------------
     # effects
@@ -270,7 +279,7 @@ class ProductController:
             resolution=resolution,
         )
         if info.selector != self._watch_selector:
-            self._restart_watch(info.selector)
+            self._resubscribe(info.spec.selector)
         if previous is None or info != previous:
             self.dispatch(m.ProductChanged(info))
 
@@ -311,60 +320,52 @@ class ProductController:
             return None, str(exc)
 
     # ------------------------------------------------------------------------------------------
-    # pod watch (its own thread; talks to the loop through the queue)
+    # pods: a subscription to the namespace's shared pod cache (its thread enqueues, we decide)
 
-    def _restart_watch(self, selector: str) -> None:
-        self._stop_watch()
+    def _resubscribe(self, selector: LabelSelector) -> None:
+        self._unsubscribe()
         self._watch_token += 1
-        self._watch_selector = selector
-        stop = threading.Event()
-        stream = WatchStream()
-        self._watch_stop, self._watch_stream = stop, stream
-        thread = threading.Thread(
-            target=self._watch_loop,
-            args=(selector, self._watch_token, stop, stream),
-            name=f"watch-{self.namespace}-{self.name}",
-            daemon=True,
-        )
-        thread.start()
+        self._watch_selector = to_query(selector)
+        self._listing = None
+        self._held = []
+        listener = _PodListener(self._queue, self._watch_token)
+        self._subscription = self.rt.pod_cache().subscribe(self.namespace, selector, listener)
 
-    def _watch_loop(self, selector: str, token: int, stop: threading.Event, stream: WatchStream) -> None:
-        while not stop.is_set():
-            try:
-                # The operator's own denial record first: a pod in it is never registered again.
-                denials = self.rt.records.load(self.namespace, self.name)
-                items, rv = self.rt.pods.list(self.namespace, selector)
-                self._queue.put((token, m.Listed(tuple(items), denials)))
-                while not stop.is_set():
-                    for event_type, obj in self.rt.pods.watch(
-                        self.namespace, selector, rv, WATCH_TIMEOUT_SECONDS, stream
-                    ):
-                        rv = obj.get("metadata", {}).get("resourceVersion") or rv
-                        if event_type == "BOOKMARK":
-                            continue
-                        if stop.is_set():
-                            return
-                        if event_type == "DELETED":
-                            self._queue.put((token, m.PodDeleted(str(obj["metadata"]["uid"]))))
-                        else:
-                            self._queue.put((token, m.PodUpdated(obj)))
-            except WatchExpired:
-                continue
-            except ApiException as exc:
-                # E.g. 403 on the denial record: no pod is decided without it (a denial must stay final).
-                log.error(
-                    "pod list/watch for %s/%s failed: %s %s (denial record: ConfigMap %s/%s); retrying",
-                    self.namespace,
-                    self.name,
-                    exc.status,
-                    exc.reason,
-                    self.rt.records.namespace,
-                    record_name(self.namespace, self.name),
-                )
-                stop.wait(1.0)
-            except Exception:
-                log.exception("pod watch for %s/%s failed; listing again", self.namespace, self.name)
-                stop.wait(1.0)
+    def _unsubscribe(self) -> None:
+        """Leave the namespace's cache now (the last subscriber leaving ends its watch at once)."""
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+
+    def _take_listing(self, token: int, pods: tuple[m.Pod, ...]) -> None:
+        """The product's pods as listed, with the operator's own denial record (read first: a pod
+        in it is never registered again). False when the record cannot be read: retried, and no
+        other pod message of this subscription is taken before it (a denial must stay final)."""
+        try:
+            denials = self.rt.records.load(self.namespace, self.name)
+        except ApiException as exc:
+            # E.g. 403 on the denial record: no pod is decided without it.
+            log.error(
+                "pod list for %s/%s: denial record unreadable: %s %s (ConfigMap %s/%s); retrying",
+                self.namespace,
+                self.name,
+                exc.status,
+                exc.reason,
+                self.rt.records.namespace,
+                record_name(self.namespace, self.name),
+            )
+            self._listing = (token, pods, time.monotonic() + LISTING_RETRY_SECONDS)
+            return
+        self._listing = None
+        self.dispatch(m.Listed(pods, denials))
+        held, self._held = self._held, []
+        for message in held:
+            self.dispatch(message)
+
+    def _retry_listing(self) -> None:
+        if self._listing is not None and self._listing[2] <= time.monotonic():
+            token, pods, _ = self._listing
+            self._take_listing(token, pods)
 
     # ------------------------------------------------------------------------------------------
     # status and workloads (coalesced, written from the kube pool)
@@ -436,3 +437,27 @@ class ProductController:
 
 def _same_key(a: RSAPublicKey, b: RSAPublicKey) -> bool:
     return a.public_numbers() == b.public_numbers()
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """The subscription's pods as first listed (made a ``Listed`` once the denial record is read)."""
+
+    pods: tuple[m.Pod, ...]
+
+
+class _PodListener:
+    """Called by the namespace's cache thread: only enqueues, tagged with the subscription."""
+
+    def __init__(self, queue_: queue.Queue[Envelope], token: int) -> None:
+        self._queue = queue_
+        self._token = token
+
+    def listed(self, pods: list[CachedPod]) -> None:
+        self._queue.put((self._token, _Listing(tuple(p.gate for p in pods))))
+
+    def updated(self, pod: CachedPod) -> None:
+        self._queue.put((self._token, m.PodUpdated(pod.gate)))
+
+    def deleted(self, pod: CachedPod) -> None:
+        self._queue.put((self._token, m.PodDeleted(pod.uid)))

@@ -21,6 +21,7 @@ from metering_operator.domain.entitlement import UngatedPodAction
 from metering_operator.domain.pins import Pins
 from metering_operator.gate.registrar import Registrar
 from metering_operator.kube.events import EventPoster
+from metering_operator.kube.podcache import PodCache
 from metering_operator.kube.pods import PodApi
 from metering_operator.kube.records import DenialRecords
 
@@ -41,7 +42,14 @@ class GateRuntime:
     ungated_pod_action: UngatedPodAction = UngatedPodAction.EVICT
     pins: Pins = field(default_factory=Pins)
     post_grant_events: bool = True
+    #: The namespaces' shared pod cache (metering reads the same one); made on first use if not given.
+    cache: PodCache | None = None
     _kube_system_uid: str | None = None
+
+    def pod_cache(self) -> PodCache:
+        if self.cache is None:
+            self.cache = PodCache(self.api)
+        return self.cache
 
     def kube_system_uid(self) -> str:
         if self._kube_system_uid is None:

@@ -39,6 +39,7 @@ from metering_operator.gate.registrar import Registrar
 from metering_operator.gate.runtime import GateRuntime
 from metering_operator.kube.apiclient import new_api_client
 from metering_operator.kube.events import EventPoster
+from metering_operator.kube.podcache import PodCache
 from metering_operator.kube.pods import PodApi
 from metering_operator.kube.records import DenialRecords
 from metering_operator.kube.webhook import HANDLER_ID, delete_webhook_configuration
@@ -52,7 +53,9 @@ AWS_WORKERS = 32
 KUBE_WORKERS = 16
 
 
-def build_runtime(settings: OperatorSettings, clock: Clock | None = None) -> GateRuntime:
+def build_runtime(
+    settings: OperatorSettings, clock: Clock | None = None, cache: PodCache | None = None
+) -> GateRuntime:
     api = new_api_client(pool_size=AWS_WORKERS + KUBE_WORKERS + 8)
     pods = PodApi(api)
     clock = clock or SystemClock()
@@ -68,6 +71,7 @@ def build_runtime(settings: OperatorSettings, clock: Clock | None = None) -> Gat
         records=DenialRecords(api, settings.operator_namespace),
         ungated_pod_action=settings.ungated_pod_action,
         pins=settings.pins,
+        cache=cache,
     )
 
 

@@ -3,20 +3,22 @@
 Sampling every minute must not list pods every minute, nor hold every pod of the cluster in
 memory. Each product namespace gets:
 
-* one pod informer per distinct label selector, with the selector sent to the API server
-  (``labelSelector``), so only the product's own pods ever arrive;
+* pods: a subscription per product to the namespace's shared pod cache
+  (:mod:`metering_operator.kube.podcache`: one list + watch per namespace, shared with the
+  entitlement gate, keeping only the compact copies of the pods some product selects);
 * one informer per workload kind (Deployments, StatefulSets, DaemonSets) in that namespace:
   workloads are selected by their *pod template's* labels, which the API server cannot filter
   on, but a namespace holds few of them.
 
-An informer is the classic list-then-watch loop (resume from the last resourceVersion, relist
-on 410 Gone) running in a daemon thread, keeping only the compact
-:class:`~metering_operator.domain.sampling.PodView` / ``WorkloadView`` per object, built from the
-raw JSON (``_preload_content=False``) so no heavy client model objects are created.
-Informers are shared by the products that use them: each call names the product (its
-``namespace/name``), and :meth:`ObservedIndex.release` -- called when the product is deleted or
-stops metering -- stops every informer no other product uses, cutting its blocked watch short
-(:class:`~metering_operator.kube.watch.WatchStream`), so its thread and connection end at once.
+An informer is the classic list-then-watch loop (paginated list, resume from the last
+resourceVersion, relist on 410 Gone) running in a daemon thread, keeping only the compact
+``WorkloadView`` per object, built from the raw JSON (``_preload_content=False``) so no heavy client
+model objects are created. Subscriptions and informers are shared by the products that use them:
+each call names the product (its ``namespace/name``), and :meth:`ObservedIndex.release` -- called
+when the product is deleted or stops metering -- drops the product's pod subscription (the
+namespace's watch ends with its last subscriber) and stops every informer no other product uses,
+cutting its blocked watch short (:class:`~metering_operator.kube.watch.WatchStream`), so its
+thread and connection end at once.
 """
 
 from __future__ import annotations
@@ -30,18 +32,17 @@ from typing import Any, Generic, TypeVar
 from kubernetes import client
 
 from metering_operator.domain.product import LabelSelector
-from metering_operator.domain.sampling import PodView, WorkloadView, pod_view, workload_view
+from metering_operator.domain.sampling import PodView, WorkloadView, workload_view
 from metering_operator.domain.selectors import to_query
+from metering_operator.kube.podcache import NotSynced as NotSynced  # re-exported for the cycle
+from metering_operator.kube.podcache import PodCache, Subscription
 from metering_operator.kube.watch import WatchExpired, WatchStream
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
 WATCH_TIMEOUT_SECONDS = 240
 SYNC_TIMEOUT_SECONDS = 30.0
-
-
-class NotSynced(RuntimeError):
-    """The informer has not completed its first list yet."""
+LIST_PAGE_SIZE = 500
 
 
 class Informer(Generic[V]):
@@ -97,9 +98,20 @@ class Informer(Generic[V]):
                 self._stop.wait(1.0)
 
     def _list(self) -> str:
-        response = self._list_fn(**self._kwargs, _preload_content=False, _request_timeout=60)
-        data = json.loads(response.data)
-        items = {item["metadata"]["uid"]: self._view(item) for item in data.get("items") or []}
+        items: dict[str, V] = {}
+        token: str | None = None
+        while True:
+            paging: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
+            if token:
+                paging["_continue"] = token
+            response = self._list_fn(**self._kwargs, **paging, _preload_content=False, _request_timeout=60)
+            data = json.loads(response.data)
+            response.release_conn()
+            for item in data.get("items") or []:
+                items[item["metadata"]["uid"]] = self._view(item)
+            token = (data.get("metadata") or {}).get("continue")
+            if not token:
+                break
         with self._lock:
             self._items = items
         self.relists += 1
@@ -127,37 +139,29 @@ class Informer(Generic[V]):
 
 
 class ObservedIndex:
-    """Shared informers for the products' namespaces and selectors, released with the products."""
+    """Pods from the shared cache and workload informers, released with the products."""
 
-    def __init__(self, api: client.ApiClient) -> None:
-        self.core = client.CoreV1Api(api)
+    def __init__(self, api: client.ApiClient, cache: PodCache | None = None) -> None:
         self.apps = client.AppsV1Api(api)
+        self.cache = cache if cache is not None else PodCache(api)
         self._lock = threading.Lock()
+        #: product -> its pod subscription (one selector per product)
+        self._pods: dict[str, Subscription] = {}
         # key -> (informer, the products using it)
-        self._pods: dict[tuple[str, str], tuple[Informer[PodView], set[str]]] = {}
         self._workloads: dict[tuple[str, str], tuple[Informer[WorkloadView], set[str]]] = {}
 
     def pods(
         self, product: str, namespace: str, selector: LabelSelector, timeout: float = SYNC_TIMEOUT_SECONDS
     ) -> list[PodView]:
         """The pods ``selector`` selects in ``namespace``, on behalf of ``product``."""
-        query = to_query(selector)
-        key = (namespace, query)
         with self._lock:
-            # A product uses one pod selector: a changed selector releases the old informer.
-            self._drop_user(self._pods, product, keep=key)
-            entry = self._pods.get(key)
-            if entry is None:
-                kwargs: dict[str, Any] = {"namespace": namespace}
-                if query:
-                    kwargs["label_selector"] = query
-                informer = Informer(
-                    f"pods/{namespace}/{query}", self.core.list_namespaced_pod, kwargs, pod_view
-                )
-                informer.start()
-                entry = self._pods[key] = (informer, set())
-            entry[1].add(product)
-        return entry[0].snapshot(timeout)
+            sub = self._pods.get(product)
+            if sub is not None and (sub.namespace != namespace or sub.key != to_query(selector)):
+                sub.close()  # a changed selector: the old one is no longer needed for this product
+                sub = None
+            if sub is None:
+                sub = self._pods[product] = self.cache.subscribe(namespace, selector)
+        return [pod.view for pod in sub.snapshot(timeout)]
 
     def workloads(
         self, product: str, namespace: str, timeout: float = SYNC_TIMEOUT_SECONDS
@@ -192,7 +196,9 @@ class ObservedIndex:
     def release(self, product: str) -> None:
         """``product`` no longer samples: stop the informers nobody else uses."""
         with self._lock:
-            self._drop_user(self._pods, product)
+            sub = self._pods.pop(product, None)
+            if sub is not None:
+                sub.close()
             self._drop_user(self._workloads, product)
 
     @staticmethod
@@ -210,17 +216,20 @@ class ObservedIndex:
 
     def _informers(self) -> list[Informer[Any]]:
         with self._lock:
-            return [entry[0] for entry in self._pods.values()] + [
-                entry[0] for entry in self._workloads.values()
-            ]
+            return [entry[0] for entry in self._workloads.values()]
 
     def threads(self) -> list[threading.Thread]:
-        """The running informers' threads (tests prove a released informer's thread ends)."""
-        return [i.thread for i in self._informers()]
+        """The pod cache's namespace threads, then the workload informers' (tests prove a released
+        one ends)."""
+        return self.cache.threads() + [i.thread for i in self._informers()]
 
     def stats(self) -> dict[str, int]:
         informers = self._informers()
+        pods = self.cache.stats()
         return {
+            "pod_subscriptions": len(self._pods),
+            "pod_namespaces": pods["namespaces"],
+            "pods": pods["pods"],
             "informers": len(informers),
             "objects": sum(i.size() for i in informers),
             "events": sum(i.events for i in informers),

@@ -21,6 +21,7 @@ from metering_operator.kube.events import EventPoster
 from metering_operator.kube.journal import JournalStore
 from metering_operator.kube.leader import LeaseElector
 from metering_operator.kube.observed import ObservedIndex
+from metering_operator.kube.podcache import PodCache
 from metering_operator.kube.status import StatusStore
 from metering_operator.metering.journal import Journal
 from metering_operator.metering.plan import metering_owners
@@ -96,9 +97,11 @@ def build_runtime(
     *,
     wall: Clock | None = None,
     reference: ReferenceClock | None = None,
+    cache: PodCache | None = None,
 ) -> MeteringRuntime:
     """The runtime. ``wall`` is the local wall clock (the Lease's renewTime is written with it);
-    ``reference``, when the API server's clock bounds ``clock``, is fed by the Lease reads."""
+    ``reference``, when the API server's clock bounds ``clock``, is fed by the Lease reads;
+    ``cache`` is the namespaces' pod cache the gate shares (its own when not given)."""
     api = new_api_client(pool_size=32)
     elector = LeaseElector(
         api,
@@ -119,7 +122,7 @@ def build_runtime(
         settings=settings,
         clock=clock,
         store=StatusStore(api),
-        index=ObservedIndex(api),
+        index=ObservedIndex(api, cache),
         elector=elector,
         aws=MeteringClient.create(settings.region, config=config),
         events=EventPoster(api),

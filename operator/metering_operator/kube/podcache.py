@@ -1,0 +1,390 @@
+"""One shared, selector-indexed cache of pods per watched namespace, for the gate and metering.
+
+Before, every MeteredProduct's gate ran its own filtered pod list + watch in a thread of its own,
+and metering ran one more informer per distinct selector: with 50 products, about a hundred
+watches of the same pods and as many copies of them. Here each namespace in use has exactly one
+list + watch of *all* its pods (a label selector cannot express "any of 50 selectors"), in one
+daemon thread, and keeps only:
+
+* the pods that at least one registered selector selects -- every other pod is parsed from the
+  raw JSON line (``json``, never the client's models), found unselected by the
+  :class:`~metering_operator.domain.selector_index.SelectorIndex` and dropped at once, so a
+  namespace with 10,000 pods no product selects costs no memory;
+* of those, the compact :class:`~metering_operator.domain.cached_pod.CachedPod` (the gate's few
+  fields and metering's ``PodView``), not the object.
+
+Consumers :meth:`PodCache.subscribe` with (namespace, selector, listener): the listener gets
+``listed`` (its selected pods, once, when the subscription is synced) and then ``updated`` /
+``deleted`` as they happen -- the same stream a server-side filtered watch would give, including
+``deleted`` when a pod's labels stop matching. Listeners are called with the namespace's lock held,
+from its thread: they only enqueue (the gate's controller) or nothing at all (metering reads
+:meth:`Subscription.snapshot` when it samples).
+
+The loop: a paginated initial list (``limit``/``continue``), a watch with bookmarks resumed from
+the last resourceVersion, a relist on 410 Gone, on a watch error, every :data:`RESYNC_SECONDS`
+(bounded: the watch's own timeout is cut to end then), and when a subscriber brings a selector the
+namespace does not have yet (the pods it selects were dropped before; an identical selector is
+served from memory at once). A relist is diffed against the store, so existing subscribers see
+ordinary updates and deletions; only new subscribers get ``listed``. The last subscriber of a
+namespace leaving stops its thread at once (:class:`~metering_operator.kube.watch.WatchStream`
+cuts the blocked read short) and drops its pods.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from kubernetes import client
+
+from metering_operator.domain.cached_pod import CachedPod, compact
+from metering_operator.domain.product import LabelSelector
+from metering_operator.domain.selector_index import SelectorIndex
+from metering_operator.domain.selectors import to_query
+from metering_operator.kube.watch import WatchExpired, WatchStream
+
+log = logging.getLogger(__name__)
+
+#: Server-side timeout of one watch request; the watch resumes from the last resourceVersion after.
+WATCH_TIMEOUT_SECONDS = 240
+#: A full relist at least this often, diffed against the store: repairs anything a watch missed.
+RESYNC_SECONDS = 900.0
+#: Pods per page of a list. Small: unselected pods are parsed a page at a time, so the page bounds
+#: the transient memory of a relist of a namespace with 10,000 pods nobody selects.
+PAGE_SIZE = 100
+SYNC_TIMEOUT_SECONDS = 30.0
+
+
+class NotSynced(RuntimeError):
+    """The subscription's first list has not completed yet."""
+
+
+class Listener(Protocol):
+    """What a subscriber is told; called from the namespace's thread with its lock held: enqueue only."""
+
+    def listed(self, pods: list[CachedPod]) -> None: ...
+
+    def updated(self, pod: CachedPod) -> None: ...
+
+    def deleted(self, pod: CachedPod) -> None: ...
+
+
+class Subscription:
+    """One subscriber's (namespace, selector): its listener's stream and its snapshot."""
+
+    def __init__(
+        self, cache: PodCache, namespace: str, selector: LabelSelector, listener: Listener | None
+    ) -> None:
+        self.id = next(_ids)
+        self.namespace = namespace
+        self.selector = selector
+        self.key = to_query(selector)
+        self.listener = listener
+        self.synced = threading.Event()
+        self._cache = cache
+
+    def snapshot(self, timeout: float = SYNC_TIMEOUT_SECONDS) -> list[CachedPod]:
+        """The pods the selector selects now (waits for the first list)."""
+        if not self.synced.wait(timeout):
+            what = f"pods of {self.namespace} ({self.key or 'all'})"
+            raise NotSynced(f"{what} not synced within {timeout:.0f}s")
+        return self._cache._snapshot(self)
+
+    def close(self) -> None:
+        self._cache.unsubscribe(self)
+
+
+_ids = itertools.count(1)
+
+
+class _Selected:
+    """One distinct selector of a namespace: its subscribers and the uids it selects."""
+
+    def __init__(self, selector: LabelSelector) -> None:
+        self.selector = selector
+        self.subs: dict[int, Subscription] = {}
+        self.members: set[str] = set()
+
+
+class _Namespace:
+    """The store, selectors and list + watch thread of one namespace."""
+
+    def __init__(self, api: client.CoreV1Api, namespace: str, clock: Callable[[], float]) -> None:
+        self.api = api
+        self.namespace = namespace
+        self._clock = clock
+        self.lock = threading.Lock()
+        self.store: dict[str, CachedPod] = {}
+        self.selected: dict[str, _Selected] = {}
+        self.index: SelectorIndex[str] = SelectorIndex()
+        #: Subscribers waiting for their first ``listed``.
+        self.pending: dict[int, Subscription] = {}
+        #: Bumped when a selector is added: a list that started before must be redone.
+        self.generation = 0
+        self.listed_generation = -1
+        self.version = ""
+        self.listed_at = -1e18
+        self.relists = 0
+        self.events = 0
+        self._stream: WatchStream | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"pods-{namespace}", daemon=True)
+
+    # -- subscribers (any thread) ------------------------------------------------------------
+    def add(self, sub: Subscription) -> None:
+        with self.lock:
+            selected = self.selected.get(sub.key)
+            if selected is None:
+                selected = self.selected[sub.key] = _Selected(sub.selector)
+                self.index.add(sub.key, sub.selector)
+                self.generation += 1
+            selected.subs[sub.id] = sub
+            if self.listed_generation >= 0 and self.listed_generation == self.generation:
+                # A selector the store already serves: synced from memory, no list.
+                self._deliver_listed(sub, selected)
+                return
+            self.pending[sub.id] = sub
+            stream = self._stream
+        if stream is not None:
+            stream.close()  # wake the watch: the loop relists for the new selector
+
+    def remove(self, sub: Subscription) -> bool:
+        """Drop ``sub``; True when the namespace has no subscriber left."""
+        with self.lock:
+            self.pending.pop(sub.id, None)
+            selected = self.selected.get(sub.key)
+            if selected is not None and selected.subs.pop(sub.id, None) is not None and not selected.subs:
+                del self.selected[sub.key]
+                self.index.remove(sub.key)
+                for uid in selected.members:
+                    pod = self.store.get(uid)
+                    if pod is not None and not self.index.selects(pod.labels):
+                        del self.store[uid]
+            return not self.selected
+
+    def snapshot(self, sub: Subscription) -> list[CachedPod]:
+        with self.lock:
+            selected = self.selected.get(sub.key)
+            if selected is None:
+                return []
+            return [self.store[uid] for uid in selected.members]
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self.lock:
+            stream = self._stream
+            self.store.clear()
+        if stream is not None:
+            stream.close()
+
+    # -- the loop (its own thread) ----------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._needs_list():
+                    self._list()
+                    continue  # a selector may have come while listing
+                self._watch()
+            except WatchExpired:
+                self.version = ""  # too old: list again
+            except Exception as exc:  # network trouble, API server restart: back off and relist
+                if self._stop.is_set():
+                    return
+                log.warning("pod cache of %s: %s; listing again", self.namespace, exc)
+                self.version = ""
+                self._stop.wait(1.0)
+
+    def _needs_list(self) -> bool:
+        with self.lock:
+            return (
+                not self.version
+                or self.listed_generation != self.generation
+                or self._clock() - self.listed_at >= RESYNC_SECONDS
+            )
+
+    def _list(self) -> None:
+        with self.lock:
+            generation = self.generation
+        kept: dict[str, CachedPod] = {}
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": 60}
+            if token:
+                kwargs["_continue"] = token
+            response = self.api.list_namespaced_pod(self.namespace, **kwargs)
+            data = json.loads(response.data)
+            response.release_conn()
+            if self._stop.is_set():
+                return
+            with self.lock:
+                # Judged against the selectors of now: a page is dropped as it is read.
+                for item in data.get("items") or ():
+                    labels = (item.get("metadata") or {}).get("labels")
+                    if self.index.selects(labels):
+                        pod = compact(item)
+                        kept[pod.uid] = pod
+            meta = data.get("metadata") or {}
+            token = meta.get("continue")
+            del data
+            if not token:
+                break
+        with self.lock:
+            self._replace(kept)
+            self.version = str(meta.get("resourceVersion") or "")
+            self.listed_at = self._clock()
+            self.listed_generation = generation
+            self.relists += 1
+            if generation == self.generation:
+                for sub in list(self.pending.values()):
+                    selected = self.selected.get(sub.key)
+                    if selected is not None:
+                        self._deliver_listed(sub, selected)
+                self.pending.clear()
+
+    def _watch(self) -> None:
+        stream = WatchStream()
+        with self.lock:
+            if self._stop.is_set() or self.listed_generation != self.generation:
+                return
+            self._stream = stream
+            remaining = RESYNC_SECONDS - (self._clock() - self.listed_at)
+        timeout = max(1, min(WATCH_TIMEOUT_SECONDS, int(remaining) + 1))
+        try:
+            for kind, obj in stream.events(
+                self.api.list_namespaced_pod,
+                timeout,
+                namespace=self.namespace,
+                resource_version=self.version,
+            ):
+                meta = obj.get("metadata") or {}
+                self.version = str(meta.get("resourceVersion") or self.version)
+                if kind == "BOOKMARK":
+                    continue
+                with self.lock:
+                    self.events += 1
+                    self._apply(kind, obj)
+        finally:
+            with self.lock:
+                self._stream = None
+
+    # -- the store (lock held) -----------------------------------------------------------------
+    def _apply(self, kind: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        uid = str(meta.get("uid") or "")
+        old = self.store.get(uid)
+        if kind == "DELETED":
+            if old is not None:
+                del self.store[uid]
+                self._changed(old, None)
+            return
+        if not self.index.selects(meta.get("labels")):
+            if old is not None:
+                del self.store[uid]
+                self._changed(old, None)
+            return  # nobody selects it: dropped without building anything
+        pod = compact(obj)
+        self.store[uid] = pod
+        self._changed(old, pod)
+
+    def _replace(self, kept: dict[str, CachedPod]) -> None:
+        """A relist: the new store, and what changed told to the subscribers already synced."""
+        old_store = self.store
+        self.store = kept
+        for selected in self.selected.values():
+            selected.members = set()
+        for uid, pod in kept.items():
+            old = old_store.get(uid)
+            self._changed(old, pod, notify=old is None or old.resource_version != pod.resource_version)
+        for uid, old in old_store.items():
+            if uid not in kept:
+                self._changed(old, None)
+
+    def _changed(self, old: CachedPod | None, new: CachedPod | None, notify: bool = True) -> None:
+        before = self.index.matching(old.labels) if old is not None else set()
+        after = self.index.matching(new.labels) if new is not None else set()
+        uid = new.uid if new is not None else old.uid if old is not None else ""
+        for key in before - after:
+            selected = self.selected[key]
+            selected.members.discard(uid)
+            if old is not None:
+                self._tell(selected.subs.values(), lambda listener: listener.deleted(old))
+        for key in after:
+            selected = self.selected[key]
+            selected.members.add(uid)
+            if notify and new is not None:
+                self._tell(selected.subs.values(), lambda listener: listener.updated(new))
+
+    def _tell(self, subs: Iterable[Subscription], call: Callable[[Listener], None]) -> None:
+        for sub in subs:
+            if sub.listener is not None and sub.id not in self.pending:
+                call(sub.listener)
+
+    def _deliver_listed(self, sub: Subscription, selected: _Selected) -> None:
+        if sub.listener is not None:
+            sub.listener.listed([self.store[uid] for uid in selected.members])
+        sub.synced.set()
+
+
+class PodCache:
+    """The namespaces' caches: started with their first subscriber, stopped with their last."""
+
+    def __init__(self, api: client.ApiClient, clock: Callable[[], float] = time.monotonic) -> None:
+        self.core = client.CoreV1Api(api)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._namespaces: dict[str, _Namespace] = {}
+
+    def subscribe(
+        self, namespace: str, selector: LabelSelector, listener: Listener | None = None
+    ) -> Subscription:
+        sub = Subscription(self, namespace, selector, listener)
+        with self._lock:
+            ns = self._namespaces.get(namespace)
+            if ns is None:
+                ns = self._namespaces[namespace] = _Namespace(self.core, namespace, self._clock)
+                ns.start()
+            ns.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            ns = self._namespaces.get(sub.namespace)
+            if ns is not None and ns.remove(sub):
+                del self._namespaces[sub.namespace]
+                ns.stop()
+
+    def _snapshot(self, sub: Subscription) -> list[CachedPod]:
+        with self._lock:
+            ns = self._namespaces.get(sub.namespace)
+        return ns.snapshot(sub) if ns is not None else []
+
+    def stop(self) -> None:
+        with self._lock:
+            namespaces = list(self._namespaces.values())
+            self._namespaces.clear()
+        for ns in namespaces:
+            ns.stop()
+
+    def threads(self) -> list[threading.Thread]:
+        """The namespaces' list + watch threads (tests prove the last unsubscribe ends one)."""
+        with self._lock:
+            return [ns.thread for ns in self._namespaces.values()]
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            namespaces = list(self._namespaces.values())
+        return {
+            "namespaces": len(namespaces),
+            "selectors": sum(len(ns.selected) for ns in namespaces),
+            "pods": sum(len(ns.store) for ns in namespaces),
+            "events": sum(ns.events for ns in namespaces),
+            "relists": sum(ns.relists for ns in namespaces),
+        }

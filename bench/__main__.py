@@ -4,7 +4,8 @@ Each benchmark also runs on its own (see bench/README.md); this only saves typin
 commands. Benchmarks start or join the local cluster themselves.
 
 `python -m bench entitlement --base <commit> ...` runs the side-by-side comparison of the gate
-(bench/compare_entitlement.py): a base commit's operator and this tree's, alternately.
+(bench/compare_entitlement.py): a base commit's operator and this tree's, alternately;
+`python -m bench memory --base <commit>` the same for memory and threads (bench/compare_memory.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def main() -> int:
         from bench import compare_entitlement
 
         return compare_entitlement.main(sys.argv[2:])
+    if sys.argv[1:2] == ["memory"]:
+        from bench import compare_memory
+
+        return compare_memory.main(sys.argv[2:])
     for module, *args in BENCHMARKS:
         print(f"== {module} {' '.join(args)}", flush=True)
         result = subprocess.run([sys.executable, "-m", module, *args], check=False)

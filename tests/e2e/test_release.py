@@ -3,8 +3,9 @@
 Focused tests of the operator's own Kubernetes machinery against the real API server, in this
 process (so its threads can be counted): the metering informers
 (:class:`~metering_operator.kube.observed.ObservedIndex`) and the entitlement gate's
-:class:`~metering_operator.gate.controller.ProductController`. A watch blocks in a socket read
-for up to its server-side timeout (60 s for the gate, 240 s for the informers); each test gives
+:class:`~metering_operator.gate.controller.ProductController`, both on the namespace's shared pod
+cache (:mod:`metering_operator.kube.podcache`). A watch blocks in a socket read for up to its
+server-side timeout (240 s); each test gives
 a released thread :data:`RELEASE_SECONDS`, far less, so a stop flag that is merely checked
 between events would fail them.
 """
@@ -49,27 +50,37 @@ def test_informers_end_with_the_last_product_that_uses_them(kube: client.ApiClie
     db = LabelSelector(match_labels={"app": "db"})
     a, b = f"{namespace}/a", f"{namespace}/b"
     assert index.pods(a, namespace, db) == []
-    assert index.pods(b, namespace, db) == []  # same selector: shared, not a second informer
+    assert index.pods(b, namespace, db) == []  # same namespace: the same pod watch, not a second one
     assert index.workloads(a, namespace) == []
     pod_thread, *workload_threads = index.threads()
+    assert pod_thread.name == f"pods-{namespace}"  # the namespace's shared pod cache
     assert len(workload_threads) == 3  # Deployments, StatefulSets, DaemonSets
     assert all(t.is_alive() for t in index.threads())
-    assert index.stats()["informers"] == 4
+    assert index.stats()["informers"] == 3
+    assert index.stats()["pod_namespaces"] == 1
 
     index.release(a)  # b still samples the pods; nobody needs the workloads any more
     wait_for("the workload informers' threads to end", lambda: all_ended(workload_threads), RELEASE_SECONDS)
     assert index.threads() == [pod_thread]
     assert pod_thread.is_alive()
 
-    # b's selector changes: its old pod informer goes, a new one comes
+    # b's selector changes: the namespace's one pod watch serves the new selector (no new thread)
     index.pods(b, namespace, LabelSelector(match_labels={"app": "web"}))
-    wait_for("the old pod informer's thread to end", lambda: not pod_thread.is_alive(), RELEASE_SECONDS)
-    remaining = index.threads()
-    assert len(remaining) == 1
+    assert index.threads() == [pod_thread]
+    assert index.stats()["pod_subscriptions"] == 1
 
     index.release(b)
-    wait_for("every informer thread to end", lambda: all_ended(remaining), RELEASE_SECONDS)
-    assert index.stats() == {"informers": 0, "objects": 0, "events": 0, "relists": 0}
+    wait_for("every informer thread to end", lambda: all_ended([pod_thread]), RELEASE_SECONDS)
+    assert index.threads() == []
+    assert index.stats() == {
+        "pod_subscriptions": 0,
+        "pod_namespaces": 0,
+        "pods": 0,
+        "informers": 0,
+        "objects": 0,
+        "events": 0,
+        "relists": 0,
+    }
     index.release(b)  # releasing twice is harmless
 
 
@@ -157,7 +168,8 @@ def test_gate_ready_follows_metering_and_its_watch_ends_with_the_product(
     try:
         # Metering-only product (entitlement Off, no public key): Ready from configuration.
         wait_for("Ready=True/Configured", ready_is(kube, namespace, "True", "Configured"))
-        watch.extend(t for t in threading.enumerate() if t.name == f"watch-{namespace}-db")
+        # The product's pods come from the namespace's shared pod cache: its one watch thread.
+        watch.extend(t for t in threading.enumerate() if t.name == f"pods-{namespace}")
         assert len(watch) == 1
         assert watch[0].is_alive()
 

@@ -350,8 +350,10 @@ class PodCache:
             ns = self._namespaces.get(namespace)
             if ns is None:
                 ns = self._namespaces[namespace] = _Namespace(self.core, namespace, self._clock)
-                ns.start()
-            ns.add(sub)
+                ns.add(sub)
+                ns.start()  # after the first selector: its first list already keeps that one's pods
+            else:
+                ns.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

@@ -323,13 +323,15 @@ class ProductController:
     # pods: a subscription to the namespace's shared pod cache (its thread enqueues, we decide)
 
     def _resubscribe(self, selector: LabelSelector) -> None:
-        self._unsubscribe()
+        old = self._subscription
         self._watch_token += 1
         self._watch_selector = to_query(selector)
         self._listing = None
         self._held = []
         listener = _PodListener(self._queue, self._watch_token)
         self._subscription = self.rt.pod_cache().subscribe(self.namespace, selector, listener)
+        if old is not None:
+            old.close()  # after subscribing anew: the namespace's watch is kept, not restarted
 
     def _unsubscribe(self) -> None:
         """Leave the namespace's cache now (the last subscriber leaving ends its watch at once)."""

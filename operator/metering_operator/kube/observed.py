@@ -156,11 +156,11 @@ class ObservedIndex:
         """The pods ``selector`` selects in ``namespace``, on behalf of ``product``."""
         with self._lock:
             sub = self._pods.get(product)
-            if sub is not None and (sub.namespace != namespace or sub.key != to_query(selector)):
-                sub.close()  # a changed selector: the old one is no longer needed for this product
-                sub = None
-            if sub is None:
-                sub = self._pods[product] = self.cache.subscribe(namespace, selector)
+            if sub is None or sub.namespace != namespace or sub.key != to_query(selector):
+                old, sub = sub, self.cache.subscribe(namespace, selector)
+                self._pods[product] = sub
+                if old is not None:
+                    old.close()  # after subscribing anew: the namespace's watch is kept, not restarted
         return [pod.view for pod in sub.snapshot(timeout)]
 
     def workloads(

@@ -38,6 +38,7 @@ from metering_operator.aws.models import (
     ResolveCustomerResult,
 )
 from metering_operator.aws.region import require_region
+from metering_operator.aws.sessions import new_session
 
 SERVICE_NAME = "meteringmarketplace"
 USER_AGENT = "marketplace-metering-operator"
@@ -153,7 +154,7 @@ class MeteringClient:
         ``AWS_ENDPOINT_URL_MARKETPLACE_METERING`` / ``AWS_ENDPOINT_URL``.
         """
         require_region(region, "the Metering client")
-        session = session or boto3.Session()
+        session = session or new_session()
         boto_client = session.client(
             SERVICE_NAME, region_name=region, endpoint_url=endpoint_url, config=config or client_config()
         )
@@ -255,7 +256,7 @@ class ServiceClientFactory(Generic[C]):
     ) -> None:
         self.region = require_region(region, self.purpose)
         self.endpoint_url = endpoint_url
-        self._session = session or boto3.Session()
+        self._session = session or new_session()
         self._config = config or client_config()
         self._lock = threading.Lock()
         self._default: C | None = None

@@ -29,6 +29,7 @@ from botocore.config import Config
 from metering_operator.aws import errors
 from metering_operator.aws.client import MeteringClient, MeteringClientFactory, call_aws, client_config
 from metering_operator.aws.region import require_region
+from metering_operator.aws.sessions import new_session
 from metering_operator.domain.clock import Clock, ensure_utc
 
 ROLE_ARN_ANNOTATION = "eks.amazonaws.com/role-arn"
@@ -107,7 +108,7 @@ class WebIdentityExchanger:
     ) -> None:
         require_region(region, "STS")
         unsigned = Config(signature_version=UNSIGNED)
-        self._sts: Any = (session or boto3.Session()).client(
+        self._sts: Any = (session or new_session()).client(
             "sts",
             region_name=region,
             endpoint_url=endpoint_url,

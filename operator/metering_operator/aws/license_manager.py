@@ -31,6 +31,7 @@ from metering_operator.aws.license_models import (
     ListReceivedLicensesResult,
 )
 from metering_operator.aws.region import require_region
+from metering_operator.aws.sessions import new_session
 
 SERVICE_NAME = "license-manager"
 
@@ -55,7 +56,7 @@ class LicenseManagerClient:
     ) -> LicenseManagerClient:
         """A client in ``region`` (required). ``endpoint_url`` None lets boto3 apply the environment."""
         require_region(region, "the License Manager client")
-        session = session or boto3.Session()
+        session = session or new_session()
         boto_client = session.client(
             SERVICE_NAME, region_name=region, endpoint_url=endpoint_url, config=config or client_config()
         )

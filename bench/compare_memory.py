@@ -115,7 +115,9 @@ def create_pods(
             "spec": {"nodeName": nodes[n % len(nodes)], "containers": [container]},
         }
         try:
-            core.create_namespaced_pod(namespace, body, _preload_content=False).release_conn()
+            response = core.create_namespaced_pod(namespace, body, _preload_content=False)
+            response.read()  # to the end: the connection goes back to the pool reusable
+            response.release_conn()
         except client.ApiException as exc:
             if exc.status != 409:  # kept from an earlier run: reused
                 raise

@@ -216,7 +216,7 @@ def one_run(
     # (1) idle: one product, no pods
     idle_ns = str(core.create_namespace({"metadata": {"generateName": "bench-mem-idle-"}}).metadata.name)
     create_product(api, idle_ns, pem)
-    op = launch(variant, info, [idle_ns], emulator, work / f"operator-{tag}-idle.log")
+    op = launch(variant, info, [idle_ns], emulator, work / f"operator-{tag.lower()}-idle.log")
     try:
         out["idle"] = settled(op.pid, args.settle)
     finally:
@@ -240,7 +240,9 @@ def one_run(
         "--lease-duration-seconds",
         "5",
     ]
-    op = launch(variant, info, namespaces, emulator, work / f"operator-{tag}-loaded.log", metering_args)
+    op = launch(
+        variant, info, namespaces, emulator, work / f"operator-{tag.lower()}-loaded.log", metering_args
+    )
     try:
 
         def statused(names: list[tuple[str, str]]) -> Callable[[], bool]:
@@ -380,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     emulator: EmulatorProcess | None = None
     try:
         install_crd(api)
+
+        def none_terminating() -> bool:
+            phases = {n.metadata.name: n.status.phase for n in core.list_namespace().items}
+            return all(phases.get(ns) != "Terminating" for ns in namespaces)
+
+        wait("an earlier run's namespaces deleted", none_terminating, 900)
         for ns in namespaces:
             with contextlib.suppress(client.ApiException):
                 core.create_namespace({"metadata": {"name": ns}})

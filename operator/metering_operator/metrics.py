@@ -21,6 +21,22 @@ REGISTRATIONS = Counter(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+LICENSE_CALLS = Counter(
+    "license_calls_total",
+    "License Manager calls of contract products' seats, by operation (CheckoutLicense, "
+    "ExtendLicenseConsumption, CheckInLicense) and outcome (granted, exhausted, denied, extended, "
+    "checked_in, gone, retried, error).",
+    ["namespace", "product", "product_code", "operation", "outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+SEATS_HELD = Gauge(
+    "license_seats_held",
+    "License Manager checkouts (leases) the operator holds now for a contract product.",
+    ["namespace", "product", "product_code"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 GATE_LATENCY = Histogram(
     "gate_latency_seconds",
     "Time from pod creation to the entitlement gate being removed.",

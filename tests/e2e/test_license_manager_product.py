@@ -1,9 +1,11 @@
-"""A License Manager (contract) product, which this operator version does not serve yet, fails closed.
+"""A License Manager (contract) product whose issuer key cannot be loaded fails closed.
 
-docs/pricing-models.md promises what a buyer sees when such a product is deployed with this
-version: the product is accepted and stored, says ``Ready=False``, and its Enforce-mode pods stay
-behind the gate; nothing is registered with (or checked out of) AWS on its behalf. This holds that
-promise on the real API server with the operator as a real process and the emulator as AWS.
+Contract products are served (tests/e2e/test_contract_seats.py); this holds what
+docs/pricing-models.md promises when the configured ``issuerPublicKey`` is unusable (here: a
+ConfigMap that does not exist): the product is accepted and stored, says ``Ready=False
+PublicKeyUnavailable``, and its Enforce-mode pods stay behind the gate; nothing is registered with
+(or checked out of) AWS on its behalf. On the real API server with the operator as a real process
+and the emulator as AWS.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ def contract_product(namespace: str) -> dict[str, Any]:
                 "licenseManager": {
                     "productSKU": "prod-contract-e2e",
                     "entitlements": [{"name": "seats", "perPod": 1}],
+                    "issuerPublicKey": {"configMapKeyRef": {"name": "no-such-issuer-key", "key": "pem"}},
                 },
             },
         },
     }
 
 
-def test_a_license_manager_product_is_not_ready_and_its_pods_stay_gated(
+def test_a_license_manager_product_without_its_issuer_key_is_not_ready_and_its_pods_stay_gated(
     kube: client.ApiClient,
     namespace: str,
     buyer_emulator: EmulatorProcess,
@@ -59,7 +62,8 @@ def test_a_license_manager_product_is_not_ready_and_its_pods_stay_gated(
 
     condition = wait_for("the product's Ready condition", ready)
     assert condition["status"] == "False", condition
-    assert condition["reason"] in {"PublicKeyUnavailable", "UnsupportedEntitlementSource"}, condition
+    assert condition["reason"] == "PublicKeyUnavailable", condition
+    assert "no-such-issuer-key" in condition["message"]
 
     # Created once the operator has seen the product, so the admission webhook knows it too.
     core = client.CoreV1Api(kube)

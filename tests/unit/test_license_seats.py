@@ -120,3 +120,59 @@ def test_after_the_plan_every_needed_holder_has_exactly_one_seat_and_no_one_else
     assert not any(
         step.action is SeatAction.CHECK_IN and step.lease and step.lease.expiration is None for step in steps
     )
+
+
+# --- NoEntitlementsAllowed: exhausted or not entitled --------------------------------------------------
+
+from metering_operator.domain.license_seats import (  # noqa: E402
+    NeededEntitlement,
+    OfferedEntitlement,
+    OfferedLicense,
+    client_token,
+    judge_refusal,
+)
+
+ARN = "arn:aws:license-manager::111122223333:license:l-abc"
+SEAT = NeededEntitlement("seats", "Count", 1)
+
+
+def offered(*entitlements: OfferedEntitlement, status: str = "AVAILABLE", **kw: datetime) -> OfferedLicense:
+    return OfferedLicense(ARN, status, tuple(entitlements), **kw)
+
+
+def test_a_license_with_the_seats_means_none_is_free_now() -> None:
+    refusal = judge_refusal([offered(OfferedEntitlement("seats", "Count", 3))], [SEAT], T0)
+    assert refusal.exhausted
+    assert refusal.reason.startswith("SeatsExhausted:")
+
+
+def test_no_license_another_unit_too_few_in_all_or_expired_is_final() -> None:
+    cases = [
+        ([], "received no license"),
+        ([offered(OfferedEntitlement("cores", "Count", 3))], "no entitlement seats"),
+        ([offered(OfferedEntitlement("seats", "Gigabytes", 3))], "in Gigabytes, not Count"),
+        ([offered(OfferedEntitlement("seats", "Count", 1))], "has 1 Count in all, 2 are asked"),
+        ([offered(OfferedEntitlement("seats", "Count", 3), status="EXPIRED")], "is EXPIRED"),
+        ([offered(OfferedEntitlement("seats", "Count", 3), end=T0)], "ended at"),
+        ([offered(OfferedEntitlement("seats", "Count", 3), begin=T0 + HOUR)], "not valid before"),
+    ]
+    for licenses, why in cases:
+        need = NeededEntitlement("seats", "Count", 2)
+        refusal = judge_refusal(licenses, [need], T0)
+        assert not refusal.exhausted, licenses
+        assert refusal.reason.startswith("NoEntitlementsAllowed:")
+        assert why in refusal.reason, refusal.reason
+
+
+def test_one_usable_license_among_several_is_enough_to_wait() -> None:
+    licenses = [
+        offered(OfferedEntitlement("seats", "Count", 3), status="EXPIRED"),
+        offered(OfferedEntitlement("seats", "Count", None), OfferedEntitlement("premium", "None")),
+    ]
+    wanted = [SEAT, NeededEntitlement("premium", "None", 1)]
+    assert judge_refusal(licenses, wanted, T0).exhausted
+
+
+def test_client_tokens_are_stable_per_holder_and_checkout_number() -> None:
+    assert client_token("uid-1", 1) == client_token("uid-1", 1)
+    assert len({client_token("uid-1", 1), client_token("uid-1", 2), client_token("uid-2", 1)}) == 3

@@ -213,3 +213,26 @@ def test_a_non_rsa_key_is_refused_clearly() -> None:
 def test_naive_now_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="naive"):
         verify_license_token(sign(claims()), pem(issuer_key()), expect(), now=datetime(2031, 7, 9, 10, 30))
+
+
+def test_without_an_issuer_key_the_claims_are_still_checked_but_not_the_signature() -> None:
+    # Signed by some other key: nothing can tell, without the issuer's key (documented).
+    unverifiable = sign(claims(), key=other_key())
+    verified = verify_license_token(unverifiable, None, expect(), now=ISSUED)
+    assert verified.license_consumption_token == CONSUMPTION
+    # Every claim must still match the checkout's own answer ...
+    for changed, why in (
+        (claims(licenseConsumptionToken="f" * 32), "WrongConsumptionToken"),
+        (claims(nodeId="node-b"), "WrongNode"),
+        (
+            claims(entitlementsAllowed=[{"name": "seats", "unit": "Count", "value": "1"}]),
+            "MissingEntitlement",
+        ),
+    ):
+        with pytest.raises(LicenseTokenError) as exc:
+            verify_license_token(sign(changed, key=other_key()), None, expect(), now=ISSUED)
+        assert exc.value.reason == why
+    # ... and the algorithm stays pinned: no "none", no HMAC.
+    with pytest.raises(LicenseTokenError) as exc:
+        verify_license_token(jwt.encode(claims(), "k" * 32, algorithm="HS256"), None, expect(), now=ISSUED)
+    assert exc.value.reason == "UnsupportedAlgorithm"

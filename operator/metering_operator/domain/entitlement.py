@@ -249,8 +249,10 @@ def entitled_condition(
     last_denial: str | None = None,
     last_error: str | None = None,
     ungated: int = 0,
+    source: str = "RegisterUsage",
 ) -> ConditionSpec:
-    """Entitled: the pods' registration state, with the reason that explains it."""
+    """Entitled: the pods' registration state, with the reason that explains it (``source``:
+    who answers, RegisterUsage or License Manager)."""
     if mode is EntitlementMode.OFF:
         return ConditionSpec("Entitled", "Unknown", "EntitlementOff", "entitlement.mode is Off")
     if counts.denied:
@@ -259,7 +261,7 @@ def entitled_condition(
             "Entitled",
             "False",
             code,
-            f"{counts.denied} pod(s) denied by RegisterUsage: {last_denial or 'denied'}",
+            f"{counts.denied} pod(s) denied by {source}: {last_denial or 'denied'}",
         )
     suffix = (
         f"; {ungated} pod(s) started without the entitlement gate (admitted while the gate was not "

@@ -58,6 +58,32 @@ class SeatLease:
 
 
 @dataclass(frozen=True)
+class HeldSeat:
+    """The operator's record of one holder's checkouts (a pod uid or :data:`CLUSTER_HOLDER`).
+
+    ``count`` is how many checkouts were made for the holder: the next one's ClientToken is
+    derived from the holder and ``count + 1``, so a checkout retried after a lost answer (or an
+    operator crash before this record was written) repeats the same ClientToken and License
+    Manager answers it with the same checkout instead of holding a second seat."""
+
+    holder: str
+    count: int = 0
+    lease: SeatLease | None = None
+    #: The SignedToken of the lease's checkout (what the pod's ``signature`` annotation shows).
+    signed: str = ""
+    issued_at: datetime | None = None
+    license_arn: str = ""
+    #: The pod's name and service account (scope Pod: whose identity extends and checks in).
+    pod: str = ""
+    service_account: str | None = None
+
+
+def client_token(holder: str, count: int) -> str:
+    """CheckoutLicense's ClientToken for checkout number ``count`` of ``holder`` (stable: see HeldSeat)."""
+    return f"mmo-{holder}-{count}"
+
+
+@dataclass(frozen=True)
 class SeatStep:
     action: SeatAction
     holder: str
@@ -119,3 +145,98 @@ def next_review(
         if lease.checkout_type is CheckoutType.PROVISIONAL and lease.expiration is not None
     ]
     return min(due) if due else None
+
+
+# --- NoEntitlementsAllowed: no seat free now, or not entitled at all? ----------------------------
+#
+# CheckoutLicense answers NoEntitlementsAllowedException both when the buyer's license lacks what
+# was asked for (no license for the SKU, an entitlement it does not have, expired) and when every
+# floating seat is held right now; AWS documents no field that tells the two apart. The license
+# itself does: ListReceivedLicenses (an action AWS's seller guide already grants container
+# contracts) returns each received license with its status, validity and every entitlement's unit,
+# MaxCount and Overage. :func:`judge_refusal` reads that answer: if a usable license has every
+# entitlement asked for, in that unit, with a MaxCount that could hold the request, the refusal
+# can only be "no seat free now" (retry later); otherwise it is final.
+
+
+@dataclass(frozen=True)
+class OfferedEntitlement:
+    """One entitlement of a received license, as ListReceivedLicenses describes it."""
+
+    name: str
+    unit: str
+    max_count: int | None = None
+    overage: bool = False
+
+
+@dataclass(frozen=True)
+class OfferedLicense:
+    license_arn: str
+    status: str
+    entitlements: tuple[OfferedEntitlement, ...]
+    begin: datetime | None = None
+    end: datetime | None = None
+
+
+@dataclass(frozen=True)
+class NeededEntitlement:
+    name: str
+    unit: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why CheckoutLicense refused: ``exhausted`` (wait for a seat) or final, with the reason."""
+
+    exhausted: bool
+    reason: str
+
+
+def _license_refuses(lic: OfferedLicense, wanted: Iterable[NeededEntitlement], now: datetime) -> str | None:
+    """Why ``lic`` can never satisfy ``wanted`` (None: it could, were seats free)."""
+    if lic.status != "AVAILABLE":
+        return f"license {lic.license_arn} is {lic.status}"
+    if lic.begin is not None and now < ensure_utc(lic.begin):
+        return f"license {lic.license_arn} is not valid before {ensure_utc(lic.begin).isoformat()}"
+    if lic.end is not None and now >= ensure_utc(lic.end):
+        return f"license {lic.license_arn} ended at {ensure_utc(lic.end).isoformat()}"
+    for need in wanted:
+        offered = next((e for e in lic.entitlements if e.name == need.name), None)
+        if offered is None:
+            return f"license {lic.license_arn} has no entitlement {need.name}"
+        if offered.unit != need.unit:
+            return f"entitlement {need.name} of {lic.license_arn} is in {offered.unit}, not {need.unit}"
+        if (
+            need.unit != "None"
+            and offered.max_count is not None
+            and not offered.overage
+            and offered.max_count < need.quantity
+        ):
+            return (
+                f"entitlement {need.name} of {lic.license_arn} has {offered.max_count} {need.unit} in all, "
+                f"{need.quantity} are asked for at once"
+            )
+    return None
+
+
+def judge_refusal(
+    licenses: Iterable[OfferedLicense], wanted: Iterable[NeededEntitlement], now: datetime
+) -> Refusal:
+    """Classify a NoEntitlementsAllowed answer by the buyer's received licenses (see above)."""
+    now = ensure_utc(now)
+    needs = list(wanted)
+    reasons: list[str] = []
+    for lic in licenses:
+        why = _license_refuses(lic, needs, now)
+        if why is None:
+            names = ", ".join(n.name for n in needs)
+            return Refusal(
+                True,
+                f"SeatsExhausted: license {lic.license_arn} has {names}, but no seat is free now; "
+                "waiting for one to be checked in or to expire",
+            )
+        reasons.append(why)
+    if not reasons:
+        return Refusal(False, "NoEntitlementsAllowed: the buyer has received no license for this product")
+    return Refusal(False, "NoEntitlementsAllowed: " + "; ".join(reasons))

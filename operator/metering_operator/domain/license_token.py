@@ -167,16 +167,22 @@ def _same(reason: str, claim: str, got: Any, want: str | None) -> None:
 
 def verify_license_token(
     token: str,
-    public_key: RSAPublicKey | str | bytes,
+    public_key: RSAPublicKey | str | bytes | None,
     expected: CheckoutExpectation,
     *,
     now: datetime,
     leeway: timedelta = ISSUED_AT_LEEWAY,
 ) -> VerifiedLicenseToken:
-    """Check the token's signature and that it grants ``expected`` at ``now``; LicenseTokenError if not."""
+    """Check the token's signature and that it grants ``expected`` at ``now``; LicenseTokenError if not.
+
+    ``public_key`` None (a product without ``issuerPublicKey``: AWS does not publish where AWS
+    Marketplace's issuer key is) checks everything but the signature itself: the algorithm is
+    still pinned, and every claim must match the answer CheckoutLicense gave over TLS."""
     now = ensure_utc(now)
+    key: RSAPublicKey | None = None
     try:
-        key = public_key if isinstance(public_key, RSAPublicKey) else load_public_key(public_key)
+        if public_key is not None:
+            key = public_key if isinstance(public_key, RSAPublicKey) else load_public_key(public_key)
     except SignatureError as exc:
         raise LicenseTokenError("BadKey", str(exc)) from None
     token = token.strip()
@@ -194,10 +200,16 @@ def verify_license_token(
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
-            key,
+            key if key is not None else "",
             algorithms=[str(algorithm)],
             # Expiry is License Manager's own claim, checked below with the injected clock.
-            options={"require": [], "verify_exp": False, "verify_iat": False, "verify_nbf": False},
+            options={
+                "require": [],
+                "verify_signature": key is not None,
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+            },
         )
     except jwt.InvalidSignatureError:
         raise LicenseTokenError(

@@ -594,8 +594,8 @@ class Entitlement(_SpecModel):
         default=EntitlementSource.REGISTER_USAGE,
         description="RegisterUsage: hourly (and metering) listings, entitled per pod by the Metering "
         "Service. LicenseManager: contract listings, entitled by checking licenses out of AWS License "
-        "Manager (then licenseManager is required). Not served by this operator version yet: see "
-        "docs/pricing-models.md.",
+        "Manager (then licenseManager is required): each pod is released once its checkout's signed "
+        "token verified and the operator recorded it; see docs/pricing-models.md.",
     )
     license_manager: LicenseManagerSource | None = Field(
         default=None,

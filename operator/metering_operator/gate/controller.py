@@ -48,7 +48,13 @@ from metering_operator.domain import entitlement as ent
 from metering_operator.domain.cached_pod import CachedPod
 from metering_operator.domain.conditions import get_condition
 from metering_operator.domain.pins import resolve
-from metering_operator.domain.product import EntitlementMode, LabelSelector, MeteredProductSpec
+from metering_operator.domain.product import (
+    EntitlementMode,
+    EntitlementSource,
+    LabelSelector,
+    MeteredProductSpec,
+    PublicKeySource,
+)
 from metering_operator.domain.readiness import metering_rejects
 from metering_operator.domain.selectors import to_query
 from metering_operator.domain.signature import SignatureError, load_public_key
@@ -112,6 +118,7 @@ class ProductController:
         self._metering_verdict: tuple[Any, ...] | None = None
         self._workloads_written: dict[WorkloadRef, dict[str, str]] = {}
         self._gauge_states: set[str] = set()
+        self._seat_gauge = False
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -224,6 +231,16 @@ class ProductController:
             self._submit(rt.kube_pool, fx.find_workload, effect)
         elif isinstance(effect, m.PruneDenials):
             rt.kube_pool.submit(fx.prune_denials, rt, effect)
+        elif isinstance(effect, m.Checkout):
+            self._submit(rt.aws_pool, fx.checkout, effect)
+        elif isinstance(effect, m.CheckoutCluster):
+            self._submit(rt.aws_pool, fx.checkout_cluster, effect)
+        elif isinstance(effect, m.SeatOp):
+            self._submit(rt.aws_pool, fx.seat_op, effect)
+        elif isinstance(effect, m.LoadSeats):
+            self._submit(rt.kube_pool, fx.load_seats, effect)
+        elif isinstance(effect, m.ForgetSeat):
+            rt.kube_pool.submit(fx.forget_seat, rt, effect)
         else:
             assert_never(effect)  # mypy proves every effect is carried out
 
@@ -260,6 +277,21 @@ class ProductController:
         spec = resolution.spec
         trusted = not self.rt.trusted_product_codes or spec.product_code in self.rt.trusted_product_codes
         public_key, key_error = self._load_key(spec)
+        issuer_key = None
+        license_source = spec.entitlement.license_manager
+        if spec.entitlement.source is EntitlementSource.LICENSE_MANAGER and license_source is not None:
+            # A contract product has no RegisterUsage key; the issuer's key (optional) verifies
+            # its SignedTokens.
+            public_key, key_error = None, None
+            if license_source.issuer_public_key is not None:
+                issuer_key, key_error = self._load_pem(license_source.issuer_public_key)
+                if (
+                    previous is not None
+                    and previous.issuer_key is not None
+                    and issuer_key is not None
+                    and _same_key(previous.issuer_key, issuer_key)
+                ):
+                    issuer_key = previous.issuer_key
         if (
             previous is not None
             and previous.public_key is not None
@@ -277,6 +309,7 @@ class ProductController:
             public_key=public_key,
             key_error=key_error,
             resolution=resolution,
+            issuer_key=issuer_key,
         )
         if info.selector != self._watch_selector:
             self._resubscribe(info.spec.selector)
@@ -304,6 +337,9 @@ class ProductController:
                 None,
                 "no publicKey in the spec" if spec.entitlement.mode is not EntitlementMode.OFF else None,
             )
+        return self._load_pem(source)
+
+    def _load_pem(self, source: PublicKeySource) -> tuple[RSAPublicKey | None, str | None]:
         pem: str | None = source.pem
         if source.config_map_key_ref is not None:
             ref = source.config_map_key_ref
@@ -407,6 +443,7 @@ class ProductController:
                 last_denial=state.last_denial,
                 last_error=state.last_error,
                 registration=state.cluster.to_status() if state.cluster is not None else None,
+                exhausted=state.exhausted(),
             )
             self._set_gauges(info, state)
         write = self._status.plan(self._body(), info, view, self.rt.clock.now())
@@ -426,6 +463,9 @@ class ProductController:
         for name, value in state.held().items():
             metrics.PODS_GATED.labels(*labels, name).set(value)
             self._gauge_states.add(name)
+        if info.license is not None or state.seats:
+            metrics.SEATS_HELD.labels(*labels).set(state.seats_held())
+            self._seat_gauge = True
 
     def _clear_gauges(self) -> None:
         """The product is gone (or the operator stops): its series go with it, not stay stale."""
@@ -435,6 +475,9 @@ class ProductController:
         for name in self._gauge_states:
             with contextlib.suppress(KeyError):
                 metrics.PODS_GATED.remove(info.namespace, info.name, info.spec.product_code, name)
+        if self._seat_gauge:
+            with contextlib.suppress(KeyError):
+                metrics.SEATS_HELD.remove(info.namespace, info.name, info.spec.product_code)
 
 
 def _same_key(a: RSAPublicKey, b: RSAPublicKey) -> bool:

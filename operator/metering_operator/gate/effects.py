@@ -18,10 +18,13 @@ from metering_operator import metrics
 from metering_operator.aws import errors as aws_errors
 from metering_operator.domain import entitlement as ent
 from metering_operator.domain.conditions import parse_time
+from metering_operator.domain.license_seats import CLUSTER_HOLDER, SeatAction
+from metering_operator.domain.license_token import LicenseTokenError
 from metering_operator.domain.product import EntitlementMode, EntitlementState
 from metering_operator.domain.signature import SignatureError
 from metering_operator.gate import cluster as cluster_scope
 from metering_operator.gate import model as m
+from metering_operator.gate.licensing import LicenseRefused, PodGoneError, SeatsExhausted
 from metering_operator.gate.product import ProductInfo
 from metering_operator.gate.registrar import RegistrationSetupError
 from metering_operator.gate.runtime import GateRuntime
@@ -104,6 +107,129 @@ def register_cluster(
         return m.ClusterDone(cluster_scope.failed(effect.previous, f"InternalError: {exc}", True, attempts))
 
 
+# --- License Manager (aws_pool) ----------------------------------------------------------------------
+
+
+def _seat_labels(info: ProductInfo) -> tuple[str, str, str]:
+    return info.namespace, info.name, info.spec.product_code
+
+
+def checkout(rt: GateRuntime, effect: m.Checkout) -> m.Registered:
+    """One CheckoutLicense for the pod, verified and recorded; the outcome as a message."""
+    pod, info = effect.pod, effect.info
+    meta = pod["metadata"]
+    # Scope Pod: the pod's own IRSA identity; scope Cluster: the operator's.
+    service_account = (
+        None if info.cluster_scope else str(pod.get("spec", {}).get("serviceAccountName") or "default")
+    )
+    return _checkout(
+        rt,
+        info,
+        str(meta["uid"]),
+        effect.count,
+        pod_name=str(meta.get("name", "")),
+        service_account=service_account,
+    )
+
+
+def checkout_cluster(rt: GateRuntime, effect: m.CheckoutCluster) -> m.Registered:
+    """The product's per-cluster entitlements, checked out once as the operator."""
+    return _checkout(rt, effect.info, CLUSTER_HOLDER, effect.count, pod_name="", service_account=None)
+
+
+def _checkout(
+    rt: GateRuntime,
+    info: ProductInfo,
+    uid: str,
+    count: int,
+    *,
+    pod_name: str,
+    service_account: str | None,
+) -> m.Registered:
+    source = info.license
+    if rt.licensing is None or source is None:
+        return m.Registered(uid, m.Failed("InternalError: License Manager is not set up", transient=False))
+    try:
+        seat = rt.licensing.checkout(
+            namespace=info.namespace,
+            product=info.name,
+            product_uid=info.uid,
+            product_code=info.spec.product_code,
+            source=source,
+            issuer_key=info.issuer_key,
+            holder=uid,
+            count=count,
+            pod_name=pod_name,
+            service_account=service_account,
+        )
+    except SeatsExhausted as exc:
+        return m.Registered(uid, m.Exhausted(str(exc), count))
+    except PodGoneError:
+        return m.Registered(uid, m.Vanished())
+    except LicenseRefused as exc:
+        return m.Registered(uid, m.Denied(str(exc)))
+    except aws_errors.MeteringError as exc:
+        reason = f"{exc.code}: {exc.message}"
+        if exc.denied:
+            return m.Registered(uid, m.Denied(reason))
+        return m.Registered(uid, m.Failed(reason, transient=exc.retryable))
+    except RegistrationSetupError as exc:
+        return m.Registered(uid, m.Failed(str(exc), transient=False))
+    except LicenseTokenError as exc:
+        return m.Registered(uid, m.Failed(f"InvalidSignedToken: {exc}", transient=False))
+    except ApiException as exc:
+        if exc.status == 404:
+            return m.Registered(uid, m.Vanished())
+        reason = f"KubernetesApi{exc.status}: {exc.reason}"
+        return m.Registered(uid, m.Failed(reason, transient=_transient_api(exc)))
+    except Exception as exc:
+        log.exception("checkout for %s of %s failed", pod_name or uid, info.key)
+        return m.Registered(uid, m.Failed(f"InternalError: {exc}", transient=False))
+    return m.Registered(uid, m.Granted(seat.signed, seat.issued_at, seat=seat))
+
+
+def seat_op(rt: GateRuntime, effect: m.SeatOp) -> m.SeatDone:
+    """ExtendLicenseConsumption or CheckInLicense of one lease; the outcome as a message."""
+    info, seat, action = effect.info, effect.seat, effect.action
+    if rt.licensing is None:
+        return m.SeatDone(seat.holder, action, error="License Manager is not set up")
+    labels = _seat_labels(info)
+    try:
+        if action is SeatAction.EXTEND:
+            return m.SeatDone(seat.holder, action, seat=rt.licensing.extend(*labels, seat))
+        rt.licensing.check_in(*labels, seat)
+        return m.SeatDone(seat.holder, action)
+    except aws_errors.MeteringError as exc:
+        if exc.category is aws_errors.ErrorCategory.GONE:
+            return m.SeatDone(seat.holder, action, gone=True)
+        return m.SeatDone(seat.holder, action, error=f"{exc.code}: {exc.message}")
+    except ApiException as exc:
+        return m.SeatDone(seat.holder, action, error=f"KubernetesApi{exc.status}: {exc.reason}")
+    except Exception as exc:
+        log.exception("%s of %s for %s failed", action.value, seat.holder, info.key)
+        return m.SeatDone(seat.holder, action, error=f"InternalError: {exc}")
+
+
+def load_seats(rt: GateRuntime, effect: m.LoadSeats) -> m.SeatsLoaded:
+    if rt.licensing is None:
+        return m.SeatsLoaded(None, "License Manager is not set up")
+    try:
+        return m.SeatsLoaded(rt.licensing.load(effect.info.namespace, effect.info.name))
+    except ApiException as exc:
+        # No pod of the product is decided without it: a lease on record must not be checked out twice.
+        log.error("seat record of %s not read: %s %s", effect.info.key, exc.status, exc.reason)
+        return m.SeatsLoaded(None, f"KubernetesApi{exc.status}: {exc.reason} (seat record)")
+
+
+def forget_seat(rt: GateRuntime, effect: m.ForgetSeat) -> None:
+    if rt.licensing is None:
+        return
+    try:
+        rt.licensing.forget(effect.info.namespace, effect.info.name, effect.holder)
+    except ApiException as exc:
+        log.warning("seat record of %s not pruned: %s %s", effect.info.key, exc.status, exc.reason)
+
+
 # --- pod writes (kube_pool) --------------------------------------------------------------------------
 
 
@@ -165,13 +291,14 @@ def write_grant(rt: GateRuntime, effect: m.WriteGrant) -> m.Written:
             latency = max(0.0, (rt.clock.now() - created).total_seconds())
             metrics.GATE_LATENCY.labels(*_labels(info)).observe(latency)
         if rt.post_grant_events:
-            rt.events.post(
-                object_ref(pod, "Pod", "v1"),
-                "Normal",
-                "Registered",
-                f"RegisterUsage granted for {info.key} ({info.spec.product_code}); "
-                "signature verified, gate removed",
+            what = (
+                f"License Manager checkout granted for {info.key} ({info.license.product_sku}); "
+                "signed token verified and recorded, gate removed"
+                if info.license is not None
+                else f"RegisterUsage granted for {info.key} ({info.spec.product_code}); "
+                "signature verified, gate removed"
             )
+            rt.events.post(object_ref(pod, "Pod", "v1"), "Normal", "Registered", what)
         log.info("pod %s/%s granted for %s", info.namespace, pod["metadata"].get("name"), info.key)
     return m.Written(uid, written, error, _workload(rt, pod) if error is None else None)
 
@@ -215,7 +342,8 @@ def deny(rt: GateRuntime, effect: m.Deny) -> m.Written:
             if gated
             else "; the pod runs without the gate"
         )
-        message = f"RegisterUsage denied for {info.key}: {effect.reason}{tail}"
+        by = "License Manager" if info.license is not None else "RegisterUsage"
+        message = f"{by} denied for {info.key}: {effect.reason}{tail}"
         rt.events.post(object_ref(pod, "Pod", "v1"), "Warning", "EntitlementDenied", message)
         rt.events.post(info.ref(), "Warning", "EntitlementDenied", f"pod {name}: {message}")
         log.warning("pod %s/%s denied: %s", info.namespace, name, effect.reason)

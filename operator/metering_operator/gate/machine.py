@@ -35,10 +35,21 @@ from datetime import datetime, timedelta
 from typing import assert_never
 
 from metering_operator.domain import entitlement as ent
+from metering_operator.domain.license_seats import (
+    CLUSTER_HOLDER,
+    HeldSeat,
+    SeatAction,
+    next_review,
+    plan_seats,
+)
 from metering_operator.domain.product import SCHEDULING_GATE, EntitlementMode, EntitlementState
 from metering_operator.gate.model import (
     CLUSTER,
+    SEATS,
+    SEATS_EXHAUSTED,
     Busy,
+    Checkout,
+    CheckoutCluster,
     ClusterDone,
     Denied,
     Deny,
@@ -47,12 +58,15 @@ from metering_operator.gate.model import (
     EventType,
     Evict,
     Evicted,
+    Exhausted,
     Failed,
     FindWorkload,
+    ForgetSeat,
     GatePolicy,
     GateState,
     Granted,
     Listed,
+    LoadSeats,
     Message,
     Pod,
     PodDeleted,
@@ -65,7 +79,12 @@ from metering_operator.gate.model import (
     Register,
     RegisterCluster,
     Registered,
+    RegisterResult,
     Schedule,
+    Seat,
+    SeatDone,
+    SeatOp,
+    SeatsLoaded,
     Step,
     Vanished,
     WorkloadFound,
@@ -81,6 +100,14 @@ from metering_operator.kube.pods import WorkloadRef, object_ref
 
 def step(state: GateState, message: Message, now: datetime) -> Step:
     """The gate's one transition function."""
+    state, effects = _step(state, message, now)
+    if state.info is not None and state.info.license is not None:
+        # Contract products: after every change, bring the seats in line with the pods.
+        state, effects = _review_seats(state, now, effects)
+    return state, effects
+
+
+def _step(state: GateState, message: Message, now: datetime) -> Step:
     effects: list[Effect] = []
     if isinstance(message, ProductChanged):
         state = _product_changed(state, message.info)
@@ -122,6 +149,10 @@ def step(state: GateState, message: Message, now: datetime) -> Step:
         return _evicted(state, message, now)
     if isinstance(message, ClusterDone):
         return _cluster_done(state, message, now)
+    if isinstance(message, SeatsLoaded):
+        return _seats_loaded(state, message, now)
+    if isinstance(message, SeatDone):
+        return _seat_done(state, message, now)
     assert_never(message)  # mypy proves every message is handled
 
 
@@ -160,6 +191,9 @@ def _product_changed(state: GateState, info: ProductInfo | None) -> GateState:
         # A new key: annotation signatures are judged again with it.
         pods = {uid: replace(r, judged_token=None) for uid, r in pods.items()}
         pods = {uid: _observe(replace(state, info=info), r, r.pod) for uid, r in pods.items()}
+    if info is not None and previous is not None and info.generation != previous.generation:
+        # A changed contract spec may fix what License Manager refused for the product.
+        state = replace(state, seats_cluster_denied=None, seats_cluster_attempts=0, seats_cluster_retry=None)
     return replace(state, info=info, pods=pods, cluster=cluster, cluster_attempts=cluster_attempts)
 
 
@@ -297,6 +331,9 @@ def _consider(state: GateState, record: PodRecord, now: datetime) -> tuple[PodRe
             return replace(record, busy=Busy.WRITE), [rewrite], inflight
         return record, [], inflight
 
+    if info.license is not None:
+        return _consider_license(state, record, now)
+
     if info.cluster_scope:
         cluster = state.cluster
         if cluster is None or not cluster.settled:
@@ -367,6 +404,21 @@ def _act_on_ungated(
 
 def _registered(state: GateState, message: Registered, now: datetime) -> Step:
     effects: list[Effect] = []
+    result = message.result
+    if isinstance(result, Granted) and result.seat is not None:
+        # The checkout is the operator's now, whatever became of the pod meanwhile (gone: the
+        # seat review checks it in).
+        seats = dict(state.seats)
+        seats[result.seat.holder] = Seat(result.seat)
+        state = replace(state, seats=seats)
+    if message.uid == CLUSTER_HOLDER:
+        return _cluster_checked_out(state, result, now)
+    if isinstance(result, Exhausted):
+        known = state.seats.get(message.uid)
+        if known is None or (known.held.lease is None and known.held.count < result.count):
+            seats = dict(state.seats)
+            seats[message.uid] = Seat(HeldSeat(message.uid, result.count))
+            state = replace(state, seats=seats)
     record = state.pods.get(message.uid)
     if record is None or record.busy is not Busy.REGISTER:
         return state, effects  # forgotten meanwhile (deleted, or a new list): its slot is free already
@@ -374,7 +426,6 @@ def _registered(state: GateState, message: Registered, now: datetime) -> Step:
     record = replace(record, busy=None)
     state = replace(state, inflight=inflight)
     info = state.info
-    result = message.result
     if isinstance(result, Granted):
         record = replace(
             record, granted=Proof(result.token, result.issued_at), attempts=0, waiting=None, reason=""
@@ -411,6 +462,9 @@ def _registered(state: GateState, message: Registered, now: datetime) -> Step:
                 )
             )
         state = replace(state, last_error=result.reason)
+    elif isinstance(result, Exhausted) and info is not None:
+        record, more = _exhausted(state, record, result.reason, info, now)
+        effects += more
     elif isinstance(result, Vanished):
         # Gone, or replaced under the same name: its deletion arrives from the watch; look again
         # later rather than at once, so a pod that keeps vanishing cannot spin.
@@ -503,6 +557,8 @@ def _ensure_cluster(state: GateState, now: datetime, effects: list[Effect]) -> S
     info = state.info
     if info is None or not info.active or not info.cluster_scope or state.cluster_busy:
         return state, effects
+    if info.license is not None:
+        return state, effects  # contract products check licenses out instead
     cluster = state.cluster
     if cluster is not None and not cluster.due(now):
         return state, effects
@@ -541,6 +597,331 @@ def _cluster_done(state: GateState, message: ClusterDone, now: datetime) -> Step
         state = replace(state, last_error=result.reason)
     if result.settled:
         return _consider_all(state, now, effects)
+    return state, effects
+
+
+# --- License Manager seats (contract products) --------------------------------------------------------
+#
+# A contract pod is granted on a live lease in the operator's own seat record (loaded once per
+# controller: SeatsLoaded), never on its annotations. Each pod without one checks out (Checkout,
+# counted against max_inflight like RegisterUsage). After every message the seats are reviewed
+# (plan_seats): leases of pods that went away are checked in, leases near expiry extended, lapsed
+# ones forgotten (AWS returned the seat); a freed seat wakes the pods that wait for one at once.
+
+
+def _waits_for_seat(record: PodRecord) -> bool:
+    return record.granted is None and record.denied is None and record.reason.startswith(SEATS_EXHAUSTED)
+
+
+def _queue_key(record: PodRecord) -> tuple[bool, str, str]:
+    """Who checks out first when seats are short: running pods (after a restart whose leases
+    lapsed, the pods that already run keep their seats), then by age, then by name."""
+    meta = record.pod.get("metadata", {})
+    return ent.is_gated(record.pod), str(meta.get("creationTimestamp") or ""), str(meta.get("name") or "")
+
+
+def _ahead(state: GateState, record: PodRecord) -> int:
+    """How many pods of the product go before this one: those that wait for a seat and came
+    first (a freed seat goes to the pod that waited longest, not to a new pod racing it), and
+    running pods not answered yet."""
+    mine = _queue_key(record)
+    count = 0
+    for other in state.live():
+        if other.uid == record.uid or _queue_key(other) >= mine:
+            continue
+        if other.granted is not None or other.denied is not None:
+            continue
+        running = (
+            ent.is_gated(record.pod)
+            and not ent.is_gated(other.pod)
+            and (other.waiting is None or other.waiting is EntitlementState.PENDING)
+        )
+        if _waits_for_seat(other) or running:
+            count += 1
+    return count
+
+
+def _consider_license(
+    state: GateState, record: PodRecord, now: datetime
+) -> tuple[PodRecord, list[Effect], int]:
+    info = state.info
+    inflight = state.inflight
+    assert info is not None
+    if not state.seats_loaded:
+        return record, [], inflight  # decided once the operator's seat record is read
+    source = info.license
+    assert source is not None
+    per_cluster = any(e.per_cluster is not None for e in source.entitlements)
+    per_pod = any(e.per_pod is not None for e in source.entitlements)
+    if per_cluster:
+        if state.seats_cluster_denied is not None:
+            # The product's own checkout was refused for good: no pod of it runs.
+            reason = state.seats_cluster_denied
+            record = replace(record, denied=reason, waiting=None, reason=reason)
+            release = info.mode is EntitlementMode.AUDIT and ent.is_gated(record.pod)
+            effect = Deny(record.pod, info, reason, release=release, durable=False, at=now)
+            return replace(record, busy=Busy.WRITE), [effect], inflight
+        cluster = _live_seat(state, CLUSTER_HOLDER, now)
+        if cluster is None:
+            return record, [], inflight  # decided once the product's checkout answers
+        if not per_pod:
+            proof = Proof(cluster.signed, cluster.issued_at)
+            record = replace(record, granted=proof, waiting=None, reason="", attempts=0)
+            return _consider(state, record, now)
+    own = _live_seat(state, record.uid, now)
+    if own is not None:
+        # The operator's own record of a live checkout for this pod: the proof.
+        proof = Proof(own.signed, own.issued_at)
+        record = replace(record, granted=proof, waiting=None, reason="", attempts=0)
+        return _consider(state, record, now)
+    seat = state.seats.get(record.uid)
+    ahead = _ahead(state, record)
+    if ahead:
+        reason = f"{SEATS_EXHAUSTED}: other pods of the product are ahead in the queue for a free seat"
+        record, effects = _exhausted(state, record, reason, info, now)
+        return record, effects, inflight
+    if inflight >= state.policy.max_inflight:
+        return record, [], inflight
+    count = seat.held.count if seat is not None else 0
+    return replace(record, busy=Busy.REGISTER), [Checkout(record.pod, info, count + 1)], inflight + 1
+
+
+def _live_seat(state: GateState, holder: str, now: datetime) -> HeldSeat | None:
+    seat = state.seats.get(holder)
+    if seat is None or seat.held.lease is None or seat.held.lease.lapsed(now) or not seat.held.signed:
+        return None
+    return seat.held
+
+
+def _cluster_checked_out(state: GateState, result: RegisterResult, now: datetime) -> Step:
+    """The product's per-cluster checkout answered (the seat itself is taken in by _registered)."""
+    effects: list[Effect] = []
+    state = replace(state, seats_cluster_busy=False)
+    if isinstance(result, Granted):
+        state = replace(state, seats_cluster_attempts=0, seats_cluster_retry=None)
+        return _consider_all(state, now, effects)
+    if isinstance(result, Denied):
+        state = replace(state, seats_cluster_denied=result.reason, last_denial=result.reason)
+        info = state.info
+        if info is not None:
+            effects.append(
+                PostEvent(
+                    info.ref(),
+                    "Warning",
+                    "ClusterCheckoutDenied",
+                    f"License Manager refused the product's per-cluster entitlements: {result.reason}",
+                )
+            )
+        return _consider_all(state, now, effects)
+    reason = result.reason if isinstance(result, Exhausted | Failed) else "the checkout went unanswered"
+    attempts = state.seats_cluster_attempts + 1
+    retry_at = backoff_at(state.policy, CLUSTER_HOLDER, attempts, now)
+    if isinstance(result, Exhausted):
+        known = state.seats.get(CLUSTER_HOLDER)
+        if known is None or (known.held.lease is None and known.held.count < result.count):
+            seats = dict(state.seats)
+            seats[CLUSTER_HOLDER] = Seat(HeldSeat(CLUSTER_HOLDER, result.count))
+            state = replace(state, seats=seats)
+    # Its timer is set by the seat review that follows every step.
+    state = replace(state, seats_cluster_attempts=attempts, seats_cluster_retry=retry_at, last_error=reason)
+    return state, effects
+
+
+def _exhausted(
+    state: GateState, record: PodRecord, reason: str, info: ProductInfo, now: datetime
+) -> tuple[PodRecord, list[Effect]]:
+    """No seat free: the pod waits (Pending, with the reason), retried on the backoff and at once
+    when a seat of the product is checked in or lapses."""
+    effects: list[Effect] = []
+    attempts = record.attempts + 1
+    retry_at = backoff_at(state.policy, record.uid, attempts, now)
+    # One write and one Event per wait: the reason's wording may change while it waits.
+    changed = not _waits_for_seat(record)
+    if not changed:
+        reason = record.reason
+    record = replace(
+        record, attempts=attempts, retry_at=retry_at, waiting=EntitlementState.PENDING, reason=reason
+    )
+    effects.append(Schedule(retry_at, record.uid))
+    audit = info.mode is EntitlementMode.AUDIT
+    if changed or (audit and ent.is_gated(record.pod)):
+        record = replace(record, busy=Busy.WRITE)
+        release = audit and ent.is_gated(record.pod)
+        effects.append(WriteState(record.pod, info, EntitlementState.PENDING, reason, release=release))
+    if changed:
+        effects.append(
+            PostEvent(
+                object_ref(record.pod, "Pod", "v1"),
+                "Warning" if not audit else "Normal",
+                SEATS_EXHAUSTED,
+                f"no License Manager seat free for {info.key}: {reason.removeprefix(SEATS_EXHAUSTED + ': ')}"
+                + ("" if audit or not ent.is_gated(record.pod) else "; the pod stays gated until one frees"),
+            )
+        )
+    return record, effects
+
+
+def _seats_loaded(state: GateState, message: SeatsLoaded, now: datetime) -> Step:
+    effects: list[Effect] = []
+    if message.seats is None:
+        retry_at = backoff_at(state.policy, SEATS, 1, now)
+        effects.append(Schedule(retry_at, SEATS))
+        return replace(
+            state, seats_loading=False, seats_review_at=retry_at, last_error=message.error
+        ), effects
+    seats = {holder: Seat(held) for holder, held in message.seats.items()}
+    state = replace(state, seats=seats, seats_loaded=True, seats_loading=False)
+    return _consider_all(state, now, effects)
+
+
+def _wake_waiting(state: GateState, now: datetime, effects: list[Effect]) -> Step:
+    """A seat came free: the pods waiting for one try again now (not at their backoff timer)."""
+    pods = dict(state.pods)
+    woken = False
+    for uid, record in pods.items():
+        if _waits_for_seat(record) and record.busy is None:
+            pods[uid] = replace(record, retry_at=None)
+            woken = True
+    if not woken:
+        return state, effects
+    return _dispatch_queued(replace(state, pods=pods), now, effects)
+
+
+def _seat_done(state: GateState, message: SeatDone, now: datetime) -> Step:
+    effects: list[Effect] = []
+    seat = state.seats.get(message.holder)
+    info = state.info
+    if seat is None or info is None:
+        return state, effects
+    seats = dict(state.seats)
+    if message.error is not None and not message.gone:
+        attempts = seat.attempts + 1
+        retry_at = backoff_at(state.policy, f"{SEATS}:{message.holder}", attempts, now)
+        seats[message.holder] = replace(seat, busy=False, attempts=attempts, retry_at=retry_at)
+        effects.append(Schedule(retry_at, SEATS))
+        return replace(state, seats=seats, last_error=message.error), effects
+    if message.action is SeatAction.EXTEND and not message.gone and message.seat is not None:
+        seats[message.holder] = Seat(message.seat)
+        return replace(state, seats=seats), effects
+    # Checked in, or gone at AWS already: the seat is free.
+    record = state.pods.get(message.holder)
+    if message.holder == CLUSTER_HOLDER and message.action is SeatAction.EXTEND:
+        # The product's lease lapsed before it could be extended: the review checks out again.
+        seats[message.holder] = Seat(replace(seat.held, lease=None, signed=""))
+        effects.append(ForgetSeat(info, message.holder))
+    elif record is not None and not ent.is_terminating(record.pod):
+        # A live pod lost its lease (it lapsed before it could be extended): check out again.
+        seats[message.holder] = Seat(replace(seat.held, lease=None, signed=""))
+        pods = dict(state.pods)
+        pods[record.uid] = replace(record, granted=None, attempts=0, retry_at=None)
+        state = replace(state, pods=pods)
+        if message.action is SeatAction.EXTEND:
+            effects.append(ForgetSeat(info, message.holder))
+    else:
+        del seats[message.holder]
+        if message.gone and message.action is SeatAction.EXTEND:
+            effects.append(ForgetSeat(info, message.holder))
+    state = replace(state, seats=seats)
+    state, effects = _wake_waiting(state, now, effects)
+    record = state.pods.get(message.holder)
+    if record is not None:
+        return _consider_one(state, record, now, effects)
+    return state, effects
+
+
+def _ensure_cluster_checkout(state: GateState, now: datetime, effects: list[Effect]) -> Step:
+    info = state.info
+    if info is None or not info.active or state.seats_cluster_busy or state.seats_cluster_denied:
+        return state, effects
+    if _live_seat(state, CLUSTER_HOLDER, now) is not None:
+        return state, effects
+    if state.seats_cluster_retry is not None and state.seats_cluster_retry > now:
+        return state, effects
+    seat = state.seats.get(CLUSTER_HOLDER)
+    if seat is not None and seat.busy:
+        return state, effects
+    count = seat.held.count if seat is not None else 0
+    effects.append(CheckoutCluster(info, count + 1))
+    return replace(state, seats_cluster_busy=True), effects
+
+
+def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Step:
+    info = state.info
+    assert info is not None
+    if not state.seats_loaded:
+        retry_at = state.seats_review_at
+        if not state.seats_loading and (retry_at is None or retry_at <= now):
+            effects.append(LoadSeats(info))
+            state = replace(state, seats_loading=True)
+        return state, effects
+    if not state.listed:
+        return state, effects  # which pods live is not known yet: nothing is checked in blindly
+    if info.mode is EntitlementMode.OFF:
+        needed: set[str] = set()
+    else:
+        # A terminating pod returns its seat as its deletion starts: the pod still exists, so its
+        # own (pod-bound) identity can check the seat in.
+        needed = {uid for uid, r in state.pods.items() if not ent.is_terminating(r.pod) and r.denied is None}
+    source = info.license
+    assert source is not None
+    if needed and any(e.per_cluster is not None for e in source.entitlements):
+        # Per-cluster entitlements are held once, as the operator, while any pod of the product runs.
+        needed.add(CLUSTER_HOLDER)
+        state, effects = _ensure_cluster_checkout(state, now, effects)
+    seats = dict(state.seats)
+    freed = False
+    leases = []
+    for holder, seat in list(seats.items()):
+        if seat.busy or (seat.retry_at is not None and seat.retry_at > now):
+            continue
+        if seat.held.lease is None:
+            if holder not in needed:
+                del seats[holder]
+                effects.append(ForgetSeat(info, holder))
+            continue
+        leases.append(seat.held.lease)
+    for planned in plan_seats(needed, leases, now):
+        found = seats.get(planned.holder)
+        if found is None or planned.lease is None:
+            continue  # Checkout: a pod's own path (_consider_license) asks for its seat
+        seat = found
+        if planned.action is SeatAction.FORGET:
+            freed = True
+            if planned.holder in needed:
+                seats[planned.holder] = replace(seat, held=replace(seat.held, lease=None, signed=""))
+                pods = dict(state.pods)
+                record = pods.get(planned.holder)
+                if record is not None and record.granted is not None:
+                    pods[planned.holder] = replace(record, granted=None, attempts=0, retry_at=None)
+                    state = replace(state, pods=pods)
+            else:
+                del seats[planned.holder]
+                effects.append(ForgetSeat(info, planned.holder))
+        else:
+            seats[planned.holder] = replace(seat, busy=True, retry_at=None)
+            effects.append(SeatOp(info, planned.action, seat.held))
+    state = replace(state, seats=seats)
+    if freed:
+        state, effects = _wake_waiting(state, now, effects)
+        state, effects = _consider_all(state, now, effects)
+    # Leases waiting for a retry are looked at again at their retry time, not before.
+    idle = [
+        s.held.lease
+        for s in seats.values()
+        if not s.busy and s.held.lease is not None and (s.retry_at is None or s.retry_at <= now)
+    ]
+    due = next_review(idle, now)
+    upcoming = [due] if due is not None else []
+    upcoming += [s.retry_at for s in seats.values() if s.retry_at is not None and s.retry_at > now]
+    if state.seats_cluster_retry is not None and state.seats_cluster_retry > now:
+        upcoming.append(state.seats_cluster_retry)
+    upcoming += [
+        lease.expiration for lease in idle if lease.expiration is not None and lease.expiration > now
+    ]
+    at = min(upcoming) if upcoming else None
+    if at is not None and at != state.seats_review_at:
+        effects.append(Schedule(at, SEATS))
+        state = replace(state, seats_review_at=at)
     return state, effects
 
 

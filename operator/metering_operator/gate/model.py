@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from metering_operator.aws.backoff import Backoff
 from metering_operator.domain import entitlement as ent
+from metering_operator.domain.license_seats import HeldSeat, SeatAction
 from metering_operator.domain.product import EntitlementState, PodCounts
 from metering_operator.gate.cluster import ClusterRegistration
 from metering_operator.gate.product import ProductInfo
@@ -24,6 +25,10 @@ Pod = Mapping[str, Any]
 EventType = Literal["Normal", "Warning"]
 #: The timer key of scope Cluster's registration (pod timers are keyed by uid).
 CLUSTER = "<cluster>"
+#: The timer key of License Manager seat reviews (extensions, check-ins, retries).
+SEATS = "<seats>"
+#: How a pod waiting for a License Manager seat is marked (its reason's code).
+SEATS_EXHAUSTED = "SeatsExhausted"
 
 #: The gate's one backoff: 0.5 s, doubling, capped at a minute, full jitter.
 BACKOFF = Backoff(base=0.5, cap=60.0)
@@ -90,6 +95,17 @@ class PodRecord:
 
 
 @dataclass(frozen=True)
+class Seat:
+    """A License Manager holder's seat as the machine tracks it (contract products only)."""
+
+    held: HeldSeat
+    #: An ExtendLicenseConsumption or CheckInLicense in flight.
+    busy: bool = False
+    attempts: int = 0
+    retry_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class GateState:
     policy: GatePolicy = field(default_factory=GatePolicy)
     info: ProductInfo | None = None
@@ -101,6 +117,18 @@ class GateState:
     cluster_attempts: int = 0
     last_denial: str | None = None
     last_error: str | None = None
+    #: Contract products: each holder's seat (pod uid -> Seat), loaded from the operator's record.
+    seats: Mapping[str, Seat] = field(default_factory=dict)
+    seats_loaded: bool = False
+    seats_loading: bool = False
+    #: When the next seat review is scheduled (None: none pending).
+    seats_review_at: datetime | None = None
+    #: The product's per-cluster checkout (holder ``cluster``, as the operator): in flight, failed
+    #: attempts, when to retry, and a final refusal (then every pod is denied).
+    seats_cluster_busy: bool = False
+    seats_cluster_attempts: int = 0
+    seats_cluster_retry: datetime | None = None
+    seats_cluster_denied: str | None = None
 
     def counts(self) -> PodCounts:
         return ent.count_pods(r.state for r in self.live())
@@ -110,6 +138,20 @@ class GateState:
 
     def ungated(self) -> int:
         return sum(1 for r in self.pods.values() if r.ungated)
+
+    def exhausted(self) -> int:
+        """Pods waiting for a License Manager seat to free up."""
+        return sum(
+            1
+            for r in self.live()
+            if r.state is not None
+            and r.reason.startswith(SEATS_EXHAUSTED)
+            and r.granted is None
+            and r.denied is None
+        )
+
+    def seats_held(self) -> int:
+        return sum(1 for s in self.seats.values() if s.held.lease is not None)
 
     def held(self) -> dict[str, int]:
         """Pods behind the gate now, by state (``waiting``: not registered yet)."""
@@ -159,6 +201,18 @@ class Due:
 class Granted:
     token: str
     issued_at: datetime | None
+    #: Contract products: the checkout as recorded (the grant's proof).
+    seat: HeldSeat | None = None
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    """CheckoutLicense: the license has the entitlement, but no seat is free now."""
+
+    reason: str
+    #: The checkout number that was refused: the next attempt uses a new ClientToken (an answered
+    #: request's token is never reused, in case AWS remembers its answer).
+    count: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,7 +231,7 @@ class Vanished:
     """The pod went away (or changed uid) while it was worked on."""
 
 
-RegisterResult = Granted | Denied | Failed | Vanished
+RegisterResult = Granted | Denied | Failed | Vanished | Exhausted
 
 
 @dataclass(frozen=True)
@@ -222,6 +276,27 @@ class ClusterDone:
     transient: bool = False
 
 
+@dataclass(frozen=True)
+class SeatsLoaded:
+    """The operator's seat record of a contract product (None: it could not be read)."""
+
+    seats: Mapping[str, HeldSeat] | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SeatDone:
+    """An ExtendLicenseConsumption / CheckInLicense answered."""
+
+    holder: str
+    action: SeatAction
+    #: Extend: the seat with its new expiration.
+    seat: HeldSeat | None = None
+    error: str | None = None
+    #: The lease was gone already (expired or checked in): AWS holds no seat for it.
+    gone: bool = False
+
+
 Message = (
     ProductChanged
     | Listed
@@ -233,6 +308,8 @@ Message = (
     | Evicted
     | WorkloadFound
     | ClusterDone
+    | SeatsLoaded
+    | SeatDone
 )
 
 # --- effects -----------------------------------------------------------------------------------------
@@ -320,6 +397,45 @@ class PruneDenials:
     uids: frozenset[str]
 
 
+@dataclass(frozen=True)
+class Checkout:
+    """One CheckoutLicense for the pod (checkout number ``count`` of it: the ClientToken)."""
+
+    pod: Pod
+    info: ProductInfo
+    count: int
+
+
+@dataclass(frozen=True)
+class CheckoutCluster:
+    """One CheckoutLicense of the product's per-cluster entitlements, as the operator."""
+
+    info: ProductInfo
+    count: int
+
+
+@dataclass(frozen=True)
+class SeatOp:
+    """Extend or check in one holder's lease."""
+
+    info: ProductInfo
+    action: SeatAction
+    seat: HeldSeat
+
+
+@dataclass(frozen=True)
+class LoadSeats:
+    info: ProductInfo
+
+
+@dataclass(frozen=True)
+class ForgetSeat:
+    """Drop a holder from the seat record (its lease lapsed: AWS returned the seat)."""
+
+    info: ProductInfo
+    holder: str
+
+
 Effect = (
     Register
     | WriteGrant
@@ -331,5 +447,10 @@ Effect = (
     | RegisterCluster
     | FindWorkload
     | PruneDenials
+    | Checkout
+    | CheckoutCluster
+    | SeatOp
+    | LoadSeats
+    | ForgetSeat
 )
 Step = tuple[GateState, list[Effect]]

@@ -16,6 +16,8 @@ from metering_operator.domain.product import (
     KIND,
     EntitlementMode,
     EntitlementScope,
+    EntitlementSource,
+    LicenseManagerSource,
     MeteredProductSpec,
 )
 from metering_operator.domain.selectors import to_query
@@ -36,6 +38,9 @@ class ProductInfo:
     key_error: str | None
     #: How the seller's pins apply (``spec`` is already the effective spec); None: not resolved.
     resolution: Resolution | None = None
+    #: License Manager products: the issuer's key that verifies SignedTokens (None: not configured,
+    #: the token's claims are checked but not its signature; see docs/pricing-models.md).
+    issuer_key: RSAPublicKey | None = None
 
     @property
     def key(self) -> str:
@@ -44,6 +49,14 @@ class ProductInfo:
     @property
     def mode(self) -> EntitlementMode:
         return self.spec.entitlement.mode
+
+    @property
+    def license(self) -> LicenseManagerSource | None:
+        """What to check out of License Manager (contract products), or None (RegisterUsage)."""
+        entitlement = self.spec.entitlement
+        if entitlement.source is EntitlementSource.LICENSE_MANAGER:
+            return entitlement.license_manager
+        return None
 
     @property
     def cluster_scope(self) -> bool:
@@ -56,12 +69,10 @@ class ProductInfo:
     @property
     def active(self) -> bool:
         """Whether pods are handled at all (trusted, obeyed, key usable, mode not Off)."""
-        return (
-            self.trusted
-            and self.obeyed
-            and self.public_key is not None
-            and self.mode is not EntitlementMode.OFF
-        )
+        # A contract product needs no RegisterUsage key; its issuer key is optional but, when
+        # configured, must load.
+        keyed = self.key_error is None if self.license is not None else self.public_key is not None
+        return self.trusted and self.obeyed and keyed and self.mode is not EntitlementMode.OFF
 
     @property
     def obeyed(self) -> bool:

@@ -19,6 +19,7 @@ from kubernetes import client
 from metering_operator.domain.clock import Clock
 from metering_operator.domain.entitlement import UngatedPodAction
 from metering_operator.domain.pins import Pins
+from metering_operator.gate.licensing import Licensing
 from metering_operator.gate.registrar import Registrar
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.podcache import PodCache
@@ -44,6 +45,8 @@ class GateRuntime:
     post_grant_events: bool = True
     #: The namespaces' shared pod cache (metering reads the same one); made on first use if not given.
     cache: PodCache | None = None
+    #: Contract products' License Manager checkouts (None: not set up, e.g. in unit tests).
+    licensing: Licensing | None = None
     _kube_system_uid: str | None = None
 
     def pod_cache(self) -> PodCache:

@@ -56,6 +56,8 @@ class GateView:
     last_denial: str | None = None
     last_error: str | None = None
     registration: dict[str, Any] | None = None
+    #: Contract products: pods waiting for a License Manager seat to free up.
+    exhausted: int = 0
 
 
 def gate_conditions(
@@ -87,7 +89,16 @@ def gate_conditions(
         last_denial=view.last_denial,
         last_error=view.last_error if view.counts.pending else None,
         ungated=view.ungated,
+        source="License Manager" if info.license is not None else "RegisterUsage",
     )
+    if info.license is not None and view.exhausted and not view.counts.denied:
+        entitled = ConditionSpec(
+            "Entitled",
+            "False",
+            "SeatsExhausted",
+            f"{view.counts.registered} pod(s) hold a License Manager seat, {view.exhausted} wait for one "
+            "to free up (the license's seats are all in use)",
+        )
     return ready, entitled
 
 

@@ -35,6 +35,7 @@ from metering_operator.domain.product import (
 )
 from metering_operator.domain.selectors import matches
 from metering_operator.gate.controller import ProductController
+from metering_operator.gate.licensing import Licensing
 from metering_operator.gate.registrar import Registrar
 from metering_operator.gate.runtime import GateRuntime
 from metering_operator.kube.apiclient import new_api_client
@@ -42,6 +43,7 @@ from metering_operator.kube.events import EventPoster
 from metering_operator.kube.podcache import PodCache
 from metering_operator.kube.pods import PodApi
 from metering_operator.kube.records import DenialRecords
+from metering_operator.kube.seat_records import SeatRecords
 from metering_operator.kube.webhook import HANDLER_ID, delete_webhook_configuration
 from metering_operator.settings import OperatorSettings
 
@@ -59,11 +61,12 @@ def build_runtime(
     api = new_api_client(pool_size=AWS_WORKERS + KUBE_WORKERS + 8)
     pods = PodApi(api)
     clock = clock or SystemClock()
+    registrar = Registrar(api, pods, settings.region, clock, settings.token_expiration_seconds)
     return GateRuntime(
         api=api,
         pods=pods,
         events=EventPoster(api),
-        registrar=Registrar(api, pods, settings.region, clock, settings.token_expiration_seconds),
+        registrar=registrar,
         aws_pool=ThreadPoolExecutor(max_workers=AWS_WORKERS, thread_name_prefix="gate-aws"),
         kube_pool=ThreadPoolExecutor(max_workers=KUBE_WORKERS, thread_name_prefix="gate-kube"),
         clock=clock,
@@ -72,6 +75,7 @@ def build_runtime(
         ungated_pod_action=settings.ungated_pod_action,
         pins=settings.pins,
         cache=cache,
+        licensing=Licensing(registrar, SeatRecords(api, settings.operator_namespace), settings.region, clock),
     )
 
 

@@ -38,41 +38,36 @@ DENIALS_COMPONENT = "entitlement-denials"
 COMPONENT = {COMPONENT_LABEL: DENIALS_COMPONENT}
 
 
-def record_name(namespace: str, name: str) -> str:
+def record_name(namespace: str, name: str, prefix: str = "mmo-denials") -> str:
     digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:24]
-    return f"mmo-denials-{digest}"
+    return f"{prefix}-{digest}"
 
 
-class DenialRecords:
-    """Read, add and prune one product's denial record (blocking: worker threads only)."""
+class OperatorRecords:
+    """One ConfigMap per product in the operator's namespace, ``data`` keyed by pod uid (blocking:
+    worker threads only). Entries are merged in with JSON merge patches (no read-modify-write)."""
+
+    prefix = "mmo-denials"
+    component = COMPONENT
 
     def __init__(self, api: client.ApiClient, namespace: str) -> None:
         self.core = client.CoreV1Api(api)
         self.namespace = namespace
 
-    def load(self, product_namespace: str, product_name: str) -> dict[str, str]:
-        """pod uid -> reason; empty when the product has no record yet."""
+    def name(self, product_namespace: str, product_name: str) -> str:
+        return record_name(product_namespace, product_name, self.prefix)
+
+    def read(self, product_namespace: str, product_name: str) -> dict[str, str]:
+        """The raw entries; empty when the product has no record yet."""
         try:
             cm = self.core.read_namespaced_config_map(
-                record_name(product_namespace, product_name), self.namespace
+                self.name(product_namespace, product_name), self.namespace
             )
         except ApiException as exc:
             if exc.status == 404:
                 return {}
             raise
-        result: dict[str, str] = {}
-        for uid, raw in (cm.data or {}).items():
-            try:
-                result[uid] = str(json.loads(raw).get("reason") or "Denied")
-            except (ValueError, AttributeError):
-                result[uid] = "Denied"
-        return result
-
-    def add(
-        self, product_namespace: str, product_name: str, uid: str, pod: str, reason: str, at: datetime
-    ) -> None:
-        entry = json.dumps({"pod": pod, "reason": reason[:1024], "at": format_time(at)})
-        self._merge(product_namespace, product_name, {uid: entry})
+        return dict(cm.data or {})
 
     def prune(self, product_namespace: str, product_name: str, uids: Iterable[str]) -> None:
         gone: dict[str, str | None] = dict.fromkeys(uids)
@@ -82,7 +77,7 @@ class DenialRecords:
     def _merge(
         self, product_namespace: str, product_name: str, data: Mapping[str, str | None], create: bool = True
     ) -> None:
-        name = record_name(product_namespace, product_name)
+        name = self.name(product_namespace, product_name)
         try:
             release(
                 self.core.patch_namespaced_config_map(
@@ -102,7 +97,7 @@ class DenialRecords:
         body = {
             "metadata": {
                 "name": name,
-                "labels": {**MANAGED_BY, **COMPONENT},
+                "labels": {**MANAGED_BY, **self.component},
                 "annotations": {ANNOTATION_PRODUCT: f"{product_namespace}/{product_name}"},
             },
             "data": {k: v for k, v in data.items() if v is not None},
@@ -113,3 +108,23 @@ class DenialRecords:
             if exc.status != 409:
                 raise
             self._merge(product_namespace, product_name, data, create=False)
+
+
+class DenialRecords(OperatorRecords):
+    """Read, add and prune one product's denial record."""
+
+    def load(self, product_namespace: str, product_name: str) -> dict[str, str]:
+        """pod uid -> reason; empty when the product has no record yet."""
+        result: dict[str, str] = {}
+        for uid, raw in self.read(product_namespace, product_name).items():
+            try:
+                result[uid] = str(json.loads(raw).get("reason") or "Denied")
+            except (ValueError, AttributeError):
+                result[uid] = "Denied"
+        return result
+
+    def add(
+        self, product_namespace: str, product_name: str, uid: str, pod: str, reason: str, at: datetime
+    ) -> None:
+        entry = json.dumps({"pod": pod, "reason": reason[:1024], "at": format_time(at)})
+        self._merge(product_namespace, product_name, {uid: entry})

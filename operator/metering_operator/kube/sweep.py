@@ -10,7 +10,8 @@ product could use any more:
 * a denial record once none of the pods it names exists (same name *and* uid): a denial matters
   only to a pod that could ask again, and a new pod is checked afresh anyway;
 * a journal once :func:`metering_operator.domain.ledger.restorable` says nothing in it could be
-  restored (every live entry is past the restore horizon, far outside AWS's six-hour window).
+  restored (every live entry is past the restore horizon, far outside AWS's six-hour window);
+* a License Manager seat record once every lease in it has expired (AWS has returned the seats).
 
 While the product exists nothing is removed, nor when its existence cannot be told (403 in a
 namespace the operator no longer watches, API errors): keeping a record is always safe. Each
@@ -41,7 +42,7 @@ from metering_operator.domain.product import (
     VERSION,
     MeteringStatus,
 )
-from metering_operator.kube import journal, records
+from metering_operator.kube import journal, records, seat_records
 from metering_operator.kube.apiclient import release
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class RecordSweeper:
             return None if self._any_pod_alive(product[0], cm.data or {}) else "denials"
         if labels.get(journal.LABEL) == "true":
             return None if self._journal_restorable(cm) else "journal"
+        if labels.get(records.COMPONENT_LABEL) == seat_records.SEATS_COMPONENT_NAME:
+            return "seats" if not seat_records.any_lease_live(dict(cm.data or {}), self.clock.now()) else None
         return None  # a record kind this version does not know: keep it
 
     def _product_may_exist(self, namespace: str, name: str) -> bool:

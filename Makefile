@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv control-plane cluster cluster-down lint test unit image manifests demo bench clean
+.PHONY: venv control-plane cluster cluster-down lint test unit image manifests demo demo-contract bench clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,10 @@ manifests: venv control-plane
 
 demo: venv control-plane
 	$(PY) -m devtools.demo
+
+# The second story: a contract product entitled by AWS License Manager seats.
+demo-contract: venv control-plane
+	$(PY) -m devtools.demo --contract
 
 # Rewrites bench/results/*.md; see bench/README.md for each benchmark on its own.
 bench: venv control-plane

@@ -266,6 +266,7 @@ class Options:
     region: str
     timeout: float
     unentitled: bool
+    contract: bool = False
 
 
 @dataclass
@@ -286,6 +287,10 @@ class Demo:
     hour0: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     # -- small helpers ------------------------------------------------------------------------
+
+    #: What step 3 applies besides the ServiceAccounts, and what step 5 applies (story-specific).
+    key_title = "the product's public key"
+    product_title = f"sample MeteredProduct ({SAMPLE_FILE.relative_to(REPO_ROOT)})"
 
     @property
     def ns(self) -> str:
@@ -373,12 +378,15 @@ class Demo:
         self.step_hour_sent()
         self.step_kubectl_get()
         self.step_bill()
+        self.finish(
+            "`.venv/bin/python -m devtools.demo --unentitled` shows a buyer who is not subscribed;\n"
+            "      `make demo-contract` a contract product whose pods share 3 License Manager seats."
+        )
+
+    def finish(self, next_hint: str) -> None:
         total = time.monotonic() - self.story.t0
         print(f"\nDemo complete in {total:.0f}s. Logs: {self.opts.work_dir}", flush=True)
-        print(
-            "Next: `.venv/bin/python -m devtools.demo --unentitled` shows a buyer who is not subscribed.",
-            flush=True,
-        )
+        print(f"Next: {next_hint}", flush=True)
 
     def step_cluster(self) -> None:
         s = self.story
@@ -449,7 +457,7 @@ class Demo:
     def step_objects(self) -> None:
         s = self.story
         assert self.emulator is not None
-        s.step("Apply: CRD, namespace, IRSA ServiceAccounts, the product's public key")
+        s.step(f"Apply: CRD, namespace, IRSA ServiceAccounts, {self.key_title}")
         self.prepare_namespace()
         crd: dict[str, Any] = yaml.safe_load(CRD_FILE.read_text())
         for version in crd["spec"]["versions"]:
@@ -461,10 +469,19 @@ class Demo:
         for line in self.k().apply([crd]):
             s.say(line)
         self.k().run("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}", "--timeout=60s")
+        self.k().apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.ns}}])
+        self.namespace_created = True
+        for line in self.k().apply(self.namespace_objects(), namespace=self.ns):
+            s.say(line)
+        self.describe_namespace_objects()
+        s.done(f"namespace {self.ns} ready")
+
+    def namespace_objects(self) -> list[dict[str, Any]]:
+        """The IRSA-annotated ServiceAccounts and the product's public key."""
+        assert self.emulator is not None
         pem = self.emulator.admin.public_key_pem(self.product_code, self.key_version)
         key_ref = self.sample["spec"]["publicKey"]["configMapKeyRef"]
-        objects: list[dict[str, Any]] = [
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.ns}},
+        return [
             {
                 "apiVersion": "v1",
                 "kind": "ServiceAccount",
@@ -482,16 +499,14 @@ class Demo:
                 "data": {key_ref["key"]: pem},
             },
         ]
-        self.k().apply(objects[:1])
-        self.namespace_created = True
-        for line in self.k().apply(objects[1:], namespace=self.ns):
-            s.say(line)
-        s.say(f"{IRSA_ANNOTATION}: {self.buyer_role}")
-        s.say(
+
+    def describe_namespace_objects(self) -> None:
+        key_ref = self.sample["spec"]["publicKey"]["configMapKeyRef"]
+        self.story.say(f"{IRSA_ANNOTATION}: {self.buyer_role}")
+        self.story.say(
             f"public key {key_ref['name']}/{key_ref['key']}: "
             f"exported by the emulator (PS256, v{self.key_version})"
         )
-        s.done(f"namespace {self.ns} ready")
 
     def prepare_namespace(self) -> None:
         """A namespace left by an interrupted run goes first (its product's finalizer with it)."""
@@ -577,20 +592,20 @@ class Demo:
             f"policies       {self.webhook_configuration}-* (ValidatingAdmissionPolicies and the gate's "
             "MutatingAdmissionPolicy, in force even while the operator is stopped)"
         )
-        s.say(f"AWS            {self.emulator.url} via AWS_ENDPOINT_URL_STS / _MARKETPLACE_METERING")
+        s.say(
+            f"AWS            {self.emulator.url} via AWS_ENDPOINT_URL_STS / _MARKETPLACE_METERING / "
+            "_LICENSE_MANAGER"
+        )
         s.say(f"log            {self.operator.log_path}")
         self.operator.wait_ready(self.opts.timeout)
         s.done(f"operator ready (pid {self.operator.process.pid if self.operator.process else '?'})")
 
     def step_product(self) -> None:
         s = self.story
-        s.step(f"Apply the sample MeteredProduct ({SAMPLE_FILE.relative_to(REPO_ROOT)})")
-        spec = self.sample["spec"]
+        s.step(f"Apply the {self.product_title}")
         for line in self.k().apply([self.sample], namespace=self.ns):
             s.say(line)
-        s.say(f"entitlement    {spec['entitlement']['mode']}, scope {spec['entitlement']['scope']}")
-        for d in spec["metering"]["dimensions"]:
-            s.say(f"dimension      {d['name']}: {d['source']}, {d['aggregation']}, rounded {d['rounding']}")
+        self.describe_product()
 
         def ready() -> dict[str, Any] | None:
             for cond in (self.product().get("status") or {}).get("conditions") or []:
@@ -600,6 +615,14 @@ class Demo:
 
         cond = self.wait("the MeteredProduct to be Ready", ready)
         s.done(f"Ready=True ({cond.get('reason')})")
+
+    def describe_product(self) -> None:
+        spec = self.sample["spec"]
+        self.story.say(f"entitlement    {spec['entitlement']['mode']}, scope {spec['entitlement']['scope']}")
+        for d in spec["metering"]["dimensions"]:
+            self.story.say(
+                f"dimension      {d['name']}: {d['source']}, {d['aggregation']}, rounded {d['rounding']}"
+            )
 
     def deployment(self, replicas: int) -> dict[str, Any]:
         labels = {**self.app_labels, "team": TEAM}
@@ -1115,7 +1138,15 @@ def parse_args(argv: list[str] | None) -> Options:
         help="annotate the pods' ServiceAccount with a role of an account that is not entitled: "
         "the pods are Denied and stay gated, and the demo stops there with the reason",
     )
+    parser.add_argument(
+        "--contract",
+        action="store_true",
+        help="the second story: a contract product whose pods check out AWS License Manager seats "
+        "(3 floating seats; a pod beyond them waits until a seat is checked in)",
+    )
     args = parser.parse_args(argv)
+    if args.contract and args.unentitled:
+        parser.error("--unentitled belongs to the first story; it cannot be combined with --contract")
     return Options(
         namespace=args.namespace,
         work_dir=args.work_dir.resolve(),
@@ -1124,6 +1155,7 @@ def parse_args(argv: list[str] | None) -> Options:
         region=args.region,
         timeout=args.step_timeout,
         unentitled=args.unentitled,
+        contract=args.contract,
     )
 
 
@@ -1134,7 +1166,13 @@ def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     opts.work_dir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(opts)
+    demo: Demo
+    if opts.contract:
+        from devtools.demo_contract import ContractDemo  # imports this module: loaded on demand
+
+        demo = ContractDemo(opts)
+    else:
+        demo = Demo(opts)
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:

@@ -10,7 +10,7 @@ product running the way a developer runs it by hand, with no pytest in the way:
 
 Both services are started exactly as ``tests/e2e/conftest.py`` starts them (``python -m
 metering_operator.cli ...`` with ``operator/`` on PYTHONPATH, unmodified boto3 pointed at the
-emulator through ``AWS_ENDPOINT_URL_STS`` / ``AWS_ENDPOINT_URL_MARKETPLACE_METERING``, the
+emulator through ``AWS_ENDPOINT_URL_STS`` / ``_MARKETPLACE_METERING`` / ``_LICENSE_MANAGER``, the
 Region given explicitly, no AWS identity inherited from the caller's environment), so what works
 here works there, and the e2e fixtures and the emulator's test harness use its command line,
 admin-API transport and clean-up helpers. It imports nothing from ``tests/``, and from the
@@ -227,6 +227,17 @@ class EmulatorAdmin:
         path = f"/products/{urllib.parse.quote(product_code, safe='')}/keys/{version}.pem"
         return str(self.request("GET", path))
 
+    def license_checkouts(self, license_arn: str | None = None) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/license-checkouts", licenseArn=license_arn)["checkouts"])
+
+    def seat_usage(self, license_arn: str | None = None) -> list[dict[str, Any]]:
+        """The billing view's License Manager part: per contract and entitlement, seats in use now."""
+        return list(self.request("GET", "/billing", licenseArn=license_arn).get("licenses") or [])
+
+    def issuer_key_pem(self, key_fingerprint: str) -> str:
+        path = f"/license-issuers/{urllib.parse.quote(key_fingerprint, safe='')}/key.pem"
+        return str(self.request("GET", path))
+
 
 @dataclass
 class Emulator:
@@ -245,7 +256,11 @@ class Emulator:
 
     def env(self) -> dict[str, str]:
         """Variables that point unmodified boto3 at this emulator, Region included."""
-        env = {"AWS_ENDPOINT_URL_MARKETPLACE_METERING": self.url, "AWS_ENDPOINT_URL_STS": self.url}
+        env = {
+            "AWS_ENDPOINT_URL_MARKETPLACE_METERING": self.url,
+            "AWS_ENDPOINT_URL_LICENSE_MANAGER": self.url,
+            "AWS_ENDPOINT_URL_STS": self.url,
+        }
         if self.region:
             # botocore 1.44 reads AWS_DEFAULT_REGION; EKS's IRSA webhook sets both.
             env["AWS_DEFAULT_REGION"] = self.region

@@ -120,6 +120,18 @@ class Helm:
         args += _values_args(self.home, values, set_values)
         return self.run(*args)
 
+    def notes(
+        self, release: str = "mmo", namespace: str = "default", *, set_values: Iterable[str] = ()
+    ) -> str:
+        """The install notes (NOTES.txt) as `helm install` prints them, from a server-side dry run.
+
+        `helm template` never renders NOTES.txt, and a client-side dry run judges the chart's
+        kubeVersion by the version compiled into Helm; so this needs the cluster (kubeconfig).
+        """
+        args = ["install", release, str(CHART), "--namespace", namespace, "--dry-run=server"]
+        out = self.run(*args, *_values_args(self.home, None, set_values)).stdout
+        return out[out.index("NOTES:") :]
+
     def uninstall(self, release: str, namespace: str) -> subprocess.CompletedProcess[str]:
         return self.run("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s")
 

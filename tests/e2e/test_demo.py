@@ -36,11 +36,14 @@ class DemoRun:
     work_dir: Path
     returncode: int
     output: str
+    steps: int = 14
 
     def step_text(self, number: int) -> str:
         """The lines of step ``number`` (from its header to the next step or the end)."""
+        total = self.steps
         match = re.search(
-            rf"^\[\s*{number}/14\].*?(?=^\[\s*{number + 1}/14\]|^Demo complete|^DEMO FAILED|^Cleaning up|\Z)",
+            rf"^\[\s*{number}/{total}\].*?"
+            rf"(?=^\[\s*{number + 1}/{total}\]|^Demo complete|^DEMO FAILED|^Cleaning up|\Z)",
             self.output,
             re.M | re.S,
         )
@@ -63,7 +66,7 @@ def demo_command(namespace: str, work_dir: Path, cluster: ClusterInfo, *extra: s
     ]
 
 
-def run_demo(cluster: ClusterInfo, tmp_path: Path, *extra: str) -> DemoRun:
+def run_demo(cluster: ClusterInfo, tmp_path: Path, *extra: str, steps: int = 14) -> DemoRun:
     namespace = f"demo-{uuid.uuid4().hex[:8]}"
     work_dir = tmp_path / "demo"
     done = subprocess.run(
@@ -76,7 +79,7 @@ def run_demo(cluster: ClusterInfo, tmp_path: Path, *extra: str) -> DemoRun:
     )
     output = done.stdout + done.stderr
     print(output)  # shown by pytest when the test fails
-    return DemoRun(namespace, work_dir, done.returncode, output)
+    return DemoRun(namespace, work_dir, done.returncode, output, steps)
 
 
 def assert_cleaned_up(kube: client.ApiClient, cluster: ClusterInfo, run: DemoRun) -> None:
@@ -183,6 +186,57 @@ def test_an_unentitled_buyer_stops_the_demo_with_the_reason(
     assert "CustomerNotEntitledException" in failure
     assert "stays behind the scheduling gate" in failure
     assert "Demo complete" not in run.output
+    assert_cleaned_up(kube, cluster, run)
+
+
+def test_the_contract_story_shares_three_seats_and_hands_a_freed_one_on(
+    cluster: ClusterInfo, kube: client.ApiClient, tmp_path: Path
+) -> None:
+    run = run_demo(cluster, tmp_path, "--contract", steps=10)
+    assert run.returncode == 0, run.output
+
+    emulator = run.step_text(2)
+    assert "seats (Count) x 3, floating" in emulator
+    # The emulator's roles allow exactly the chart's documented policy, read from the file.
+    assert "(the pods): files/iam/license-manager.json" in emulator
+    assert "license-manager:CheckoutLicense" in emulator
+    assert "Ready=True" in run.step_text(5)
+
+    web = run.step_text(6)
+    assert web.count("STS: token bound to this pod -> role/example-contract") == 3
+    assert web.count("CheckoutLicense seats x1 -> token") == 3
+    assert "3/3 pods hold a seat and run" in web
+
+    assert "contract seats: 3 in use of 3, 0 available" in run.step_text(7)
+
+    waiting = run.step_text(8)
+    assert f"created with schedulingGates: [{GATE}]" in waiting
+    reason = re.search(r"reason: (.+)$", waiting, re.M)
+    assert reason, waiting
+    assert "waits for a seat" in waiting
+    assert "still gated" in waiting
+
+    handed_on = run.step_text(9)
+    assert re.search(r"CheckInLicense \w{8}\.\. \(pod web-\S+\): seat returned", handed_on), handed_on
+    assert handed_on.count("CheckoutLicense seats x1 -> token") == 1
+    assert re.search(r"worker-\S+ Granted and Running", handed_on), handed_on
+    assert "contract seats: 3 in use of 3" in handed_on
+
+    bill = run.step_text(10)
+    assert "contract seats: 3 in use of 3, 0 available" in bill
+    assert re.search(r"checkouts: .*Active x3", bill), bill
+    assert re.search(r"checkouts: .*CheckedIn x1", bill), bill
+    calls = re.search(r"AWS calls seen: (.*)$", bill, re.M)
+    assert calls, bill
+    seen = calls.group(1).split(", ")
+    assert "CheckInLicense x1" in seen, seen
+    # Four seats were granted (three web pods, then the worker); no RegisterUsage for a contract.
+    assert "CheckoutLicense x4" in seen, seen
+    assert not [c for c in seen if c.startswith("RegisterUsage")], seen
+    # The documented policies sufficed: nothing was refused for a missing permission.
+    assert not [c for c in seen if "AccessDenied" in c], seen
+
+    assert "Demo complete in" in run.output
     assert_cleaned_up(kube, cluster, run)
 
 

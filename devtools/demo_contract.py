@@ -7,7 +7,9 @@ buyer account; the MeteredProduct asks for one seat per pod (``entitlement.sourc
 LicenseManager``). A 3-replica Deployment's pods each check a seat out with their own IRSA
 identity and run; the emulator's billing view shows 3 of 3 seats in use. A second workload of the
 same product finds no seat left: its pod waits behind the scheduling gate with the reason. Scaling
-the first Deployment down checks a seat in, and the waiting pod gets it.
+the first Deployment down checks a seat in, and the waiting pod gets it. Moving the emulator's
+clock 45 minutes on shows every lease extended (ExtendLicenseConsumption), so no seat lapses at
+the 60-minute mark while its pod runs.
 
 The roles' permissions in the emulator are exactly the chart's IAM policy files
 (``charts/marketplace-metering-operator/files/iam/``), so the story also shows that the
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -84,7 +86,7 @@ def contract_product() -> dict[str, Any]:
 
 @dataclass
 class ContractDemo(Demo):
-    story: Story = field(default_factory=lambda: Story(10))
+    story: Story = field(default_factory=lambda: Story(11))
     workers: PodWatcher | None = None
     key_title = "the contract issuer's public key"
     product_title = "contract MeteredProduct (entitlement.source LicenseManager, one seat per pod)"
@@ -104,6 +106,7 @@ class ContractDemo(Demo):
         self.step_seats_in_use()
         self.step_worker_waits()
         self.step_scale_down()
+        self.step_extended()
         self.step_contract_bill()
         self.finish("`make demo` tells the first story: an hourly product, RegisterUsage and MeterUsage.")
 
@@ -271,6 +274,34 @@ class ContractDemo(Demo):
         self.show_checkouts(pods)
         s.say(self.seat_line(self.seats(expect_in_use=SEATS)))
         s.done(f"{pods[0].name} Granted and Running; 2 {WEB} + 1 {WORKER} hold the 3 seats")
+
+    def step_extended(self) -> None:
+        s = self.story
+        assert self.emulator is not None
+        s.step("45 minutes later: every lease is extended while its pod runs, so no seat lapses")
+        before = self.extensions()
+        self.advance_clock(self.hour0 + timedelta(minutes=45))
+        s.say("a PROVISIONAL checkout would lapse 60 minutes after it was issued; the operator extends it")
+        s.say("once 20 minutes or less are left (the operator follows the emulator's clock)")
+        self.wait("3 leases extended (ExtendLicenseConsumption)", lambda: self.extensions() >= before + SEATS)
+        for c in self.checkouts():
+            if c.get("state") == "Active":
+                token = str(c["licenseConsumptionToken"])[:8]
+                if not c.get("extensions"):
+                    raise StackError(f"the lease {token}.. of pod {c.get('podName')} was not extended")
+                s.say(
+                    f"{token}.. (pod {c.get('podName')}): extended x{c.get('extensions')}, "
+                    f"expires {c.get('expiration')}"
+                )
+        self.advance_clock(self.hour0 + timedelta(minutes=65))
+        s.say("past the first expiration:")
+        s.say(self.seat_line(self.seats(expect_in_use=SEATS)))
+        s.done(f"{self.extensions() - before} leases extended, {SEATS} seats still held")
+
+    def extensions(self) -> int:
+        assert self.emulator is not None
+        events = self.emulator.admin.events(operation="ExtendLicenseConsumption")
+        return sum(1 for e in events if not e.get("errorCode"))
 
     def step_contract_bill(self) -> None:
         s = self.story

@@ -192,7 +192,7 @@ def test_an_unentitled_buyer_stops_the_demo_with_the_reason(
 def test_the_contract_story_shares_three_seats_and_hands_a_freed_one_on(
     cluster: ClusterInfo, kube: client.ApiClient, tmp_path: Path
 ) -> None:
-    run = run_demo(cluster, tmp_path, "--contract", steps=10)
+    run = run_demo(cluster, tmp_path, "--contract", steps=11)
     assert run.returncode == 0, run.output
 
     emulator = run.step_text(2)
@@ -222,7 +222,11 @@ def test_the_contract_story_shares_three_seats_and_hands_a_freed_one_on(
     assert re.search(r"worker-\S+ Granted and Running", handed_on), handed_on
     assert "contract seats: 3 in use of 3" in handed_on
 
-    bill = run.step_text(10)
+    extended = run.step_text(10)
+    assert len(re.findall(r"\(pod \S+\): extended x1, expires", extended)) == 3, extended
+    assert "contract seats: 3 in use of 3" in extended.split("past the first expiration:")[1]
+
+    bill = run.step_text(11)
     assert "contract seats: 3 in use of 3, 0 available" in bill
     assert re.search(r"checkouts: .*Active x3", bill), bill
     assert re.search(r"checkouts: .*CheckedIn x1", bill), bill
@@ -232,6 +236,7 @@ def test_the_contract_story_shares_three_seats_and_hands_a_freed_one_on(
     assert "CheckInLicense x1" in seen, seen
     # Four seats were granted (three web pods, then the worker); no RegisterUsage for a contract.
     assert "CheckoutLicense x4" in seen, seen
+    assert "ExtendLicenseConsumption x3" in seen, seen
     assert not [c for c in seen if c.startswith("RegisterUsage")], seen
     # The documented policies sufficed: nothing was refused for a missing permission.
     assert not [c for c in seen if "AccessDenied" in c], seen

@@ -74,11 +74,17 @@ def _sources() -> list[Path]:
 
 
 @cache
-def operator_aws_calls() -> tuple[AwsCall, ...]:
-    """Every AWS operation the operator's code references, once each, sorted."""
+def operator_aws_calls(under: str = "") -> tuple[AwsCall, ...]:
+    """Every AWS operation the operator's code references, once each, sorted.
+
+    ``under``: only the code in this file or folder of the package (e.g. ``gate/licensing.py``).
+    """
     methods = _methods()
     found: dict[tuple[str, str], AwsCall] = {}
+    scope = PACKAGE / under if under else PACKAGE
     for path in _sources():
+        if path != scope and scope not in path.parents:
+            continue
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in methods:
@@ -89,10 +95,10 @@ def operator_aws_calls() -> tuple[AwsCall, ...]:
     return tuple(sorted(found.values()))
 
 
-def permission_calls() -> list[AwsCall]:
+def permission_calls(under: str = "") -> list[AwsCall]:
     """The calls an IAM permission policy must allow.
 
     ``sts:AssumeRoleWithWebIdentity`` is authorized by the role's trust policy (the IRSA subject),
     not by a permission policy; docs/install.md's trust policy names it.
     """
-    return [call for call in operator_aws_calls() if call.service != "sts"]
+    return [call for call in operator_aws_calls(under) if call.service != "sts"]

@@ -92,6 +92,54 @@ def test_capability_policies_split_all_json_by_operation() -> None:
     assert sorted(files[ALL]["Statement"], key=lambda s: s["Sid"]) == sorted(together, key=lambda s: s["Sid"])
 
 
+#: Where each pricing model's AWS calls are made (the code, read by aws_calls): its entitlement
+#: call and, for metered models, the metering services. The actions are derived from these files.
+MODEL_CODE = {
+    "free": (),
+    "hourly": ("gate/registrar.py",),
+    "custom metering": ("metering",),
+    "contract": ("gate/licensing.py",),
+    "contract with consumption": ("gate/licensing.py", "metering"),
+}
+IAM_TABLE = re.compile(r"^\| model \| the pods' role \(scope `Pod`\) \|.*?\n\| --- .*?\n((?:\|.*\n)+)", re.M)
+
+
+def model_table() -> dict[str, tuple[set[str], set[str], set[str]]]:
+    """docs/pricing-models.md's IAM table: model -> (pods' role, operator scope Pod, operator
+    scope Cluster), each the union of the actions of the policy files its cell names."""
+    match = IAM_TABLE.search((REPO / "docs" / "pricing-models.md").read_text())
+    assert match, "docs/pricing-models.md has no IAM table by model"
+    files = policy_files()
+    table: dict[str, tuple[set[str], set[str], set[str]]] = {}
+    for line in match.group(1).strip().splitlines():
+        model, *cells = [c.strip() for c in line.strip("|").split("|")]
+        roles = []
+        for cell in cells:
+            names = re.findall(r"`([\w.-]+\.json)`", cell)
+            assert names or cell == "none", f"{model}: {cell!r} names no policy file"
+            assert set(names) <= set(files), f"{model}: {cell!r} names a file files/iam/ lacks"
+            roles.append({a for n in names for a in actions(files[n])})
+        table[model] = (roles[0], roles[1], roles[2])
+    return table
+
+
+def test_each_models_policies_allow_exactly_its_calls() -> None:
+    table = model_table()
+    assert set(table) == set(MODEL_CODE)
+    covered: set[str] = set()
+    for model, places in MODEL_CODE.items():
+        calls = {c.iam_action for place in places for c in permission_calls(place)}
+        covered |= calls
+        pods, operator_pod_scope, operator_cluster_scope = table[model]
+        # Scope Pod: the pods' and the operator's roles together; scope Cluster: the operator alone.
+        assert pods | operator_pod_scope == calls, (model, sorted(calls))
+        assert operator_cluster_scope == calls, (model, sorted(calls))
+        # The pods only ever call the entitlement operations, never MeterUsage.
+        assert "aws-marketplace:MeterUsage" not in pods, model
+    # Every call of the operator belongs to some model's code: a call elsewhere needs a row.
+    assert covered == {c.iam_action for c in permission_calls()}
+
+
 @pytest.mark.parametrize("doc", sorted(DOCS))
 def test_docs_print_the_policy_files_verbatim(doc: str) -> None:
     text = (REPO / doc).read_text()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,10 @@ def contract(
     return Contract(kube, namespace, operator, contract_emulator)
 
 
+def denied_event(contract: Contract, name: str) -> bool:
+    return "EntitlementDenied" in {e.reason for e in pod_events(contract.kube, contract.namespace, name)}
+
+
 def uids(items: list[dict[str, Any]]) -> set[str]:
     return {p["metadata"]["uid"] for p in items}
 
@@ -244,18 +249,23 @@ def test_three_seats_four_replicas_waiting_pod_gets_a_freed_seat_and_scale_down_
         assert checkouts[pod["metadata"]["uid"]]["podUid"] == pod["metadata"]["uid"]
     # The fourth waits behind the gate with a reason, an Event and the product's condition.
     assert waiter["status"].get("phase") == "Pending"
-    events = {e.reason for e in pod_events(contract.kube, contract.namespace, waiter["metadata"]["name"])}
-    assert "SeatsExhausted" in events
+    wait_for(
+        "the SeatsExhausted Event",
+        lambda: (
+            "SeatsExhausted"
+            in {e.reason for e in pod_events(contract.kube, contract.namespace, waiter["metadata"]["name"])}
+        ),
+    )
     status = wait_for(
         "Entitled=False SeatsExhausted",
         lambda: (
             (p := read_product(contract.kube, contract.namespace, APP))
             and condition(p, "Entitled").get("reason") == "SeatsExhausted"
+            and (p.get("status") or {}).get("pods") == {"registered": 3, "pending": 1, "denied": 0}
             and p
         ),
     )
     assert condition(status, "Entitled")["status"] == "False"
-    assert status["status"]["pods"] == {"registered": 3, "pending": 1, "denied": 0}
     assert condition(status, "Ready")["status"] == "True"
 
     # A seat frees (one granted pod goes away): it is checked in, and the pod that waited longest
@@ -362,8 +372,10 @@ def test_an_entitlement_the_license_lacks_is_a_final_denial(contract: Contract) 
         assert gated(pod)
         assert notes(pod)[REASON].startswith("NoEntitlementsAllowed"), notes(pod)[REASON]
         assert "gpus" in notes(pod)[REASON]
-        reasons = {e.reason for e in pod_events(contract.kube, contract.namespace, pod["metadata"]["name"])}
-        assert "EntitlementDenied" in reasons
+        wait_for(  # posted right after the annotation is written
+            f"the EntitlementDenied Event of {pod['metadata']['name']}",
+            partial(denied_event, contract, str(pod["metadata"]["name"])),
+        )
     status = wait_for(
         "Entitled=False for 2 denied pods",
         lambda: (

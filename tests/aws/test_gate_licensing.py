@@ -185,3 +185,12 @@ def test_a_token_from_another_key_is_checked_in_again_and_refused(world: World) 
     assert exc.value.reason == "BadSignature"
     assert world.active() == []  # the unusable checkout went straight back
     assert CLUSTER_HOLDER not in world.records.seats
+
+
+def test_a_refusal_that_cannot_be_classified_is_neither_a_denial_nor_a_wait(world: World) -> None:
+    world.checkout("product-g")
+    world.emulator.admin.set_fault("ListReceivedLicenses", fail_with="RateLimitExceededException")
+    with pytest.raises(MeteringError) as exc:
+        world.checkout("product-h")
+    assert exc.value.retryable
+    assert "no seat free, or not entitled?" in exc.value.message

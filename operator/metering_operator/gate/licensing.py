@@ -191,7 +191,18 @@ class Licensing:
                     result = client.checkout_license(self._request(source, wanted, cluster, node, number))
                 except aws_errors.MeteringError as exc:
                     if exc.code == "NoEntitlementsAllowedException":
-                        refusal = self._judge(client, source, wanted, cluster)
+                        try:
+                            refusal = self._judge(client, source, wanted, cluster)
+                        except aws_errors.MeteringError as unknown:
+                            # Without the license's view the refusal cannot be classified: neither
+                            # a denial nor a grant, retried like the failed call itself.
+                            raise aws_errors.MeteringError(
+                                unknown.code,
+                                f"CheckoutLicense answered NoEntitlementsAllowed and {unknown.operation} "
+                                f"failed ({unknown.message}): no seat free, or not entitled?",
+                                unknown.operation,
+                                unknown.category,
+                            ) from None
                         metrics.LICENSE_CALLS.labels(
                             *labels, "exhausted" if refusal.exhausted else "denied"
                         ).inc()

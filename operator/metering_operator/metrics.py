@@ -168,3 +168,24 @@ LEADER = Gauge(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+FAILED_HOURS = Gauge(
+    "failed_hours",
+    "Closed hours in a row, newest first, in which the product's usage could not be reported "
+    "(spec.metering.onFailure acts when this reaches afterHours; 0 once an hour is reported).",
+    ["namespace", "product"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+METERING_PERMITTED = Gauge(
+    "metering_permitted",
+    "1 when the last DryRun MeterUsage check of the product was permitted, 0 when it was refused.",
+    ["namespace", "product"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+
+
+def remove_product_series(namespace: str, name: str) -> None:
+    """The product stopped metering: its onFailure and permission series go with it."""
+    for gauge in (FAILED_HOURS, METERING_PERMITTED):
+        gauge.remove(namespace, name)  # absent labels: no-op

@@ -17,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from metering_operator.domain.entitlement import UngatedPodAction
+from metering_operator.domain.onfailure import Hold
 from metering_operator.domain.product import (
     ANNOTATION_ENTITLEMENT,
     ANNOTATION_SIGNATURE,
@@ -508,3 +509,100 @@ def test_a_change_seen_by_the_watch_is_not_hidden_by_a_late_write_answer(key: rs
     # ... before the worker answers with the pod as its write left it (rv 2).
     (evict,) = d.send(m.Written("u1", denied))
     assert isinstance(evict, m.Evict)
+
+
+# --- spec.metering.onFailure: MeteringHold -------------------------------------------------------------
+
+HOLD = Hold("MeteringFailing: usage of shop/paid could not be reported for 3 hour(s) or more")
+
+
+def test_a_hold_keeps_a_new_pod_gated_unregistered_and_says_why_once(key: rsa.RSAPrivateKey) -> None:
+    d = Driver(info(key))
+    d.list()
+    assert d.send(m.MeteringHold(HOLD)) == []  # no pods yet: nothing to do
+    effects = d.send(m.PodUpdated(pod("u1")))
+    assert kinds(effects) == ["WriteState", "PostEvent", "PostEvent"]
+    write = effects[0]
+    assert isinstance(write, m.WriteState)
+    assert (write.state, write.reason, write.release) == (EntitlementState.PENDING, HOLD.reason, False)
+    assert events(effects) == [("Pod", "PodHeld"), ("MeteredProduct", "PodHeld")]
+    assert all(HOLD.reason in e.message for e in effects if isinstance(e, m.PostEvent))
+    # The write answers; later observations and timers change nothing while the hold lasts.
+    assert d.send(m.Written("u1", pod("u1", rv="2"))) == []
+    assert d.send(m.PodUpdated(pod("u1", rv="3"))) == []
+    assert d.send(m.MeteringHold(HOLD)) == []
+    assert "Register" not in kinds(d.effects)
+
+
+def test_lifting_the_hold_registers_and_releases_the_held_pod(key: rsa.RSAPrivateKey) -> None:
+    d = Driver(info(key))
+    d.send(m.MeteringHold(HOLD))
+    d.list(pod("u1"))
+    d.send(m.Written("u1", pod("u1", rv="2")))
+    assert kinds(d.send(m.MeteringHold(None))) == ["Register"]
+    assert d.record().held is None
+    (grant,) = d.send(m.Registered("u1", m.Granted(sign(key, "u1"), T0)))
+    assert isinstance(grant, m.WriteGrant)
+
+
+def test_a_pod_granted_while_the_hold_starts_is_not_released_until_it_lifts(key: rsa.RSAPrivateKey) -> None:
+    d = Driver(info(key))
+    assert kinds(d.list(pod("u1"))) == ["Register"]
+    d.send(m.MeteringHold(HOLD))  # the registration is in flight: nothing to do yet
+    effects = d.send(m.Registered("u1", m.Granted(sign(key, "u1"), T0)))
+    assert kinds(effects) == ["WriteState", "PostEvent", "PostEvent"]  # held, not WriteGrant
+    d.send(m.Written("u1", pod("u1", rv="2")))
+    (grant,) = d.send(m.MeteringHold(None))
+    assert isinstance(grant, m.WriteGrant)  # the proof was kept: no second RegisterUsage
+
+
+def test_running_pods_keep_running_under_hold_new_pods(key: rsa.RSAPrivateKey) -> None:
+    d = Driver(info(key))
+    token = sign(key, "u1")
+    running = pod("u1", gated=False, notes={ANNOTATION_SIGNATURE: token, ANNOTATION_ENTITLEMENT: "Granted"})
+    assert d.list(running) == []
+    assert d.send(m.MeteringHold(HOLD)) == []
+    assert d.record().state is EntitlementState.GRANTED
+
+
+def test_evict_evicts_running_pods_once_each_and_holds_new_ones(key: rsa.RSAPrivateKey) -> None:
+    d = Driver(info(key))
+    token = sign(key, "u1")
+    running = pod("u1", gated=False, notes={ANNOTATION_SIGNATURE: token, ANNOTATION_ENTITLEMENT: "Granted"})
+    d.list(running, pod("u2"))
+    token2 = sign(key, "u2")
+    d.send(m.Registered("u2", m.Granted(token2, T0)))
+    d.send(m.Written("u2", pod("u2", gated=False, notes={ANNOTATION_SIGNATURE: token2}, rv="2")))
+    evict_hold = replace(HOLD, evict=True)
+    effects = d.send(m.MeteringHold(evict_hold))
+    evictions = [e for e in effects if isinstance(e, m.Evict)]
+    assert sorted(e.pod["metadata"]["uid"] for e in evictions) == ["u1", "u2"]
+    assert all(e.cause == "metering" and e.reason == HOLD.reason for e in evictions)
+    done = d.send(m.Evicted("u1", running, HOLD.reason, cause="metering"))
+    assert events(done) == [("Pod", "MeteringFailureEvicted"), ("MeteredProduct", "MeteringFailureEvicted")]
+    assert d.send(m.PodUpdated(running)) == []  # evicted once, not again
+    # A PodDisruptionBudget refusing (429) is retried on the backoff.
+    refused = d.send(
+        m.Evicted("u2", pod("u2", gated=False), HOLD.reason, "KubernetesApi429", True, cause="metering")
+    )
+    assert kinds(refused) == ["Schedule"]
+    # The replacement pod is new: it is held.
+    assert kinds(d.send(m.PodUpdated(pod("u3")))) == ["WriteState", "PostEvent", "PostEvent"]
+
+
+def test_a_hold_is_ignored_in_audit_mode(key: rsa.RSAPrivateKey) -> None:
+    """Audit never holds a pod (the CRD refuses HoldNewPods/Evict outside Enforce anyway)."""
+    d = Driver(info(key, mode="Audit"))
+    d.send(m.MeteringHold(replace(HOLD, evict=True)))
+    assert kinds(d.list(pod("u1"))) == ["Register"]
+    assert "PodHeld" not in [reason for _, reason in events(d.effects)]
+
+
+def test_a_denied_pod_stays_denied_under_a_hold(key: rsa.RSAPrivateKey) -> None:
+    d = Driver(info(key))
+    d.list(pod("u1"), denials={"u1": "CustomerNotEntitledException: no"})
+    d.send(m.Written("u1", pod("u1", notes={ANNOTATION_ENTITLEMENT: "Denied"}, rv="2")))
+    d.effects.clear()
+    d.send(m.MeteringHold(HOLD))
+    assert "PodHeld" not in [reason for _, reason in events(d.effects)]
+    assert d.record().state is EntitlementState.DENIED

@@ -245,6 +245,14 @@ class TagSource(StrEnum):
     NAMESPACE = "Namespace"
 
 
+class FailureAction(StrEnum):
+    """What happens once usage could not be reported for ``metering.onFailure.afterHours`` hours."""
+
+    REPORT = "Report"
+    HOLD_NEW_PODS = "HoldNewPods"
+    EVICT = "Evict"
+
+
 class LabelSelectorOperator(StrEnum):
     """A label selector requirement's operator."""
 
@@ -260,6 +268,10 @@ class ConditionType(StrEnum):
     READY = "Ready"
     ENTITLED = "Entitled"
     METERING = "Metering"
+    #: The DryRun MeterUsage check at start, on spec change and hourly (docs/metering.md).
+    METERING_PERMITTED = "MeteringPermitted"
+    #: False once ``metering.onFailure.afterHours`` hours in a row could not be reported.
+    METERING_HEALTHY = "MeteringHealthy"
 
 
 class ConditionStatus(StrEnum):
@@ -703,6 +715,53 @@ class Dimension(_SpecModel):
     )
 
 
+#: The most hours ``onFailure.afterHours`` may wait: the ledger keeps 48 hours of history per
+#: dimension, and a policy that waits more than a day would hide a day of unbilled usage.
+MAX_FAILURE_HOURS = 24
+_AFTER_HOURS_MESSAGE = f"onFailure.afterHours must be a whole number of hours from 1 to {MAX_FAILURE_HOURS}"
+
+
+class OnFailure(_SpecModel):
+    """What the operator does when hourly usage keeps failing to reach AWS (docs/metering.md)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.afterHours) || "
+                    f"(self.afterHours >= 1 && self.afterHours <= {MAX_FAILURE_HOURS})",
+                    _AFTER_HOURS_MESSAGE,
+                    field_path=".afterHours",
+                )
+            ]
+        }
+    )
+
+    action: FailureAction = Field(
+        default=FailureAction.REPORT,
+        description="Once afterHours hours in a row could not be reported: Report (the "
+        "MeteringHealthy condition False, an Event and the failed-hours metric; pods are not "
+        "touched), HoldNewPods (also: new pods of the product stay behind the scheduling gate until "
+        "an hour is reported again; running pods keep running), or Evict (also: running pods of the "
+        "product are evicted through the Eviction API, which honours PodDisruptionBudgets). "
+        "HoldNewPods and Evict need entitlement.mode Enforce.",
+    )
+    after_hours: int = Field(
+        default=3,
+        strict=True,
+        ge=1,
+        le=MAX_FAILURE_HOURS,
+        description=f"How many closed hours in a row must have failed to be reported (1 to "
+        f"{MAX_FAILURE_HOURS}) before the action is taken. One reported hour resets the count.",
+    )
+
+
+_ON_FAILURE_MODE_MESSAGE = (
+    "metering.onFailure.action HoldNewPods and Evict need entitlement.mode Enforce: only Enforce "
+    "holds the product's pods behind the scheduling gate"
+)
+
+
 class Metering(_SpecModel):
     """Hourly MeterUsage reporting of custom dimensions."""
 
@@ -725,6 +784,12 @@ class Metering(_SpecModel):
         ge=5,
         le=3600,
         description="Seconds between samples of each dimension's source for the running hourly aggregate.",
+    )
+    on_failure: OnFailure = Field(
+        default_factory=OnFailure,
+        description="What to do after a number of hours in a row in which usage could not be "
+        "reported (MeterUsage kept failing, was refused or got no answer).",
+        json_schema_extra={"default": {}},
     )
 
     @model_validator(mode="after")
@@ -783,6 +848,14 @@ class MeteredProductSpec(_SpecModel):
                     _NO_PUBLIC_KEY_MESSAGE,
                     field_path=".publicKey",
                     reason="FieldValueForbidden",
+                ),
+                _cel(
+                    "!has(self.metering) || !has(self.metering.onFailure) || "
+                    "!has(self.metering.onFailure.action) || self.metering.onFailure.action == 'Report' || "
+                    "!has(self.entitlement) || !has(self.entitlement.mode) || "
+                    "self.entitlement.mode == 'Enforce'",
+                    _ON_FAILURE_MODE_MESSAGE,
+                    field_path=".metering.onFailure.action",
                 ),
                 _cel(
                     f"({_MODE_OFF}) || has(self.publicKeyVersion)",
@@ -846,6 +919,9 @@ class MeteredProductSpec(_SpecModel):
             raise ValueError(_NO_PUBLIC_KEY_MESSAGE)
         if not off and self.public_key_version is None:
             raise ValueError(_NO_KEY_VERSION_MESSAGE)
+        holds = self.metering.on_failure.action is not FailureAction.REPORT
+        if holds and self.entitlement.mode is not EntitlementMode.ENFORCE:
+            raise ValueError(_ON_FAILURE_MODE_MESSAGE)
         return self
 
     def dimension(self, name: str) -> Dimension | None:
@@ -862,7 +938,7 @@ class Condition(_StatusModel):
     type: str = Field(
         max_length=316,
         pattern=CONDITION_TYPE_PATTERN,
-        description="Condition type: Ready, Entitled or Metering.",
+        description="Condition type: Ready, Entitled, Metering, MeteringPermitted or MeteringHealthy.",
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     observed_generation: int | None = Field(
@@ -1057,7 +1133,7 @@ class MeteredProductStatus(_StatusModel):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Ready, Entitled and Metering conditions.",
+        description="Ready, Entitled, Metering, MeteringPermitted and MeteringHealthy conditions.",
         json_schema_extra=_list_map("type"),
     )
     pods: PodCounts = Field(default_factory=PodCounts, description="Selected pods by entitlement state.")

@@ -45,6 +45,7 @@ from pydantic import ValidationError
 
 from metering_operator import metrics
 from metering_operator.domain import entitlement as ent
+from metering_operator.domain import onfailure
 from metering_operator.domain.cached_pod import CachedPod
 from metering_operator.domain.conditions import get_condition
 from metering_operator.domain.pins import resolve
@@ -131,6 +132,7 @@ class ProductController:
                     self._refresh_product()
                     self._notice_metering()
                     self._retry_listing()
+                    self._notice_hold()
                     self._drain(timeout=self._next_wait())
                     self._fire_timers()
                     self._flush()
@@ -329,6 +331,22 @@ class ProductController:
         if verdict != self._metering_verdict:
             self._metering_verdict = verdict
             self._dirty = True
+
+    def _notice_hold(self) -> None:
+        """``spec.metering.onFailure``: the metering side says in ``MeteringHealthy`` whether usage
+        could be reported; hold (or release) new pods when that verdict, under the effective spec's
+        policy, changes. Only the operator (and cluster admins) can write the status subresource:
+        the chart gives the buyers' roles read access to it, nothing more."""
+        info = self.state.info
+        hold = None
+        if info is not None:
+            healthy = get_condition((self._body().get("status") or {}).get("conditions"), onfailure.HEALTHY)
+            hold = onfailure.hold_for(info.spec.metering.on_failure, info.mode, info.key, healthy)
+        if hold != self.state.hold:
+            log.warning(
+                "%s/%s: onFailure hold %s", self.namespace, self.name, hold.reason if hold else "lifted"
+            )
+            self.dispatch(m.MeteringHold(hold))
 
     def _load_key(self, spec: MeteredProductSpec) -> tuple[RSAPublicKey | None, str | None]:
         source = spec.public_key

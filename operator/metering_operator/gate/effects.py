@@ -354,25 +354,27 @@ def evict(rt: GateRuntime, effect: m.Evict) -> m.Evicted:
     pod, info = effect.pod, effect.info
     meta = pod["metadata"]
     uid = str(meta["uid"])
+    cause = effect.cause
     try:
         rt.pods.evict(str(meta["namespace"]), str(meta["name"]), uid)
     except PodGone:
-        return m.Evicted(uid, pod, effect.reason, gone=True)
+        return m.Evicted(uid, pod, effect.reason, gone=True, cause=cause)
     except ApiException as exc:
         # 429: a PodDisruptionBudget disallows it now; 409: the uid precondition (a new pod).
         if exc.status == 409:
-            return m.Evicted(uid, pod, effect.reason, gone=True)
+            return m.Evicted(uid, pod, effect.reason, gone=True, cause=cause)
         error = f"KubernetesApi{exc.status}: {exc.reason}"
-        return m.Evicted(uid, pod, effect.reason, error, transient=_transient_api(exc))
-    metrics.UNGATED_PODS.labels(*_labels(info), "evicted").inc()
+        return m.Evicted(uid, pod, effect.reason, error, transient=_transient_api(exc), cause=cause)
+    if cause == "ungated":
+        metrics.UNGATED_PODS.labels(*_labels(info), "evicted").inc()
     log.warning(
-        "evicted pod %s/%s: no verified grant for %s (%s)",
+        "evicted pod %s/%s of %s (%s)",
         info.namespace,
         meta["name"],
         info.key,
         effect.reason,
     )
-    return m.Evicted(uid, pod, effect.reason)
+    return m.Evicted(uid, pod, effect.reason, cause=cause)
 
 
 def post_event(rt: GateRuntime, effect: m.PostEvent) -> None:

@@ -25,6 +25,11 @@ One :class:`PodRecord` per pod holds everything the gate knows about it. The rul
   scope Cluster), as timers (:class:`Schedule` effects): nothing sleeps in a worker.
 * **At most** ``max_inflight`` RegisterUsage calls per product at once, so one product's burst or
   throttling never fills the shared AWS pool and another product's pod is registered at once.
+* **onFailure holds** (:class:`MeteringHold`, Enforce only): while the product's usage could not
+  be reported for ``spec.metering.onFailure.afterHours`` hours, a gated pod is neither registered
+  nor released (one ``Pending`` write with the reason and a ``PodHeld`` Event on the pod and the
+  product); pods already running keep running unless the action is ``Evict``, which evicts them
+  once each through the Eviction API. When the hold lifts, held pods go on as if nothing happened.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from metering_operator.gate.model import (
     Listed,
     LoadSeats,
     Message,
+    MeteringHold,
     Pod,
     PodDeleted,
     PodRecord,
@@ -153,6 +159,10 @@ def _step(state: GateState, message: Message, now: datetime) -> Step:
         return _seats_loaded(state, message, now)
     if isinstance(message, SeatDone):
         return _seat_done(state, message, now)
+    if isinstance(message, MeteringHold):
+        if message.hold == state.hold:
+            return state, effects
+        return _consider_all(replace(state, hold=message.hold), now, effects)
     assert_never(message)  # mypy proves every message is handled
 
 
@@ -309,6 +319,16 @@ def _consider(state: GateState, record: PodRecord, now: datetime) -> tuple[PodRe
         return record, [], inflight
     record = replace(record, retry_at=None)
 
+    hold = state.hold if enforce else None
+    if hold is None and record.held is not None:
+        record = replace(record, held=None)
+    if hold is not None and record.denied is None:
+        if gated:
+            return _hold(record, info, hold.reason, inflight)
+        if hold.evict and not record.acted:
+            evict = Evict(pod, info, hold.reason, cause="metering")
+            return replace(record, busy=Busy.EVICT), [evict], inflight
+
     if record.granted is not None:
         # Proven: make sure the pod says so and is released (one patch, only when needed).
         if gated or ent.annotated_signature(pod) != record.granted.token:
@@ -374,6 +394,24 @@ def _consider(state: GateState, record: PodRecord, now: datetime) -> tuple[PodRe
             )
         )
     return replace(record, busy=Busy.REGISTER), effects, inflight + 1
+
+
+def _hold(
+    record: PodRecord, info: ProductInfo, reason: str, inflight: int
+) -> tuple[PodRecord, list[Effect], int]:
+    """onFailure: the gated pod stays gated, neither registered nor released; said once per hold."""
+    if record.held == reason:
+        return record, [], inflight
+    text = f"pod {record.name} stays behind the {SCHEDULING_GATE} gate: {reason}"
+    return (
+        replace(record, held=reason, busy=Busy.WRITE),
+        [
+            WriteState(record.pod, info, EntitlementState.PENDING, reason),
+            PostEvent(object_ref(record.pod, "Pod", "v1"), "Warning", "PodHeld", text),
+            PostEvent(info.ref(), "Warning", "PodHeld", text),
+        ],
+        inflight,
+    )
 
 
 def _act_on_ungated(
@@ -503,7 +541,8 @@ def _written(state: GateState, message: Written, now: datetime) -> Step:
     if message.error is not None:
         attempts = record.attempts + 1
         retry_at = backoff_at(state.policy, record.uid, attempts, now)
-        record = replace(record, attempts=attempts, retry_at=retry_at)
+        # A hold's write failed: write it again on the retry.
+        record = replace(record, attempts=attempts, retry_at=retry_at, held=None)
         effects.append(Schedule(retry_at, record.uid))
     else:
         record = replace(record, attempts=0 if record.granted is not None else record.attempts, recorded=True)
@@ -518,10 +557,14 @@ def _evicted(state: GateState, message: Evicted, now: datetime) -> Step:
     pod_ref = object_ref(message.pod, "Pod", "v1")
     name = pod_ref["name"]
     if message.error is None and not message.gone:
-        text = f"pod {name} ran without a verified grant for {info.key} ({message.reason}): evicted"
+        if message.cause == "metering":
+            event, text = "MeteringFailureEvicted", f"pod {name} evicted: {message.reason}"
+        else:
+            event = "UngatedPodEvicted"
+            text = f"pod {name} ran without a verified grant for {info.key} ({message.reason}): evicted"
         effects += [
-            PostEvent(pod_ref, "Warning", "UngatedPodEvicted", text),
-            PostEvent(info.ref(), "Warning", "UngatedPodEvicted", text),
+            PostEvent(pod_ref, "Warning", event, text),
+            PostEvent(info.ref(), "Warning", event, text),
         ]
     record = state.pods.get(message.uid)
     if record is None:

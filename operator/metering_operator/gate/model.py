@@ -16,6 +16,7 @@ from typing import Any, Literal
 from metering_operator.aws.backoff import Backoff
 from metering_operator.domain import entitlement as ent
 from metering_operator.domain.license_seats import HeldSeat, SeatAction
+from metering_operator.domain.onfailure import Hold
 from metering_operator.domain.product import EntitlementState, PodCounts
 from metering_operator.gate.cluster import ClusterRegistration
 from metering_operator.gate.product import ProductInfo
@@ -80,6 +81,8 @@ class PodRecord:
     workload: WorkloadRef | None = None
     #: Whether the owning workload has been looked up (once per pod: ownership never changes).
     owner_looked_up: bool = False
+    #: The onFailure hold reason written on this gated pod (once per hold, not every hour).
+    held: str | None = None
 
     @property
     def name(self) -> str:
@@ -129,6 +132,9 @@ class GateState:
     seats_cluster_attempts: int = 0
     seats_cluster_retry: datetime | None = None
     seats_cluster_denied: str | None = None
+    #: ``spec.metering.onFailure`` in force: new pods stay gated (and with ``evict``, running
+    #: ones are evicted) until an hour is reported again.
+    hold: Hold | None = None
 
     def counts(self) -> PodCounts:
         return ent.count_pods(r.state for r in self.live())
@@ -262,12 +268,21 @@ class Evicted:
     transient: bool = False
     #: The pod was gone already (or replaced under its name): nothing was evicted.
     gone: bool = False
+    cause: Literal["ungated", "metering"] = "ungated"
 
 
 @dataclass(frozen=True)
 class WorkloadFound:
     uid: str
     workload: WorkloadRef | None
+
+
+@dataclass(frozen=True)
+class MeteringHold:
+    """The product's usage could not be reported for ``onFailure.afterHours`` hours (a
+    :class:`~metering_operator.domain.onfailure.Hold`), or can be again (None)."""
+
+    hold: Hold | None
 
 
 @dataclass(frozen=True)
@@ -310,6 +325,7 @@ Message = (
     | ClusterDone
     | SeatsLoaded
     | SeatDone
+    | MeteringHold
 )
 
 # --- effects -----------------------------------------------------------------------------------------
@@ -361,6 +377,8 @@ class Evict:
     pod: Pod
     info: ProductInfo
     reason: str
+    #: Why: a pod running without a grant (``ungated``), or ``onFailure: Evict`` (``metering``).
+    cause: Literal["ungated", "metering"] = "ungated"
 
 
 @dataclass(frozen=True)

@@ -25,23 +25,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from metering_operator import metrics
-from metering_operator.domain import ledger
+from metering_operator.domain import ledger, onfailure
+from metering_operator.domain import permission as permission_check
 from metering_operator.domain.clock import hour_start
 from metering_operator.domain.conditions import get_condition, set_condition
 from metering_operator.domain.product import LedgerState, MeteredProduct, MeteringStatus
 from metering_operator.domain.sampling import Source, measure
 from metering_operator.kube.observed import NotSynced
 from metering_operator.kube.status import Conflict, Gone
-from metering_operator.metering import protocol
+from metering_operator.metering import permission, protocol
 from metering_operator.metering.hooks import crash_point
 from metering_operator.metering.plan import ProductPlan, product_as_metered
 from metering_operator.metering.request import meter_usage_request
 from metering_operator.metering.runtime import MeteringRuntime
-from metering_operator.metering.status import metering_status
+from metering_operator.metering.status import health_of, metering_status
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ def run_cycle(rt: MeteringRuntime, namespace: str, name: str) -> None:
             current = _sample_and_close(rt, namespace, name)
             if current is None:
                 return
+            current = permission.check(
+                rt, current, ProductPlan.of(product_as_metered(rt.settings.pins, current))
+            )
             _send_due(rt, current)
             return
         except Conflict:
@@ -101,7 +106,13 @@ def _sample_and_close(rt: MeteringRuntime, namespace: str, name: str) -> dict[st
         (e.hour, e.dimension) for e in before.ledger
     }
     heartbeat_due = time.monotonic() - rt.last_write.get(key, 0.0) >= HEARTBEAT_SECONDS
-    if not (ledger_changed or findings or _values_changed(before, after) or heartbeat_due):
+    stored_health = get_condition((obj.get("status") or {}).get("conditions"), onfailure.HEALTHY)
+    health = health_of(plan, after)
+    health_stale = stored_health is None or (stored_health.get("status"), stored_health.get("reason")) != (
+        health.status,
+        health.reason,
+    )
+    if not (ledger_changed or findings or _values_changed(before, after) or heartbeat_due or health_stale):
         rt.journal.save(namespace, name, plan.product_code, after)
         return obj
     if new_pending:
@@ -127,6 +138,7 @@ def _sample_and_close(rt: MeteringRuntime, namespace: str, name: str) -> dict[st
         log.warning("%s: metering status repaired: %s", key, message)
         rt.events.post(plan.ref(), "Warning", "MeteringStatusRepaired", message)
     _events_for_settled(rt, plan, before, after)
+    _report_health(rt, plan, stored_health, after)
     return written
 
 
@@ -231,6 +243,10 @@ def _send_one(rt: MeteringRuntime, plan: ProductPlan, entry: ledger.LedgerEntry)
     _record(rt, plan, entry, protocol.transition(outcome, entry, rt.policy, plan.rules))
     match outcome:
         case protocol.Accepted(record_id=record_id, dry_run=dry_run):
+            # An accepted record proves the permission: a refused check is repeated at once.
+            checked = permission_check.recheck_soon(rt.permissions.get(plan.key), rt.now())
+            if checked is not None:
+                rt.permissions[plan.key] = checked
             if not dry_run:
                 metrics.METERED_QUANTITY.labels(plan.product_code, entry.dimension).inc(float(entry.quantity))
                 metrics.LAST_SENT_HOUR.labels(plan.product_code, entry.dimension).set(entry.hour.timestamp())
@@ -269,6 +285,7 @@ def _record(
     meta = plan.product.metadata
     namespace, name = meta.namespace or "default", meta.name
     settled: list[tuple[MeteringStatus, MeteringStatus]] = []
+    stored_health: list[Mapping[str, Any] | None] = [None]
 
     def apply(obj: dict[str, Any]) -> dict[str, Any] | None:
         product = product_as_metered(rt.settings.pins, obj)
@@ -282,6 +299,7 @@ def _record(
         now = rt.now()
         after = transition(current, now)
         settled[:] = [(current, after)]
+        stored_health[0] = get_condition((obj.get("status") or {}).get("conditions"), onfailure.HEALTHY)
         return metering_status(obj, ProductPlan.of(product), after, now)
 
     written = rt.store.update(namespace, name, apply, attempts=10)
@@ -289,6 +307,7 @@ def _record(
         _export_ledger(namespace, name, MeteredProduct.from_kube(written).status.metering)
         for before, after in settled:
             _events_for_settled(rt, plan, before, after)
+            _report_health(rt, ProductPlan.of(MeteredProduct.from_kube(written)), stored_health[0], after)
 
 
 # -- observability ----------------------------------------------------------------------------
@@ -324,6 +343,25 @@ def _events_for_settled(
                 f"{entry.dimension} for the hour {entry.hour.isoformat()} (quantity {entry.quantity}): "
                 f"{entry.last_error}",
             )
+
+
+def _report_health(
+    rt: MeteringRuntime, plan: ProductPlan, stored: Mapping[str, Any] | None, after: MeteringStatus
+) -> None:
+    """The failed-hours metric, and an Event when ``MeteringHealthy`` turns False or True again."""
+    meta = plan.product.metadata
+    failed = onfailure.failed_hours(after, [r.name for r in plan.rules])
+    metrics.FAILED_HOURS.labels(meta.namespace or "", meta.name).set(failed.count)
+    health = health_of(plan, after)
+    was = stored.get("status") if stored is not None else None
+    if health.status == "False" and was != "False":
+        log.warning("%s: %s", plan.key, health.message)
+        rt.events.post(plan.ref(), "Warning", onfailure.NOT_REPORTED, health.message)
+    elif health.status == "True" and was == "False":
+        log.info("%s: usage is reported again: %s", plan.key, health.message)
+        rt.events.post(
+            plan.ref(), "Normal", "UsageReportingRecovered", f"an hour was reported again: {health.message}"
+        )
 
 
 def _values_changed(before: MeteringStatus, after: MeteringStatus) -> bool:

@@ -7,6 +7,8 @@ allocations, hour and ClientToken), so it is identical and AWS answers it idempo
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from metering_operator.aws.models import MeterUsageRequest, Tag, UsageAllocation
 from metering_operator.domain import ledger
 from metering_operator.domain.ledger import DimensionRule, LedgerEntry
@@ -34,4 +36,18 @@ def meter_usage_request(
         dry_run=True if dry_run else None,
         usage_quantity_decimal=quantity.value if quantity.decimal else None,
         usage_quantity=None if quantity.decimal else int(quantity.value),
+    )
+
+
+def permission_check_request(product_code: str, dimension: str, now: datetime) -> MeterUsageRequest:
+    """The DryRun MeterUsage of the permission check: quantity 0 at ``now``, nothing billed.
+
+    No ClientToken: a dry run records nothing, so there is nothing for AWS to deduplicate.
+    """
+    return MeterUsageRequest(
+        product_code=product_code,
+        timestamp=now.replace(microsecond=0),
+        usage_dimension=dimension,
+        usage_quantity=0,
+        dry_run=True,
     )

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from metering_operator import metrics
 from metering_operator.aws.client import MeteringClient, client_config
-from metering_operator.domain import ledger
+from metering_operator.domain import ledger, permission
 from metering_operator.domain.clock import BoundedClock, Clock, ReferenceClock
 from metering_operator.kube.apiclient import new_api_client
 from metering_operator.kube.events import EventPoster
@@ -47,6 +47,9 @@ class MeteringRuntime:
     #: Per product: what the last repair found, and the hour it happened in (the condition says
     #: StatusRepaired for the rest of that hour).
     repairs: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+    #: Per product: the DryRun permission check's state (in memory: a new leader checks again).
+    permissions: dict[str, permission.PermissionState] = field(default_factory=dict)
+    check_policy: permission.CheckPolicy = field(default_factory=permission.CheckPolicy)
     cycles: int = 0
     _owners: dict[str, tuple[str, str]] = field(default_factory=dict)
     _owners_read: float = -1e9
@@ -83,9 +86,11 @@ class MeteringRuntime:
         self.index.release(key)
         self.last_write.pop(key, None)
         self.repairs.pop(key, None)
+        self.permissions.pop(key, None)
         self.journal.forget(namespace, name)
         for state in ledger.LedgerState:
             metrics.LEDGER_ENTRIES.remove(namespace, name, state.value)  # absent labels: no-op
+        metrics.remove_product_series(namespace, name)
 
     def stop(self) -> None:
         self.elector.stop(True)

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from metering_operator.domain import ledger
-from metering_operator.domain.conditions import set_condition
+from metering_operator.domain import ledger, onfailure
+from metering_operator.domain.conditions import ConditionSpec, set_condition
 from metering_operator.domain.product import MeteringStatus
 from metering_operator.metering.plan import ProductPlan
 
@@ -27,7 +27,8 @@ def metering_status(
     now: datetime,
     repaired: str | None = None,
 ) -> dict[str, Any]:
-    """The object's whole status with ``metering`` and the Metering condition replaced.
+    """The object's whole status with ``metering`` and the Metering and MeteringHealthy conditions
+    replaced.
 
     ``repaired`` (what was found edited or lost) makes the condition's reason StatusRepaired
     unless the ledger has something worse to say (a refused dimension, failing sends).
@@ -48,4 +49,20 @@ def metering_status(
         int(obj["metadata"].get("generation") or 0),
         now,
     )
+    health = health_of(plan, metering)
+    status["conditions"] = set_condition(
+        status["conditions"],
+        health.type,
+        health.status,
+        health.reason,
+        health.message,
+        int(obj["metadata"].get("generation") or 0),
+        now,
+    )
     return status
+
+
+def health_of(plan: ProductPlan, metering: MeteringStatus) -> ConditionSpec:
+    """``MeteringHealthy`` for the ledger ``metering`` under the spec's ``onFailure``."""
+    failed = onfailure.failed_hours(metering, [r.name for r in plan.rules])
+    return onfailure.health_condition(failed, plan.product.spec.metering.on_failure)

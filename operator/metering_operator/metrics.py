@@ -177,7 +177,7 @@ FAILED_HOURS = Gauge(
     registry=REGISTRY,
 )
 METERING_PERMITTED = Gauge(
-    "metering_permitted",
+    "meter_usage_permitted",
     "1 when the last DryRun MeterUsage check of the product was permitted, 0 when it was refused.",
     ["namespace", "product"],
     namespace=NAMESPACE,

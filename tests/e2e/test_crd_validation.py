@@ -163,6 +163,8 @@ def test_api_server_applies_the_model_defaults(custom: client.CustomObjectsApi, 
     assert stored["entitlement"] == defaults == model_defaults["entitlement"]
     assert stored["metering"]["dryRun"] is False
     assert stored["metering"]["sampleIntervalSeconds"] == 60
+    assert stored["metering"]["onFailure"] == {"action": "Report", "afterHours": 3}
+    assert stored["metering"]["onFailure"] == model_defaults["metering"]["onFailure"]
     assert stored["metering"]["dimensions"][0] == model_defaults["metering"]["dimensions"][0]
     assert stored["metering"]["dimensions"][0]["rounding"] == "Up"
 
@@ -213,6 +215,20 @@ VALID: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ),
     ("contract with consumption, no RegisterUsage key", lambda s: _contract(s)),
     ("contract, perpetual, features and an issuer key", lambda s: _perpetual_contract(s)),
+    (
+        "onFailure HoldNewPods after 24 hours (Enforce)",
+        lambda s: (
+            s.update(entitlement={"mode": "Enforce"})
+            or s["metering"].update(onFailure={"action": "HoldNewPods", "afterHours": 24})
+        ),
+    ),
+    (
+        "onFailure Report in audit mode",
+        lambda s: (
+            s.update(entitlement={"mode": "Audit"})
+            or s["metering"].update(onFailure={"action": "Report", "afterHours": 1})
+        ),
+    ),
     (
         "five tags, decimal rounding",
         lambda s: s["metering"]["dimensions"][0].update(
@@ -325,6 +341,51 @@ def _tags(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # (case id, edit of the sample spec, field path the API server's message must name)
+def _on_failure(spec: dict[str, Any], mode: str = "Enforce", **on_failure: Any) -> None:
+    spec.update(entitlement={"mode": mode})
+    spec["metering"]["onFailure"] = on_failure
+
+
+# spec.metering.onFailure: each refused with a message that says what is allowed.
+ON_FAILURE_INVALID: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
+    (
+        "onFailure afterHours 0",
+        lambda s: _on_failure(s, afterHours=0),
+        "spec.metering.onFailure.afterHours",
+        "onFailure.afterHours must be a whole number of hours from 1 to 24",
+    ),
+    (
+        "onFailure afterHours 25",
+        lambda s: _on_failure(s, afterHours=25),
+        "spec.metering.onFailure.afterHours",
+        "onFailure.afterHours must be a whole number of hours from 1 to 24",
+    ),
+    (
+        "onFailure afterHours as text",
+        lambda s: _on_failure(s, afterHours="3"),
+        "spec.metering.onFailure.afterHours",
+        "must be of type integer",
+    ),
+    (
+        "onFailure unknown action",
+        lambda s: _on_failure(s, action="Shutdown"),
+        "spec.metering.onFailure.action",
+        'supported values: "Report", "HoldNewPods", "Evict"',
+    ),
+    (
+        "onFailure HoldNewPods in audit mode",
+        lambda s: _on_failure(s, mode="Audit", action="HoldNewPods"),
+        "spec.metering.onFailure.action",
+        "HoldNewPods and Evict need entitlement.mode Enforce",
+    ),
+    (
+        "onFailure Evict with entitlement off",
+        lambda s: (_on_failure(s, mode="Off", action="Evict"), s.pop("publicKey", None)),
+        "spec.metering.onFailure.action",
+        "HoldNewPods and Evict need entitlement.mode Enforce",
+    ),
+]
+
 INVALID: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("bad product code", lambda s: s.update(productCode="bad code!"), "spec.productCode"),
     ("empty product code", lambda s: s.update(productCode=""), "spec.productCode"),
@@ -460,6 +521,7 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
         lambda s: _contract(s, entitlements=[{"name": "seats", "unit": "Seats", "perPod": 1}]),
         "spec.entitlement.licenseManager.entitlements[0].unit",
     ),
+    *[(name, edit, field) for name, edit, field, _ in ON_FAILURE_INVALID],
 ]
 
 
@@ -488,3 +550,16 @@ def test_invalid_product_is_refused_naming_the_field(
 def test_the_invalid_table_is_big_enough() -> None:
     assert len(INVALID) >= 15
     assert len({case[0] for case in INVALID}) == len(INVALID)
+
+
+@pytest.mark.parametrize(
+    ("edit", "text"), [(c[1], c[3]) for c in ON_FAILURE_INVALID], ids=[c[0] for c in ON_FAILURE_INVALID]
+)
+def test_on_failure_mistakes_are_refused_with_a_specific_message(
+    custom: client.CustomObjectsApi, crd_namespace: str, edit: Callable[[dict[str, Any]], Any], text: str
+) -> None:
+    obj = sample()
+    edit(obj["spec"])
+    with pytest.raises(ApiException) as err:
+        create(custom, crd_namespace, obj)
+    assert text in json.loads(err.value.body)["message"], err.value.body

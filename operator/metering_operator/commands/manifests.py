@@ -70,6 +70,7 @@ SAMPLE: dict[str, Any] = {
             ],
             "dryRun": False,
             "sampleIntervalSeconds": 60,
+            "onFailure": {"action": "HoldNewPods", "afterHours": 3},
         },
     },
 }

@@ -70,7 +70,7 @@ SAMPLE: dict[str, Any] = {
             ],
             "dryRun": False,
             "sampleIntervalSeconds": 60,
-            "onFailure": {"action": "HoldNewPods", "afterHours": 3},
+            "onFailure": {"action": "Report", "afterHours": 3},
         },
     },
 }

@@ -3,8 +3,8 @@
 The operator process, the local API server and the emulator as in test_metering.py (the emulator's
 clock is AWS's and the operator's: hours pass when a test sets it) and test_entitlement.py (pods
 register with their own IRSA role; the webhook adds the gate). MeterUsage fails the realistic way:
-the operator's own key loses ``aws-marketplace:MeterUsage`` in the emulator, so AWS answers
-``UnauthorizedException`` -- the dry run and the hourly records alike. RegisterUsage, made with the
+the operator's own key loses ``aws-marketplace:MeterUsage`` in the emulator, so AWS refuses the
+dry run (``UnauthorizedException``) and the hourly records (``AccessDeniedException``). RegisterUsage, made with the
 pods' roles, keeps working.
 """
 
@@ -188,7 +188,7 @@ def fail_hour(world: World, hour: datetime) -> None:
             entry is not None
             and entry.state is LedgerState.PENDING
             and entry.answered > 0
-            and "UnauthorizedException" in (entry.last_error or "")
+            and "not authorized to perform: aws-marketplace:MeterUsage" in (entry.last_error or "")
         )
 
     wait_for(f"the hour {hour.isoformat()} refused", refused)
@@ -274,10 +274,12 @@ def test_hold_new_pods_after_two_unreported_hours_then_release_after_the_next_re
     unhealthy = wait_condition(world, "MeteringHealthy", "False", "UsageNotReported")
     assert "2 hour(s) in a row" in unhealthy["message"]
     assert "HoldNewPods" in unhealthy["message"]
-    assert "UnauthorizedException" in unhealthy["message"]
+    assert "AccessDeniedException" in unhealthy["message"]
     assert "HoldNewPods" in wait_event(world, "UsageNotReported").message
     assert metric(op, "marketplace_metering_failed_hours", namespace=world.namespace, product="db") == 2
 
+    # The gate has seen the verdict (its Event) before the pod exists: nothing races here.
+    assert "HoldNewPods" in wait_event(world, "NewPodsHeld", "MeteredProduct").message
     registrations_before = len(world.emulator.admin.registrations(PRODUCT_CODE))
     second = new_pod(world)
     held_event = wait_event(world, "PodHeld", "Pod")
@@ -299,6 +301,7 @@ def test_hold_new_pods_after_two_unreported_hours_then_release_after_the_next_re
     world.set_clock(H0 + 3 * HOUR)  # H2 closes and is reported: one reported hour resets the run
     wait_condition(world, "MeteringHealthy", "True", "Reporting")
     assert wait_event(world, "UsageReportingRecovered").type == "Normal"
+    wait_event(world, "NewPodsReleased", "MeteredProduct")
     wait_released(world, second)
     assert metric(op, "marketplace_metering_failed_hours", namespace=world.namespace, product="db") == 0
 
@@ -323,3 +326,4 @@ def test_report_is_the_default_condition_event_and_metric_but_no_pod_is_held(
     assert metric(op, "marketplace_metering_failed_hours", namespace=world.namespace, product="db") == 1
     wait_released(world, new_pod(world))
     assert events(world, "PodHeld") == []
+    assert events(world, "NewPodsHeld") == []

@@ -519,7 +519,8 @@ HOLD = Hold("MeteringFailing: usage of shop/paid could not be reported for 3 hou
 def test_a_hold_keeps_a_new_pod_gated_unregistered_and_says_why_once(key: rsa.RSAPrivateKey) -> None:
     d = Driver(info(key))
     d.list()
-    assert d.send(m.MeteringHold(HOLD)) == []  # no pods yet: nothing to do
+    # No pods yet: the product is told, nothing else.
+    assert events(d.send(m.MeteringHold(HOLD))) == [("MeteredProduct", "NewPodsHeld")]
     effects = d.send(m.PodUpdated(pod("u1")))
     assert kinds(effects) == ["WriteState", "PostEvent", "PostEvent"]
     write = effects[0]
@@ -539,7 +540,9 @@ def test_lifting_the_hold_registers_and_releases_the_held_pod(key: rsa.RSAPrivat
     d.send(m.MeteringHold(HOLD))
     d.list(pod("u1"))
     d.send(m.Written("u1", pod("u1", rv="2")))
-    assert kinds(d.send(m.MeteringHold(None))) == ["Register"]
+    lifted = d.send(m.MeteringHold(None))
+    assert kinds(lifted) == ["PostEvent", "Register"]
+    assert events(lifted) == [("MeteredProduct", "NewPodsReleased")]
     assert d.record().held is None
     (grant,) = d.send(m.Registered("u1", m.Granted(sign(key, "u1"), T0)))
     assert isinstance(grant, m.WriteGrant)
@@ -552,7 +555,7 @@ def test_a_pod_granted_while_the_hold_starts_is_not_released_until_it_lifts(key:
     effects = d.send(m.Registered("u1", m.Granted(sign(key, "u1"), T0)))
     assert kinds(effects) == ["WriteState", "PostEvent", "PostEvent"]  # held, not WriteGrant
     d.send(m.Written("u1", pod("u1", rv="2")))
-    (grant,) = d.send(m.MeteringHold(None))
+    (_, grant) = d.send(m.MeteringHold(None))
     assert isinstance(grant, m.WriteGrant)  # the proof was kept: no second RegisterUsage
 
 
@@ -561,7 +564,7 @@ def test_running_pods_keep_running_under_hold_new_pods(key: rsa.RSAPrivateKey) -
     token = sign(key, "u1")
     running = pod("u1", gated=False, notes={ANNOTATION_SIGNATURE: token, ANNOTATION_ENTITLEMENT: "Granted"})
     assert d.list(running) == []
-    assert d.send(m.MeteringHold(HOLD)) == []
+    assert kinds(d.send(m.MeteringHold(HOLD))) == ["PostEvent"]  # NewPodsHeld, nothing for the pod
     assert d.record().state is EntitlementState.GRANTED
 
 
@@ -595,7 +598,7 @@ def test_a_hold_is_ignored_in_audit_mode(key: rsa.RSAPrivateKey) -> None:
     d = Driver(info(key, mode="Audit"))
     d.send(m.MeteringHold(replace(HOLD, evict=True)))
     assert kinds(d.list(pod("u1"))) == ["Register"]
-    assert "PodHeld" not in [reason for _, reason in events(d.effects)]
+    assert events(d.effects) == []
 
 
 def test_a_denied_pod_stays_denied_under_a_hold(key: rsa.RSAPrivateKey) -> None:
@@ -604,5 +607,5 @@ def test_a_denied_pod_stays_denied_under_a_hold(key: rsa.RSAPrivateKey) -> None:
     d.send(m.Written("u1", pod("u1", notes={ANNOTATION_ENTITLEMENT: "Denied"}, rv="2")))
     d.effects.clear()
     d.send(m.MeteringHold(HOLD))
-    assert "PodHeld" not in [reason for _, reason in events(d.effects)]
+    assert events(d.effects) == [("MeteredProduct", "NewPodsHeld")]
     assert d.record().state is EntitlementState.DENIED

@@ -162,6 +162,14 @@ def _step(state: GateState, message: Message, now: datetime) -> Step:
     if isinstance(message, MeteringHold):
         if message.hold == state.hold:
             return state, effects
+        info = state.info
+        if info is not None and info.mode is EntitlementMode.ENFORCE:
+            # Said once per change on the product: the gate has seen the verdict and acts on it.
+            if message.hold is not None:
+                effects.append(PostEvent(info.ref(), "Warning", "NewPodsHeld", message.hold.reason))
+            else:
+                text = "usage is reported again: held pods of the product are registered and released"
+                effects.append(PostEvent(info.ref(), "Normal", "NewPodsReleased", text))
         return _consider_all(replace(state, hold=message.hold), now, effects)
     assert_never(message)  # mypy proves every message is handled
 

@@ -4,8 +4,8 @@ The operator process, the local API server and the emulator as in test_metering.
 clock is AWS's and the operator's: hours pass when a test sets it) and test_entitlement.py (pods
 register with their own IRSA role; the webhook adds the gate). MeterUsage fails the realistic way:
 the operator's own key loses ``aws-marketplace:MeterUsage`` in the emulator, so AWS refuses the
-dry run (``UnauthorizedException``) and the hourly records (``AccessDeniedException``). RegisterUsage, made with the
-pods' roles, keeps working.
+dry run (``UnauthorizedException``) and the hourly records (``AccessDeniedException``).
+RegisterUsage, made with the pods' roles, keeps working.
 """
 
 from __future__ import annotations

@@ -341,9 +341,10 @@ def _tags(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # (case id, edit of the sample spec, field path the API server's message must name)
-def _on_failure(spec: dict[str, Any], mode: str = "Enforce", **on_failure: Any) -> None:
+def _on_failure(spec: dict[str, Any], mode: str = "Enforce", **on_failure: Any) -> dict[str, Any]:
     spec.update(entitlement={"mode": mode})
     spec["metering"]["onFailure"] = on_failure
+    return spec
 
 
 # spec.metering.onFailure: each refused with a message that says what is allowed.

@@ -588,10 +588,8 @@ def _evicted(state: GateState, message: Evicted, now: datetime) -> Step:
         effects.append(Schedule(retry_at, record.uid))
     else:
         record = replace(record, acted=True)
-        text = (
-            f"pod {record.name} runs without a verified grant for {info.key} ({why}); "
-            f"eviction failed: {message.error}"
-        )
+        what = "cannot be evicted" if message.cause == "metering" else "runs without a verified grant"
+        text = f"pod {record.name} {what} for {info.key} ({why}); eviction failed: {message.error}"
         effects += [
             PostEvent(pod_ref, "Warning", "EvictionFailed", text),
             PostEvent(info.ref(), "Warning", "EvictionFailed", text),

@@ -327,3 +327,36 @@ def test_report_is_the_default_condition_event_and_metric_but_no_pod_is_held(
     wait_released(world, new_pod(world))
     assert events(world, "PodHeld") == []
     assert events(world, "NewPodsHeld") == []
+
+
+def test_evict_evicts_the_running_pod_and_holds_the_next_one(world: World, operator: OperatorFactory) -> None:
+    """onFailure Evict, afterHours 1: one refused hour, and the running pod is evicted through the
+    Eviction API (Events on pod and product); a pod created then is held like under HoldNewPods."""
+    world.set_clock(H0 + timedelta(minutes=5))
+    service_account(world.apps.api_client, world.namespace, "buyer", BUYER_ROLE)
+    start(operator, world)
+    create_product(world, on_failure={"action": "Evict", "afterHours": 1})
+    first = new_pod(world)
+    wait_released(world, first)
+    world.wait_observed(H0, {"pods": "1"})
+    permit_meter_usage(world, False)
+    fail_hour(world, H0)
+    wait_condition(world, "MeteringHealthy", "False", "UsageNotReported")
+    evicted = wait_event(world, "MeteringFailureEvicted", "Pod")
+    assert evicted.involved_object.name == first
+    assert "Evict" in evicted.message
+    assert wait_event(world, "MeteringFailureEvicted", "MeteredProduct")
+    wait_for(
+        f"pod {first} gone or terminating",
+        lambda: (
+            not [
+                p
+                for p in world.core.list_namespaced_pod(world.namespace, label_selector=f"app={APP}").items
+                if p.metadata.name == first and p.metadata.deletion_timestamp is None
+            ]
+        ),
+    )
+    second = new_pod(world)
+    held = wait_event(world, "PodHeld", "Pod")
+    assert held.involved_object.name == second
+    assert gated(pod(world, second))

@@ -13,7 +13,12 @@ sampling interval in a worker thread:
    Pending entry must be durable BEFORE MeterUsage is called), when a sampled value changed
    (the gap rule reconstructs unchanged values exactly, so nothing else needs writing), or as a
    heartbeat at most every ``HEARTBEAT_SECONDS``. Then keep the journal in step.
-4. Send due entries (:mod:`.protocol`): claim them (one precondition write; each becomes
+   Every write also carries ``MeteringHealthy`` (``spec.metering.onFailure``, judged from the
+   ledger by :mod:`metering_operator.domain.onfailure`), with an Event when it turns False or
+   True again; a stored condition that differs from the ledger's verdict is itself a reason to
+   write.
+4. Run the DryRun permission check when it is due (:mod:`.permission`, ``MeteringPermitted``).
+5. Send due entries (:mod:`.protocol`): claim them (one precondition write; each becomes
    Unknown), call MeterUsage with the request built from the entry alone (:mod:`.request`), and
    record each outcome with its own precondition write.
 
@@ -307,7 +312,8 @@ def _record(
         _export_ledger(namespace, name, MeteredProduct.from_kube(written).status.metering)
         for before, after in settled:
             _events_for_settled(rt, plan, before, after)
-            _report_health(rt, ProductPlan.of(MeteredProduct.from_kube(written)), stored_health[0], after)
+            effective = ProductPlan.of(product_as_metered(rt.settings.pins, written))
+            _report_health(rt, effective, stored_health[0], after)
 
 
 # -- observability ----------------------------------------------------------------------------

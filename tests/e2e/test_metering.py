@@ -26,6 +26,7 @@ from devtools.cluster import ClusterInfo
 from kubernetes import client
 
 from metering_operator.domain.product import GROUP, PLURAL, VERSION, LedgerState, MeteringStatus
+from metering_operator.metering.request import PERMISSION_CHECK_TOKEN_PREFIX
 from tests.e2e.conftest import (
     BUYER_ACCOUNT,
     PRODUCT_CODE,
@@ -470,6 +471,11 @@ def test_two_replicas_meter_each_hour_once(world: World, operator: OperatorFacto
     # (and only the leader made the DryRun permission checks, which record nothing).
     calls = world.emulator.admin.events(operation="MeterUsage")
     records = [c for c in calls if not c["requestParameters"].get("DryRun")]
+    assert all(
+        c["requestParameters"]["ClientToken"].startswith(PERMISSION_CHECK_TOKEN_PREFIX)
+        for c in calls
+        if c not in records
+    )
     assert len(records) == len(expected)
     assert len({c["userIdentity"]["accessKeyId"] for c in calls}) == 1
     lease = client.CoordinationV1Api(world.apps.api_client).read_namespaced_lease(LEASE, world.namespace)
@@ -601,7 +607,9 @@ def test_dry_run_checks_permissions_and_bills_nothing(world: World, operator: Op
     assert world.records() == {}
     # The hour itself went as a dry run (with its ClientToken), not only the permission check.
     dry = world.emulator.admin.events(operation="MeterUsage", error_code="DryRunOperation")
-    assert [e for e in dry if e["requestParameters"].get("ClientToken")]
+    assert [
+        e for e in dry if not e["requestParameters"]["ClientToken"].startswith(PERMISSION_CHECK_TOKEN_PREFIX)
+    ]
     condition = world.condition()
     assert condition is not None
     assert condition["reason"] == "DryRun"

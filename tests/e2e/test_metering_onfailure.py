@@ -21,6 +21,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from metering_operator.domain.product import ANNOTATION_ENTITLEMENT, GROUP, VERSION, LedgerState
+from metering_operator.metering.request import PERMISSION_CHECK_TOKEN_PREFIX
 from tests.e2e.conftest import (
     BUYER_ACCOUNT,
     BUYER_ROLE,
@@ -222,6 +223,7 @@ def test_a_missing_meter_usage_permission_shows_within_seconds_and_clears_when_g
     assert calls, "the emulator saw no DryRun MeterUsage"
     assert calls[0]["errorCode"] == "UnauthorizedException"
     assert calls[0]["userIdentity"]["arn"] == OPERATOR_ARN
+    assert calls[0]["requestParameters"]["ClientToken"].startswith(PERMISSION_CHECK_TOKEN_PREFIX)
     assert "not authorized" in wait_event(world, "MeteringNotPermitted").message
     assert world.metering().ledger == []  # no hour had closed: this came from the dry run
     assert world.emulator.admin.meter_records(PRODUCT_CODE) == []

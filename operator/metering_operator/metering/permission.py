@@ -11,6 +11,7 @@ it changes (``MeteringPermitted`` / ``MeteringNotPermitted``).
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from metering_operator import metrics
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def _dry_run(rt: MeteringRuntime, plan: ProductPlan, dimension: str) -> permission.DryRunAnswer:
-    request = permission_check_request(plan.product_code, dimension, rt.now())
+    request = permission_check_request(plan.product_code, dimension, rt.now(), uuid.uuid4().hex)
     try:
         result = rt.aws.meter_usage(request)
     except MeteringError as exc:

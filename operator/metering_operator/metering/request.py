@@ -39,10 +39,19 @@ def meter_usage_request(
     )
 
 
-def permission_check_request(product_code: str, dimension: str, now: datetime) -> MeterUsageRequest:
+#: How a permission check's ClientToken starts: AWS's call logs (and the emulator's) tell it from a
+#: record, whose token is the ledger's 64-hex-digit ``ledger.client_token``.
+PERMISSION_CHECK_TOKEN_PREFIX = "permission-check-"
+
+
+def permission_check_request(
+    product_code: str, dimension: str, now: datetime, nonce: str
+) -> MeterUsageRequest:
     """The DryRun MeterUsage of the permission check: quantity 0 at ``now``, nothing billed.
 
-    No ClientToken: a dry run records nothing, so there is nothing for AWS to deduplicate.
+    Its ClientToken is ``permission-check-<nonce>`` (botocore would otherwise fill in a random
+    one): a dry run records nothing, so there is nothing for AWS to deduplicate, but the token
+    says what the call was.
     """
     return MeterUsageRequest(
         product_code=product_code,
@@ -50,4 +59,5 @@ def permission_check_request(product_code: str, dimension: str, now: datetime) -
         usage_dimension=dimension,
         usage_quantity=0,
         dry_run=True,
+        client_token=f"{PERMISSION_CHECK_TOKEN_PREFIX}{nonce}",
     )

@@ -179,6 +179,16 @@ def metric(op: OperatorProcess, name: str, **labels: str) -> float | None:
     return None
 
 
+def wait_failed_hours(op: OperatorProcess, world: World, count: int) -> None:
+    """The gauge is set right after the status write that the test saw: wait for it, do not race it."""
+    wait_for(
+        f"marketplace_metering_failed_hours == {count}",
+        lambda: (
+            metric(op, "marketplace_metering_failed_hours", namespace=world.namespace, product="db") == count
+        ),
+    )
+
+
 def fail_hour(world: World, hour: datetime) -> None:
     """Close ``hour`` (move the clock past it) and wait until its record was refused."""
     world.set_clock(hour + HOUR)
@@ -278,7 +288,7 @@ def test_hold_new_pods_after_two_unreported_hours_then_release_after_the_next_re
     assert "HoldNewPods" in unhealthy["message"]
     assert "AccessDeniedException" in unhealthy["message"]
     assert "HoldNewPods" in wait_event(world, "UsageNotReported").message
-    assert metric(op, "marketplace_metering_failed_hours", namespace=world.namespace, product="db") == 2
+    wait_failed_hours(op, world, 2)
 
     # The gate has seen the verdict (its Event) before the pod exists: nothing races here.
     assert "HoldNewPods" in wait_event(world, "NewPodsHeld", "MeteredProduct").message
@@ -305,7 +315,7 @@ def test_hold_new_pods_after_two_unreported_hours_then_release_after_the_next_re
     assert wait_event(world, "UsageReportingRecovered").type == "Normal"
     wait_event(world, "NewPodsReleased", "MeteredProduct")
     wait_released(world, second)
-    assert metric(op, "marketplace_metering_failed_hours", namespace=world.namespace, product="db") == 0
+    wait_failed_hours(op, world, 0)
 
 
 def test_report_is_the_default_condition_event_and_metric_but_no_pod_is_held(
@@ -325,7 +335,7 @@ def test_report_is_the_default_condition_event_and_metric_but_no_pod_is_held(
     unhealthy = wait_condition(world, "MeteringHealthy", "False", "UsageNotReported")
     assert "pods are not touched" in unhealthy["message"]
     wait_event(world, "UsageNotReported")
-    assert metric(op, "marketplace_metering_failed_hours", namespace=world.namespace, product="db") == 1
+    wait_failed_hours(op, world, 1)
     wait_released(world, new_pod(world))
     assert events(world, "PodHeld") == []
     assert events(world, "NewPodsHeld") == []

@@ -63,6 +63,7 @@ from metering_operator.domain.product import (
     VERSION,
 )
 from metering_operator.domain.product import SCHEDULING_GATE as GATE
+from metering_operator.metering.request import PERMISSION_CHECK_TOKEN_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = REPO_ROOT / "manifests" / "crd" / "meteredproducts.yaml"
@@ -944,7 +945,12 @@ class Demo:
         s.say(f"total ${total:.4f}")
         calls: dict[str, int] = {}
         for event in self.emulator.admin.events():
-            key = str(event.get("eventName")) + (f" ({event['errorCode']})" if event.get("errorCode") else "")
+            token = str((event.get("requestParameters") or {}).get("ClientToken") or "")
+            if event.get("eventName") == "MeterUsage" and token.startswith(PERMISSION_CHECK_TOKEN_PREFIX):
+                key = "MeterUsage permission check"  # the DryRun at start: answered DryRunOperation
+            else:
+                error = f" ({event['errorCode']})" if event.get("errorCode") else ""
+                key = str(event.get("eventName")) + error
             calls[key] = calls.get(key, 0) + 1
         s.say("AWS calls seen: " + ", ".join(f"{name} x{n}" for name, n in sorted(calls.items())))
         if not bill.get("pods") or not bill.get("dimensions"):

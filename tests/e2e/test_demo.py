@@ -164,11 +164,13 @@ def test_demo_tells_the_whole_story_and_cleans_up(
     assert all(1900 < b <= 3700 for b in first), billed
     assert re.search(r"replicas\s+\S+Z\s+quantity 4\s", bill), bill
     assert re.search(r"total \$\d+\.\d{4}", bill)
-    # Exactly one RegisterUsage per pod and one MeterUsage per dimension-hour, no failed call.
+    # Exactly one RegisterUsage per pod and one MeterUsage per dimension-hour, no failed call (the
+    # DryRun permission check at the product's start is listed apart, and was permitted).
     calls = re.search(r"AWS calls seen: (.*)$", bill, re.M)
     assert calls, bill
     assert "RegisterUsage x5" in calls.group(1).split(", "), calls.group(1)
     assert "MeterUsage x2" in calls.group(1).split(", "), calls.group(1)
+    assert re.search(r"(^|, )MeterUsage permission check x\d+(,|$)", calls.group(1)), calls.group(1)
     assert "(" not in calls.group(1), f"failed AWS calls: {calls.group(1)}"
 
     assert "Demo complete in" in out

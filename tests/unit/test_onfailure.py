@@ -19,10 +19,13 @@ from metering_operator.domain.product import (
     FailureAction,
     LedgerEntry,
     LedgerState,
+    MeteredProduct,
     MeteredProductSpec,
     MeteringStatus,
     OnFailure,
 )
+from metering_operator.metering.plan import ProductPlan
+from metering_operator.metering.status import metering_status
 
 H0 = datetime(2031, 3, 4, 10, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -286,3 +289,36 @@ def test_an_accepted_record_makes_a_refused_verdict_due_again() -> None:
     assert permission.due(soon, FP, H0 + timedelta(minutes=1))
     permitted = permission.after_check(None, FP, [permission.DryRunAnswer("a")], H0, POLICY)
     assert permission.recheck_soon(permitted, H0) == permitted
+
+
+# --- the status the metering side writes ------------------------------------------------------------
+
+
+def test_every_metering_status_write_carries_metering_healthy() -> None:
+    """metering_status (used by every ledger write) sets MeteringHealthy next to Metering."""
+    obj = {
+        "metadata": {"name": "db", "namespace": "shop", "uid": "u", "generation": 2},
+        "spec": spec({"action": "HoldNewPods", "afterHours": 1}).to_kube(),
+        "status": {
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "Configured",
+                    "lastTransitionTime": "2031-03-04T09:00:00Z",
+                }
+            ]
+        },
+    }
+    plan = ProductPlan.of(MeteredProduct.from_kube(obj))
+    failing = ledger(entry(0, "d", LedgerState.PENDING, error=DENIED))
+    status = metering_status(obj, plan, failing, H0 + HOUR)
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert set(by_type) == {"Ready", "Metering", "MeteringHealthy"}
+    assert (by_type["MeteringHealthy"]["status"], by_type["MeteringHealthy"]["reason"]) == (
+        "False",
+        "UsageNotReported",
+    )
+    assert by_type["MeteringHealthy"]["observedGeneration"] == 2
+    reported = metering_status(obj, plan, ledger(entry(0, "d", LedgerState.SENT)), H0 + HOUR)
+    assert {c["type"]: c["status"] for c in reported["conditions"]}["MeteringHealthy"] == "True"

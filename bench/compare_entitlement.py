@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from devtools.cluster import ClusterInfo, LocalCluster
 from kubernetes import client, config
 from tests.e2e.conftest import (
     BUYER_ROLE,
+    CRD_FILE,
     PRODUCT_CODE,
     REPO_ROOT,
     OperatorProcess,
@@ -57,16 +59,21 @@ from bench.bench_entitlement import (
     pct,
     phase_summary,
     pod_patches,
+    wait_gated_by_policy,
     wait_released,
 )
+from metering_operator.admission.install import delete as delete_policies
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 
 @dataclass(frozen=True)
 class Variant:
-    name: str  # "base" or "new"
+    name: str  # "base", "new" or "new-policy"
     commit: str
     root: Path  # source root holding operator/
+    #: What adds the gate to new pods: the operator's webhook (local mode), or the
+    #: MutatingAdmissionPolicy the chart installs on Kubernetes >= 1.36 (no webhook to serve).
+    gate: str = "webhook"
 
 
 def git(*args: str, cwd: Path = REPO_ROOT) -> str:
@@ -89,10 +96,21 @@ def new_variant() -> Variant:
     return Variant("new", sha + ("+uncommitted" if dirty else ""), REPO_ROOT)
 
 
+def policy_prefix(namespace: str) -> str:
+    return f"bench-{namespace}"
+
+
 def start_operator(
     variant: Variant, info: ClusterInfo, namespace: str, emulator: EmulatorProcess, log: Path
 ) -> OperatorProcess:
     env = {"PYTHONPATH": str(variant.root / "operator")}
+    if variant.gate == "policy":
+        # As the chart runs it on this server: its MutatingAdmissionPolicy adds the gate and its
+        # ValidatingAdmissionPolicies check every pod write; the operator serves no webhook.
+        prefix = ["--admission-policies", "--admission-policy-prefix", policy_prefix(namespace)]
+        return launch_operator(
+            info, namespace, emulator, log, extra_env=env, webhook=False, policies=True, extra_args=prefix
+        )
     # The base commit predates --no-admission-policies (it has no policies to turn off):
     # ``policies=True`` only keeps the flag off its command line.
     return launch_operator(info, namespace, emulator, log, extra_env=env, policies=variant.name == "base")
@@ -101,11 +119,28 @@ def start_operator(
 class Profiler:
     """py-spy sampling the operator process (non-idle samples only: where its CPU goes)."""
 
+    #: ``--gil``: sample only the thread holding the GIL, i.e. where the Python CPU goes (threads
+    #: waiting for the GIL after a syscall are otherwise counted in the frame that released it).
+    gil = False
+
     def __init__(self, pid: int, out: Path) -> None:
         self.out = out
         py_spy = Path(sys.executable).with_name("py-spy")
+        gil = ["--gil"] if self.gil else []
         self.proc = subprocess.Popen(
-            [str(py_spy), "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "-o", str(out)],
+            [
+                str(py_spy),
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "200",
+                *gil,
+                "--format",
+                "raw",
+                "-o",
+                str(out),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -116,6 +151,27 @@ class Profiler:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def install_variant_crd(api: client.ApiClient, variant: Variant) -> None:
+    """The MeteredProduct CRD of the variant's own tree: the base's models forbid fields a newer CRD
+    defaults (e.g. ``entitlement.source``), so each side runs with the schema it was written for.
+    No product exists between runs (each run's namespace is deleted), so swapping it loses nothing."""
+    body: dict[str, Any] = yaml.safe_load((variant.root / CRD_FILE.relative_to(REPO_ROOT)).read_text())
+    ext = client.ApiextensionsV1Api(api)
+    current = ext.read_custom_resource_definition(body["metadata"]["name"])
+    body["metadata"]["resourceVersion"] = current.metadata.resource_version
+    ext.replace_custom_resource_definition(body["metadata"]["name"], body=body)
+    deadline = time.monotonic() + 60
+    while True:
+        crd = ext.read_custom_resource_definition(body["metadata"]["name"])
+        conditions = {c.type: c.status for c in (crd.status.conditions or [])}
+        if conditions.get("Established") == "True":
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"CRD not Established: {conditions}")
+        time.sleep(0.2)
+    time.sleep(2)  # the API server swaps in the new schema's handler asynchronously
 
 
 def new_namespace(core: client.CoreV1Api) -> str:
@@ -191,6 +247,7 @@ def one_run(
     profile_dir: Path | None,
 ) -> dict[str, Any]:
     core = client.CoreV1Api(api)
+    install_variant_crd(api, variant)
     namespace = new_namespace(core)
     create_product(api, namespace, pem)
     op = start_operator(variant, info, namespace, emulator, work / f"operator-{tag.lower()}.log")
@@ -199,6 +256,8 @@ def one_run(
     rss: Rss | None = None
     try:
         op.wait_ready()
+        if variant.gate == "policy":
+            wait_gated_by_policy(core, namespace)
         time.sleep(2)  # the product's controller starts right after readiness
         rss = Rss(op.pid)
         out["rss_idle_mb"] = rss.now() / 1024
@@ -242,6 +301,7 @@ def one_run(
             t0 = time.monotonic()
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda n: create_pod(core, namespace, n, "bench", "buyer"), names))
+            t_created = time.monotonic()
             wait_released(rw, names, 300)
         t_done = max(rw.released[n] for n in names)
         burst = phase_summary(
@@ -250,6 +310,7 @@ def one_run(
         burst.update(
             cpu_ms_per_pod=1000 * (rss.cpu_seconds() - cpu0) / args.burst,
             pods_per_second=args.burst / (t_done - t0),
+            create_seconds=t_created - t0,
         )
         out["burst"] = burst
         print(f"  {tag} burst {burst}", flush=True)
@@ -291,6 +352,8 @@ def one_run(
                 client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(
                     op.webhook_configuration
                 )
+        if variant.gate == "policy":
+            delete_policies(api, policy_prefix(namespace))
         wait_namespace_gone(core, namespace)
 
 
@@ -324,39 +387,52 @@ def value(run: dict[str, Any], path: str) -> float:
 
 def render(r: dict[str, Any]) -> str:
     runs: list[dict[str, Any]] = r["runs"]
-    base = [x for x in runs if x["variant"] == "base"]
-    new = [x for x in runs if x["variant"] == "new"]
+    names = list(dict.fromkeys(x["variant"] for x in runs))
+    by_name = {name: [x for x in runs if x["variant"] == name] for name in names}
     rows = []
     for label, path, unit, _lower in METRICS:
-        b = [value(x, path) for x in base]
-        n = [value(x, path) for x in new]
-        mb, mn = statistics.median(b), statistics.median(n)
-        ratio = f"{mn / mb:.2f}" if mb else "-"
-        each_b = " / ".join(f"{v:.3g}" for v in b)
-        each_n = " / ".join(f"{v:.3g}" for v in n)
-        rows.append(f"| {label} | {unit} | {mb:.3g} ({each_b}) | {mn:.3g} ({each_n}) | {ratio} |")
+        medians = {}
+        cells = []
+        for name in names:
+            values = [value(x, path) for x in by_name[name]]
+            medians[name] = statistics.median(values)
+            each = " / ".join(f"{v:.3g}" for v in values)
+            cells.append(f"{medians[name]:.3g} ({each})")
+        base = medians.get("base")
+        others = [name for name in names if name != "base"] if base is not None else []
+        ratios = "".join(f" | {medians[name] / base:.2f}" if base else " | -" for name in others)
+        rows.append(f"| {label} | {unit} | {' | '.join(cells)}{ratios} |")
+    ratio_names = [name for name in names if name != "base"] if "base" in names else []
+    header = (
+        "| measure | unit | "
+        + " | ".join(f"{name}: median (each run)" for name in names)
+        + "".join(f" | {name} / base" for name in ratio_names)
+        + " |"
+    )
+    rule = "|---|---|" + "---|" * (len(names) + len(ratio_names))
     table = "\n".join(rows)
     order = " ".join(f"{x['tag']}" for x in runs)
     loads = ", ".join(f"{x['tag']} {x['load_start']:.1f}->{x['load_end']:.1f}" for x in runs)
+    creates = ", ".join(f"{x['tag']} {x['burst']['create_seconds']:.1f} s" for x in runs)
     bare = r["bare"]
+    variants = "; ".join(r["variants"])
     return f"""# Entitlement gate: base commit and new code side by side
 
 - Command: `{r["command"]}`
 - Machine: {r["machine"]}, Python {r["python"]}; `nproc` {r["nproc"]}. Cluster (kube-apiserver, etcd, KWOK),
-  emulator, both operators and this client share it; other work on the machine shares it too.
-- Base: `{r["base"]}` (a git worktree, run from its source root with this interpreter);
-  new: `{r["new"]}`. One cluster, one emulator, one product spec; webhook in local mode, no
-  admission policies.
+  emulator, the operators and this client share it; other work on the machine shares it too.
+- Variants: {variants}. One cluster, one emulator, one product spec; each side with its own tree's CRD.
 - Order (alternating, to cancel drift): {order}. Each run has its own namespace, deleted before the next.
 - 1-minute load average at the start / end of each run: {loads}; {r["load_start"]:.1f} when the
   benchmark started and {r["load_end"]:.1f} when it ended.
 - Phases per run: a steady stream of {r["steady_pods"]} pods at {r["steady_rate"]:g}/s, a burst of
   {r["burst"]} pods created at once (16 client threads), a backlog of {r["burst"]} gated pods created while
   the operator is stopped. CPU: the operator process's utime + stime (/proc/<pid>/stat) over the phase,
-  divided by its pods (webhook, watch, registration and writes all included).
+  divided by its pods (admission, watch, registration and writes all included).
+- Burst: time the 16 client threads took to create the pods (part of the burst's time): {creates}.
 
-| measure | unit | base: median (each run) | new: median (each run) | new / base |
-|---|---|---|---|---|
+{header}
+{rule}
 {table}
 
 Bare STS + RegisterUsage round trip through boto3 (no operator), after the runs:
@@ -378,19 +454,33 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="one extra, unmeasured run of the new operator sampled by py-spy into this directory",
     )
-    parser.add_argument("--only", choices=["base", "new"], default=None, help="run one side only (profiling)")
+    parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (py-spy --gil)",
+    )
+    parser.add_argument(
+        "--policy-gate",
+        action="store_true",
+        help="a third variant: this tree with its MutatingAdmissionPolicy adding the gate (no webhook)",
+    )
+    parser.add_argument(
+        "--only", choices=["base", "new", "new-policy"], default=None, help="run one variant only"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     command = " ".join(["python -m bench entitlement", *(argv if argv is not None else sys.argv[1:])])
+    Profiler.gil = args.profile_gil
     variants = [base_variant(args.base), new_variant()]
+    if args.policy_gate:
+        variants.append(Variant("new-policy", variants[1].commit, variants[1].root, gate="policy"))
     results: dict[str, Any] = {
         "command": command,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
         "nproc": subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip(),
         "python": sys.version.split()[0],
         "load_start": os.getloadavg()[0],
-        "base": variants[0].commit,
-        "new": variants[1].commit,
+        "variants": [f"{v.name} `{v.commit}` ({v.gate} adds the gate)" for v in variants],
         "steady_rate": args.steady_rate,
         "steady_pods": int(args.steady_rate * args.steady_seconds),
         "burst": args.burst,
@@ -411,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 if args.only and variant.name != args.only:
                     continue
-                tag = f"{'AB'[variants.index(variant)]}{round_index + 1}"
+                tag = f"{'ABC'[variants.index(variant)]}{round_index + 1}"
                 print(f"== {tag}: {variant.name} {variant.commit}", flush=True)
                 results["runs"].append(one_run(variant, args, api, info, emulator, pem, work, tag, None))
         if args.profile is not None:
@@ -434,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         results["bare"] = {"p50": pct(bare.pairs, 50), "p99": pct(bare.pairs, 99)}
         results["load_end"] = os.getloadavg()[0]
     finally:
+        install_crd(api)  # this tree's CRD again, for whatever runs next on the cluster
         if emulator is not None:
             emulator.stop()
         cluster.release(os.getpid(), keep=True)

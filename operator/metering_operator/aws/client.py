@@ -19,11 +19,13 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 import boto3
 from botocore.config import Config
 from botocore.credentials import Credentials as BotoCredentials
+from botocore.utils import parse_timestamp
 
 from metering_operator import metrics
 from metering_operator.aws import errors
@@ -52,6 +54,34 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 15.0
 # Enough pooled connections for the operator's worker threads sharing one client.
 DEFAULT_MAX_POOL_CONNECTIONS = 32
+
+
+def parse_aws_timestamp(value: Any) -> datetime:
+    """botocore's timestamp parser, with ISO 8601 (what STS and JSON services answer) done by the
+    standard library: botocore's default goes through dateutil, about 90 us per value, which was
+    3% of the operator's CPU per gated pod (each AssumeRoleWithWebIdentity's ``Expiration``).
+    Anything else, and a time without an offset, takes botocore's own path (which reads it as UTC).
+    """
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is not None:
+                return parsed
+    result: datetime = parse_timestamp(value)
+    return result
+
+
+def new_session() -> boto3.Session:
+    """A ``boto3.Session`` (default credential chain) whose clients parse timestamps with
+    :func:`parse_aws_timestamp`; set through botocore's documented parser-defaults seam."""
+    session = boto3.Session()
+    session._session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=parse_aws_timestamp
+    )
+    return session
 
 
 def client_config(
@@ -149,7 +179,7 @@ class MeteringClient:
     ) -> MeteringClient:
         """A client in ``region`` (required: see :mod:`metering_operator.aws.region`).
 
-        ``session`` defaults to a new ``boto3.Session()`` (the default credential chain, i.e. the
+        ``session`` defaults to :func:`new_session` (the default credential chain, i.e. the
         operator's own IRSA identity in a cluster). ``endpoint_url`` None lets boto3 apply
         ``AWS_ENDPOINT_URL_MARKETPLACE_METERING`` / ``AWS_ENDPOINT_URL``.
         """

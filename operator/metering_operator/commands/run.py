@@ -7,6 +7,7 @@ imports the handler modules and hands over to ``kopf.run``. Settings, clock and 
 runtime reach the handlers through kopf's ``memo``:
 
 * ``memo.settings`` -- OperatorSettings
+* ``memo.admission_server`` -- the webhook server (None without the webhook)
 * ``memo.clock`` -- the Clock (local time bounded by the API server's, or following the
   emulator's settable clock)
 * ``memo.gate_runtime`` -- the entitlement gate's clients and worker pool
@@ -318,8 +319,8 @@ def _configure_logging(settings: Any, verbose: bool) -> None:
 
 
 def _webhook_server(settings: Any) -> Any:
-    """kopf's WebhookServer with our certificates; in local mode also writes the configuration."""
-    import kopf
+    """The webhook server (kopf's, with the direct admission path) with our certificates; in local
+    mode also writes the configuration."""
 
     from metering_operator.kube import webhook
     from metering_operator.kube.apiclient import new_api_client
@@ -356,7 +357,7 @@ def _webhook_server(settings: Any) -> Any:
             settings.webhook_configuration_name,
             settings.webhook_url,
         )
-    return kopf.WebhookServer(
+    return webhook.AdmissionServer(
         addr=settings.webhook_host,
         port=settings.webhook_port,
         host=host,
@@ -490,6 +491,7 @@ def main(args: argparse.Namespace) -> int:
     pod_cache = PodCache(new_api_client(pool_size=max(4, len(settings.namespaces) + 2)))
     memo = kopf.Memo(
         settings=settings,
+        admission_server=server,
         clock=clock,
         gate_runtime=entitlement.build_runtime(settings, clock, pod_cache),
         metering_runtime=build_metering_runtime(

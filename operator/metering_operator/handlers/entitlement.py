@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,7 +44,12 @@ from metering_operator.kube.podcache import PodCache
 from metering_operator.kube.pods import PodApi
 from metering_operator.kube.records import DenialRecords
 from metering_operator.kube.seat_records import SeatRecords
-from metering_operator.kube.webhook import HANDLER_ID, delete_webhook_configuration
+from metering_operator.kube.webhook import (
+    HANDLER_ID,
+    AdmissionServer,
+    JsonPatch,
+    delete_webhook_configuration,
+)
 from metering_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -142,20 +147,61 @@ async def gate_cleanup(memo: kopf.Memo, **_: Any) -> None:
 # --- the admission webhook ---------------------------------------------------------------------------
 
 
-def gate_pod(
-    body: Any, patch: kopf.Patch, products: Iterable[tuple[str, EntitlementMode, bool, LabelSelector]]
-) -> str | None:
-    """Add the gate to ``patch`` if an Enforce-mode product selects the pod; returns that product."""
+GateProducts = Iterable[tuple[str, EntitlementMode, bool, LabelSelector]]
+
+
+def _gating_product(body: Mapping[str, Any], products: GateProducts) -> str | None:
     labels = body.get("metadata", {}).get("labels") or {}
     candidates = [
         ent.GateCandidate(key, mode, trusted, matches(selector, labels))
         for key, mode, trusted, selector in products
     ]
-    product = ent.gating_product(body, candidates)
+    return ent.gating_product(body, candidates)
+
+
+def _gates_with_ours(body: Mapping[str, Any]) -> list[Any]:
+    existing = list(body.get("spec", {}).get("schedulingGates") or [])
+    return [*existing, {"name": SCHEDULING_GATE}]
+
+
+def gate_pod(body: Any, patch: kopf.Patch, products: GateProducts) -> str | None:
+    """Add the gate to ``patch`` if an Enforce-mode product selects the pod; returns that product."""
+    product = _gating_product(body, products)
     if product is not None:
-        existing = list(body.get("spec", {}).get("schedulingGates") or [])
-        patch.spec["schedulingGates"] = [*existing, {"name": SCHEDULING_GATE}]
+        patch.spec["schedulingGates"] = _gates_with_ours(body)
     return product
+
+
+def gate_ops(body: Mapping[str, Any], products: GateProducts) -> JsonPatch | None:
+    """:func:`gate_pod` as JSON-patch ops (the direct webhook path answers with these)."""
+    if _gating_product(body, products) is None:
+        return None
+    return [{"op": "add", "path": "/spec/schedulingGates", "value": _gates_with_ours(body)}]
+
+
+class DirectGate:
+    """The webhook's decision without kopf's per-request machinery (:class:`AdmissionServer`).
+
+    The same rule as :func:`gate_pods_webhook`, read from the same kopf index (a live mapping
+    that kopf keeps current), and the same failure rule: never raises, never refuses a pod.
+    """
+
+    def __init__(self, index: Mapping[str, Any]) -> None:
+        self.index = index
+
+    def __call__(self, request: Mapping[str, Any]) -> JsonPatch | None:
+        try:
+            if request.get("operation") != "CREATE":
+                return None
+            body = request.get("object") or {}
+            namespace = body.get("metadata", {}).get("namespace") or request.get("namespace") or ""
+            products = list(self.index.get(namespace, []))
+            if not products:
+                return None
+            return gate_ops(body, products)
+        except Exception:
+            log.exception("admission of a pod failed; letting it through ungated")
+            return None
 
 
 async def gate_pods_webhook(
@@ -176,9 +222,23 @@ async def gate_pods_webhook(
         log.exception("admission of a pod failed; letting it through ungated")
 
 
+def direct_admission(memo: Any, **kwargs: Any) -> None:
+    """At startup: the webhook server answers the gate's requests directly from the index."""
+    server = getattr(memo, "admission_server", None)
+    index = kwargs.get("gate_products")
+    if isinstance(server, AdmissionServer) and index is not None:
+        server.direct[HANDLER_ID] = DirectGate(index)
+
+
 def register(settings: OperatorSettings) -> None:
-    """Register the admission handler when the webhook is enabled (kopf needs a server for it)."""
+    """Register the admission handler when the webhook is enabled (kopf needs a server for it).
+
+    kopf's handler stays registered (kopf serves it if the direct path is not set up), but with
+    an :class:`AdmissionServer` in ``memo.admission_server`` its requests are answered by
+    :class:`DirectGate`.
+    """
     if settings.webhook_enabled:
         kopf.on.mutate("v1", "pods", id=HANDLER_ID, operations=["CREATE"], ignore_failures=True)(
             gate_pods_webhook
         )
+        kopf.on.startup(id="gate-direct-admission")(direct_admission)

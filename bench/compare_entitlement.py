@@ -12,7 +12,7 @@ waiting before the operator starts (pods/s, CPU per pod, writes and AWS calls pe
 CPU is the operator process's utime + stime from ``/proc/<pid>/stat`` over each phase.
 
 ``--profile DIR`` adds one more run of the new operator, left out of the comparison, sampled with py-spy
-during its burst and backlog phases: the folded stacks and a summary (top frames by own and total
+during its steady, burst and backlog phases: the folded stacks and a summary (top frames by own and total
 samples, see bench/profile_summary.py) are written to DIR.
 """
 
@@ -274,14 +274,18 @@ def one_run(
             create_pod(core, namespace, name, "bench", "buyer")
             created[name] = time.monotonic()
 
-        with ThreadPoolExecutor(8) as pool:
+        names = [f"steady-{i:04d}" for i in range(n_steady)]
+        with (
+            profiling(op.pid, profile_dir / "steady.folded" if profile_dir else None),
+            ThreadPoolExecutor(8) as pool,
+        ):
             for i in range(n_steady):
                 delay = start + i / args.steady_rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
                 pool.submit(create_steady, i)
-        names = [f"steady-{i:04d}" for i in range(n_steady)]
-        wait_released(rw, names, 300)
+            pool.shutdown(wait=True)
+            wait_released(rw, names, 300)
         latencies = [max(0.0, rw.released[n] - created[n]) for n in names]
         steady = phase_summary(
             "steady", n_steady, pod_patches(api) - patches0, calls0, aws_calls(emulator), 0
@@ -509,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             args.profile.mkdir(parents=True, exist_ok=True)
             print(f"== P: new {variants[1].commit}, profiled into {args.profile}", flush=True)
             one_run(variants[1], args, api, info, emulator, pem, work, "p", args.profile)
-            for phase in ("burst", "backlog"):
+            for phase in ("steady", "burst", "backlog"):
                 folded = args.profile / f"{phase}.folded"
                 if folded.exists():
                     (args.profile / f"{phase}.txt").write_text(profile_summary.summarize(folded))

@@ -111,9 +111,11 @@ def start_operator(
         return launch_operator(
             info, namespace, emulator, log, extra_env=env, webhook=False, policies=True, extra_args=prefix
         )
-    # The base commit predates --no-admission-policies (it has no policies to turn off):
-    # ``policies=True`` only keeps the flag off its command line.
-    return launch_operator(info, namespace, emulator, log, extra_env=env, policies=variant.name == "base")
+    # 2a5c17a predates --no-admission-policies (it has no policies to turn off): ``policies=True``
+    # only keeps the flag off its command line. A later base turns them off like this tree does.
+    run_py = (variant.root / "operator" / "metering_operator" / "commands" / "run.py").read_text()
+    has_policies = "--admission-policies" in run_py
+    return launch_operator(info, namespace, emulator, log, extra_env=env, policies=not has_policies)
 
 
 class Profiler:

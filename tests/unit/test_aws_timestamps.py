@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from botocore.utils import parse_timestamp
 
-from metering_operator.aws.client import new_session, parse_aws_timestamp
+from metering_operator.aws.sessions import new_session, parse_aws_timestamp
 
 
 def test_iso_times_parse_like_botocore() -> None:

@@ -19,13 +19,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 import boto3
 from botocore.config import Config
 from botocore.credentials import Credentials as BotoCredentials
-from botocore.utils import parse_timestamp
 
 from metering_operator import metrics
 from metering_operator.aws import errors
@@ -54,34 +52,6 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 15.0
 # Enough pooled connections for the operator's worker threads sharing one client.
 DEFAULT_MAX_POOL_CONNECTIONS = 32
-
-
-def parse_aws_timestamp(value: Any) -> datetime:
-    """botocore's timestamp parser, with ISO 8601 (what STS and JSON services answer) done by the
-    standard library: botocore's default goes through dateutil, about 90 us per value, which was
-    3% of the operator's CPU per gated pod (each AssumeRoleWithWebIdentity's ``Expiration``).
-    Anything else, and a time without an offset, takes botocore's own path unchanged.
-    """
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            pass
-        else:
-            if parsed.tzinfo is not None:
-                return parsed
-    result: datetime = parse_timestamp(value)
-    return result
-
-
-def new_session() -> boto3.Session:
-    """A ``boto3.Session`` (default credential chain) whose clients parse timestamps with
-    :func:`parse_aws_timestamp`; set through botocore's documented parser-defaults seam."""
-    session = boto3.Session()
-    session._session.get_component("response_parser_factory").set_parser_defaults(
-        timestamp_parser=parse_aws_timestamp
-    )
-    return session
 
 
 def client_config(

@@ -27,13 +27,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from metering_operator.aws import errors
-from metering_operator.aws.client import (
-    MeteringClient,
-    MeteringClientFactory,
-    call_aws,
-    client_config,
-    new_session,
-)
+from metering_operator.aws.client import MeteringClient, MeteringClientFactory, call_aws, client_config
 from metering_operator.aws.region import require_region
 from metering_operator.aws.sessions import new_session
 from metering_operator.domain.clock import Clock, ensure_utc

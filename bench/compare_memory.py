@@ -15,7 +15,8 @@ Per run, two operator processes:
 
 1. **idle** -- watching one empty namespace holding one MeteredProduct (Enforce, no pods);
 2. **loaded** -- watching the pod namespaces: first with one product per namespace that selects
-   nothing there (``app=nobody``), so every namespace is watched while all of its pods are
+   nothing there (``app=nobody``; metered, so valid with entitlement Off), so every namespace is
+   watched while all of its pods are
    unselected ("unselected"); then with the ``--products`` products added, each metering 4
    dimensions (entitlement Off), once every one of them has sampled ("products").
 
@@ -122,11 +123,6 @@ def create_pods(
             if exc.status != 409:  # kept from an earlier run: reused
                 raise
 
-    start = time.monotonic()
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(one, range(len(jobs))))
-    print(f"  {len(jobs)} pods created in {time.monotonic() - start:.0f} s", flush=True)
-
     def running() -> bool:
         total = 0
         for ns in namespaces:
@@ -141,6 +137,13 @@ def create_pods(
                     break
         return total >= len(jobs)
 
+    if running():
+        print(f"  {len(jobs)} pods kept from an earlier run (--keep-pods)", flush=True)
+        return
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(len(jobs))))
+    print(f"  {len(jobs)} pods created in {time.monotonic() - start:.0f} s", flush=True)
     wait(f"{len(jobs)} pods Running on the fake nodes", running, 1800)
 
 
@@ -228,7 +231,7 @@ def one_run(
     # (2) loaded: every pod unselected, then the products
     for ns in namespaces:
         custom.create_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, product_body("nobody", code(900), "nobody", metering=False)
+            GROUP, VERSION, ns, PLURAL, product_body("nobody", code(900), "nobody", metering=True)
         )
     metering_args = [
         "--sample-interval-seconds",

@@ -11,10 +11,12 @@ no scheduler, no kubelet; KWOK marks them Running), in ``--namespaces`` namespac
 * ``--pods`` pods (default 2,000) of ``--products`` products (default 50), ``app=product-<p>``,
   with CPU and memory requests.
 
-Per run, two operator processes:
+Per run, three operator processes:
 
 1. **idle** -- watching one empty namespace holding one MeteredProduct (Enforce, no pods);
-2. **loaded** -- watching the pod namespaces: first with one product per namespace that selects
+2. **configured** -- watching ``--namespaces`` empty namespaces, each with one metered product that
+   selects nothing: the same operator configuration as the next one's first phase, without pods;
+3. **loaded** -- watching the pod namespaces: first with one product per namespace that selects
    nothing there (``app=nobody``; metered, so valid with entitlement Off), so every namespace is
    watched while all of its pods are
    unselected ("unselected"); then with the ``--products`` products added, each metering 4
@@ -203,6 +205,17 @@ def launch(
     return op
 
 
+def statused(custom: client.CustomObjectsApi, names: list[tuple[str, str]]) -> Callable[[], bool]:
+    def probe() -> bool:
+        for ns, name in names:
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+            if not (obj.get("status") or {}).get("conditions"):
+                return False
+        return True
+
+    return probe
+
+
 def install_variant_crd(api: client.ApiClient, variant: Variant) -> None:
     body: dict[str, Any] = yaml.safe_load(
         (variant.root / "manifests" / "crd" / "meteredproducts.yaml").read_text()
@@ -243,37 +256,65 @@ def one_run(
         wait_namespace_gone(core, idle_ns)
     print(f"  {tag} idle {out['idle']}", flush=True)
 
-    # (2) loaded: every pod unselected, then the products
-    for ns in namespaces:
-        custom.create_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, product_body("nobody", code(900), "nobody", metering=True)
-        )
     metering_args = [
         "--sample-interval-seconds",
         str(args.interval),
         "--emulator-clock-url",
         emulator.url,
-        "--operator-namespace",
-        namespaces[0],
         "--lease-duration-seconds",
         "5",
     ]
+
+    # (2) configured: the same products selecting nothing, in as many empty namespaces (no pods)
+    empty = [
+        str(core.create_namespace({"metadata": {"generateName": "bench-mem-empty-"}}).metadata.name)
+        for _ in namespaces
+    ]
+    for ns in empty:
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, product_body("nobody", code(900), "nobody", metering=True)
+        )
     op = launch(
-        variant, info, namespaces, emulator, work / f"operator-{tag.lower()}-loaded.log", metering_args
+        variant,
+        info,
+        empty,
+        emulator,
+        work / f"operator-{tag.lower()}-configured.log",
+        [*metering_args, "--operator-namespace", empty[0]],
     )
     try:
+        wait(
+            "the nobody products' status written (empty)",
+            statused(custom, [(ns, "nobody") for ns in empty]),
+            300,
+        )
+        out["configured"] = settled(op.pid, args.settle)
+    finally:
+        op.stop()
+        remove_all_products(custom, empty)
+        for ns in empty:
+            wait_namespace_gone(core, ns)
+    print(f"  {tag} configured {out['configured']}", flush=True)
 
-        def statused(names: list[tuple[str, str]]) -> Callable[[], bool]:
-            def probe() -> bool:
-                for ns, name in names:
-                    obj = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-                    if not (obj.get("status") or {}).get("conditions"):
-                        return False
-                return True
-
-            return probe
-
-        wait("the nobody products' status written", statused([(ns, "nobody") for ns in namespaces]), 300)
+    # (3) loaded: every pod unselected, then the products
+    for ns in namespaces:
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, product_body("nobody", code(900), "nobody", metering=True)
+        )
+    op = launch(
+        variant,
+        info,
+        namespaces,
+        emulator,
+        work / f"operator-{tag.lower()}-loaded.log",
+        [*metering_args, "--operator-namespace", namespaces[0]],
+    )
+    try:
+        wait(
+            "the nobody products' status written",
+            statused(custom, [(ns, "nobody") for ns in namespaces]),
+            300,
+        )
         out["unselected"] = settled(op.pid, args.settle)
         print(f"  {tag} unselected {out['unselected']}", flush=True)
         for p in range(args.products):
@@ -340,6 +381,7 @@ def render(r: dict[str, Any]) -> str:
     ]
     for phase, label in (
         ("idle", "idle"),
+        ("configured", f"{r['namespaces']} products selecting nothing, no pods"),
         ("unselected", f"{r['unselected'] + r['pods']:,} unselected pods"),
         ("products", f"{r['products']} products / {r['pods']:,} pods"),
     ):
@@ -351,7 +393,7 @@ def render(r: dict[str, Any]) -> str:
             )
     for name, fn in (
         ("RSS growth idle -> products", lambda run: run["products"][0] - run["idle"][0]),
-        ("RSS growth idle -> unselected", lambda run: run["unselected"][0] - run["idle"][0]),
+        ("RSS growth, same products, pods added", lambda run: run["unselected"][0] - run["configured"][0]),
         ("time until all products sample", lambda run: run["sync_s"]),
     ):
         (b, be), (n, ne) = derived("base", fn), derived("new", fn)

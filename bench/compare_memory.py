@@ -330,6 +330,8 @@ def one_run(
             ok = 0
             for ns in namespaces:
                 for item in custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
+                    if not item["metadata"]["name"].startswith("product-"):
+                        continue
                     open_hour = ((item.get("status") or {}).get("metering") or {}).get("openHour") or {}
                     dims = open_hour.get("dimensions") or []
                     ok += len(dims) == len(DIMENSIONS) and all(d.get("samples") for d in dims)

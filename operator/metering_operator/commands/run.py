@@ -487,8 +487,9 @@ def main(args: argparse.Namespace) -> int:
     from metering_operator.kube.podcache import PodCache
     from metering_operator.metering.runtime import build_runtime as build_metering_runtime
 
-    # One pod list + watch per namespace, shared by the gate and metering (one connection each).
-    pod_cache = PodCache(new_api_client(pool_size=max(4, len(settings.namespaces) + 2)))
+    # One pod list + watch per namespace, shared by the gate and metering: a connection for each
+    # namespace's watch and one for its (re)list.
+    pod_cache = PodCache(new_api_client(pool_size=max(8, 2 * len(settings.namespaces) + 2)))
     memo = kopf.Memo(
         settings=settings,
         admission_server=server,

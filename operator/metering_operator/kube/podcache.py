@@ -56,7 +56,10 @@ WATCH_TIMEOUT_SECONDS = 240
 RESYNC_SECONDS = 900.0
 #: Pods per page of a list. Small: unselected pods are parsed a page at a time, so the page bounds
 #: the transient memory of a relist of a namespace with 10,000 pods nobody selects.
-PAGE_SIZE = 100
+PAGE_SIZE = 50
+#: One page parsed at a time in the whole process: namespaces listing at once (the operator's
+#: start) would otherwise each hold a parsed page, and the allocator keeps the peak as RSS.
+_PAGE_LOCK = threading.Lock()
 SYNC_TIMEOUT_SECONDS = 30.0
 
 
@@ -219,21 +222,22 @@ class _Namespace:
             kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": 60}
             if token:
                 kwargs["_continue"] = token
-            response = self.api.list_namespaced_pod(self.namespace, **kwargs)
-            data = json.loads(response.data)
-            response.release_conn()
-            if self._stop.is_set():
-                return
-            with self.lock:
-                # Judged against the selectors of now: a page is dropped as it is read.
-                for item in data.get("items") or ():
-                    labels = (item.get("metadata") or {}).get("labels")
-                    if self.index.selects(labels):
-                        pod = compact(item)
-                        kept[pod.uid] = pod
-            meta = data.get("metadata") or {}
-            token = meta.get("continue")
-            del data
+            with _PAGE_LOCK:
+                response = self.api.list_namespaced_pod(self.namespace, **kwargs)
+                data = json.loads(response.data)
+                response.release_conn()
+                if self._stop.is_set():
+                    return
+                with self.lock:
+                    # Judged against the selectors of now: a page is dropped as it is read.
+                    for item in data.get("items") or ():
+                        labels = (item.get("metadata") or {}).get("labels")
+                        if self.index.selects(labels):
+                            pod = compact(item)
+                            kept[pod.uid] = pod
+                meta = data.get("metadata") or {}
+                token = meta.get("continue")
+                del data, response
             if not token:
                 break
         with self.lock:

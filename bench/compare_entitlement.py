@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from devtools.cluster import ClusterInfo, LocalCluster
 from kubernetes import client, config
 from tests.e2e.conftest import (
@@ -159,20 +158,7 @@ def install_variant_crd(api: client.ApiClient, variant: Variant) -> None:
     """The MeteredProduct CRD of the variant's own tree: the base's models forbid fields a newer CRD
     defaults (e.g. ``entitlement.source``), so each side runs with the schema it was written for.
     No product exists between runs (each run's namespace is deleted), so swapping it loses nothing."""
-    body: dict[str, Any] = yaml.safe_load((variant.root / CRD_FILE.relative_to(REPO_ROOT)).read_text())
-    ext = client.ApiextensionsV1Api(api)
-    current = ext.read_custom_resource_definition(body["metadata"]["name"])
-    body["metadata"]["resourceVersion"] = current.metadata.resource_version
-    ext.replace_custom_resource_definition(body["metadata"]["name"], body=body)
-    deadline = time.monotonic() + 60
-    while True:
-        crd = ext.read_custom_resource_definition(body["metadata"]["name"])
-        conditions = {c.type: c.status for c in (crd.status.conditions or [])}
-        if conditions.get("Established") == "True":
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"CRD not Established: {conditions}")
-        time.sleep(0.2)
+    install_crd(api, variant.root / CRD_FILE.relative_to(REPO_ROOT))
     time.sleep(2)  # the API server swaps in the new schema's handler asynchronously
 
 

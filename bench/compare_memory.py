@@ -43,13 +43,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from devtools.cluster import ClusterInfo, LocalCluster
 from kubernetes import client, config
 from tests.e2e.conftest import BUYER_ACCOUNT, OperatorProcess, emulator_config, install_crd, launch_operator
 from tests.emulator.harness import EmulatorProcess, start_emulator
 
-from bench.compare_entitlement import Variant, base_variant, create_product, new_variant, wait_namespace_gone
+from bench.compare_entitlement import (
+    Variant,
+    base_variant,
+    create_product,
+    install_variant_crd,
+    new_variant,
+    wait_namespace_gone,
+)
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 H0 = datetime(2031, 5, 6, 7, tzinfo=UTC)
@@ -214,17 +220,6 @@ def statused(custom: client.CustomObjectsApi, names: list[tuple[str, str]]) -> C
         return True
 
     return probe
-
-
-def install_variant_crd(api: client.ApiClient, variant: Variant) -> None:
-    body: dict[str, Any] = yaml.safe_load(
-        (variant.root / "manifests" / "crd" / "meteredproducts.yaml").read_text()
-    )
-    ext = client.ApiextensionsV1Api(api)
-    current = ext.read_custom_resource_definition(body["metadata"]["name"])
-    body["metadata"]["resourceVersion"] = current.metadata.resource_version
-    ext.replace_custom_resource_definition(body["metadata"]["name"], body=body)
-    time.sleep(2)  # the new schema (its defaults) in force
 
 
 def one_run(

@@ -482,6 +482,11 @@ class Demo:
         assert self.emulator is not None
         pem = self.emulator.admin.public_key_pem(self.product_code, self.key_version)
         key_ref = self.sample["spec"]["publicKey"]["configMapKeyRef"]
+        return self.identities_and_key(key_ref["name"], key_ref["key"], pem)
+
+    def identities_and_key(self, configmap: str, key: str, pem: str) -> list[dict[str, Any]]:
+        """The pods' and the operator's IRSA-annotated ServiceAccounts, and a ConfigMap holding
+        ``pem`` (the story's public key) under ``key``."""
         return [
             {
                 "apiVersion": "v1",
@@ -493,12 +498,7 @@ class Demo:
                 "kind": "ServiceAccount",
                 "metadata": {"name": OPERATOR_SA, "annotations": {IRSA_ANNOTATION: self.operator_role}},
             },
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {"name": key_ref["name"]},
-                "data": {key_ref["key"]: pem},
-            },
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": configmap}, "data": {key: pem}},
         ]
 
     def describe_namespace_objects(self) -> None:

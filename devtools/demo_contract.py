@@ -165,24 +165,7 @@ class ContractDemo(Demo):
     def namespace_objects(self) -> list[dict[str, Any]]:
         assert self.emulator is not None
         pem = self.emulator.admin.issuer_key_pem(KEY_FINGERPRINT)
-        return [
-            {
-                "apiVersion": "v1",
-                "kind": "ServiceAccount",
-                "metadata": {"name": self.app, "annotations": {IRSA_ANNOTATION: self.buyer_role}},
-            },
-            {
-                "apiVersion": "v1",
-                "kind": "ServiceAccount",
-                "metadata": {"name": OPERATOR_SA, "annotations": {IRSA_ANNOTATION: self.operator_role}},
-            },
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {"name": ISSUER_KEY_CONFIGMAP},
-                "data": {"issuer.pem": pem},
-            },
-        ]
+        return self.identities_and_key(ISSUER_KEY_CONFIGMAP, "issuer.pem", pem)
 
     def describe_namespace_objects(self) -> None:
         self.story.say(f"{IRSA_ANNOTATION}: {self.buyer_role}")

@@ -52,3 +52,27 @@ _STATUS_WIRE: dict[str, Any] = {
 def status_wire() -> dict[str, Any]:
     """A full MeteredProduct status as the operator writes it (a fresh copy each call)."""
     return copy.deepcopy(_STATUS_WIRE)
+
+
+def gated_deployment(
+    name: str, replicas: int, labels: dict[str, str], gate: str, namespace: str | None = None
+) -> dict[str, Any]:
+    """A Deployment whose pod template carries the entitlement gate itself (tests that run the
+    operator outside the cluster have no webhook to add it) and runs as ServiceAccount ``product``."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, **({"namespace": namespace} if namespace else {})},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": "product",
+                    "schedulingGates": [{"name": gate}],
+                    "containers": [{"name": "app", "image": "example.invalid/product:1"}],
+                },
+            },
+        },
+    }

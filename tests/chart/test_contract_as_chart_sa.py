@@ -39,6 +39,7 @@ from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importi
 )
 from tests.emulator.harness import EmulatorProcess, start_emulator
 from tests.identities import token_kubeconfig
+from tests.samples import gated_deployment
 
 pytestmark = pytest.mark.cluster
 
@@ -187,23 +188,9 @@ def test_chart_rbac_and_iam_policies_serve_a_contract_product(
         )
         client.AppsV1Api(kube).create_namespaced_deployment(
             product_namespace,
-            {
-                "metadata": {"name": APP},
-                "spec": {
-                    "replicas": 3,
-                    "selector": {"matchLabels": labels},
-                    "template": {
-                        "metadata": {"labels": labels},
-                        "spec": {
-                            "serviceAccountName": "product",
-                            # The webhook is off (the operator runs outside the cluster); the
-                            # chart's MutatingAdmissionPolicy would add it too.
-                            "schedulingGates": [{"name": SCHEDULING_GATE}],
-                            "containers": [{"name": "app", "image": "example.invalid/product:1"}],
-                        },
-                    },
-                },
-            },
+            # The webhook is off (the operator runs outside the cluster); the chart's
+            # MutatingAdmissionPolicy would add the gate too.
+            gated_deployment(APP, 3, labels, SCHEDULING_GATE),
         )
 
         def split(total: int, granted: int) -> tuple[list[Any], list[Any]] | None:

@@ -38,6 +38,7 @@ from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importi
 )
 from tests.emulator.harness import EmulatorProcess
 from tests.identities import token_kubeconfig
+from tests.samples import gated_deployment
 
 pytestmark = pytest.mark.cluster
 
@@ -81,23 +82,7 @@ def product_objects(namespace: str, public_key_pem: str) -> list[dict[str, Any]]
                 "entitlement": {"mode": "Enforce", "scope": "Pod"},
             },
         },
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": "product", "namespace": namespace},
-            "spec": {
-                "replicas": 2,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "serviceAccountName": "product",
-                        "schedulingGates": [{"name": GATE}],
-                        "containers": [{"name": "app", "image": "example.invalid/product:1"}],
-                    },
-                },
-            },
-        },
+        gated_deployment("product", 2, labels, GATE, namespace),
     ]
 
 

@@ -80,8 +80,10 @@ def metered_product_crd(kube: client.ApiClient) -> dict[str, Any]:
     return install_crd(kube)
 
 
-def install_crd(kube: client.ApiClient) -> dict[str, Any]:
-    body: dict[str, Any] = yaml.safe_load(CRD_FILE.read_text())
+def install_crd(kube: client.ApiClient, crd_file: Path = CRD_FILE) -> dict[str, Any]:
+    """Create or replace the MeteredProduct CRD (this tree's, or ``crd_file``) and wait until it
+    is Established."""
+    body: dict[str, Any] = yaml.safe_load(crd_file.read_text())
     ext = client.ApiextensionsV1Api(kube)
     try:
         ext.create_custom_resource_definition(body=body)

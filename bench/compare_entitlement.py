@@ -223,6 +223,40 @@ def profiling(pid: int, out: Path | None) -> Iterator[None]:
             profiler.stop()
 
 
+@contextlib.contextmanager
+def operator_run(
+    variant: Variant,
+    api: client.ApiClient,
+    info: ClusterInfo,
+    emulator: EmulatorProcess,
+    pem: str,
+    log: Path,
+) -> Iterator[tuple[str, OperatorProcess]]:
+    """The variant's operator, ready, watching a fresh namespace with the bench product; removed after."""
+    core = client.CoreV1Api(api)
+    install_variant_crd(api, variant)
+    namespace = new_namespace(core)
+    create_product(api, namespace, pem)
+    op = start_operator(variant, info, namespace, emulator, log)
+    try:
+        op.wait_ready()
+        if variant.gate == "policy":
+            wait_gated_by_policy(core, namespace)
+        time.sleep(2)  # the product's controller starts right after readiness
+        yield namespace, op
+    finally:
+        remove_products(api, [namespace], operator_alive=op.alive())
+        op.stop()
+        if op.webhook_configuration:
+            with contextlib.suppress(client.ApiException):
+                client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(
+                    op.webhook_configuration
+                )
+        if variant.gate == "policy":
+            delete_policies(api, policy_prefix(namespace))
+        wait_namespace_gone(core, namespace)
+
+
 def one_run(
     variant: Variant,
     args: argparse.Namespace,
@@ -234,19 +268,28 @@ def one_run(
     tag: str,
     profile_dir: Path | None,
 ) -> dict[str, Any]:
-    core = client.CoreV1Api(api)
-    install_variant_crd(api, variant)
-    namespace = new_namespace(core)
-    create_product(api, namespace, pem)
-    op = start_operator(variant, info, namespace, emulator, work / f"operator-{tag.lower()}.log")
     out: dict[str, Any] = {"variant": variant.name, "tag": tag, "load_start": os.getloadavg()[0]}
+    with operator_run(variant, api, info, emulator, pem, work / f"operator-{tag.lower()}.log") as (
+        namespace,
+        op,
+    ):
+        return measured_run(args, api, emulator, namespace, op, out, profile_dir)
+
+
+def measured_run(
+    args: argparse.Namespace,
+    api: client.ApiClient,
+    emulator: EmulatorProcess,
+    namespace: str,
+    op: OperatorProcess,
+    out: dict[str, Any],
+    profile_dir: Path | None,
+) -> dict[str, Any]:
+    core = client.CoreV1Api(api)
+    tag = out["tag"]
     rw: ReleaseWatch | None = None
     rss: Rss | None = None
     try:
-        op.wait_ready()
-        if variant.gate == "policy":
-            wait_gated_by_policy(core, namespace)
-        time.sleep(2)  # the product's controller starts right after readiness
         rss = Rss(op.pid)
         out["rss_idle_mb"] = rss.now() / 1024
         rw = ReleaseWatch(api, namespace, "app=bench")
@@ -337,16 +380,6 @@ def one_run(
             rw.stop()
         if rss is not None:
             rss.stop()
-        remove_products(api, [namespace], operator_alive=op.alive())
-        op.stop()
-        if op.webhook_configuration:
-            with contextlib.suppress(client.ApiException):
-                client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(
-                    op.webhook_configuration
-                )
-        if variant.gate == "policy":
-            delete_policies(api, policy_prefix(namespace))
-        wait_namespace_gone(core, namespace)
 
 
 METRICS: tuple[tuple[str, str, str, bool], ...] = (
@@ -459,6 +492,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=["base", "new", "new-policy"], default=None, help="run one variant only"
     )
+    parser.add_argument(
+        "--find-rate",
+        action="store_true",
+        help="instead of the fixed phases: find the highest steady rate the base sustains without queueing "
+        "(bench/rate_search.py), then run base and new at it (--rounds, --steady-seconds)",
+    )
+    parser.add_argument(
+        "--rates",
+        type=lambda text: [float(x) for x in text.split(",")],
+        default=[10.0, 15.0, 20.0, 30.0, 40.0, 50.0],
+        help="with --find-rate: the steady rates tried, ascending (pods/s, comma-separated)",
+    )
+    parser.add_argument(
+        "--search-seconds", type=float, default=15.0, help="with --find-rate: the stream of one step"
+    )
+    parser.add_argument(
+        "--client-threads", type=int, default=16, help="with --find-rate: client threads creating pods"
+    )
+    parser.add_argument(
+        "--max-p50-ms", type=float, default=500.0, help="with --find-rate: the rule's bound on a stream's p50"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     command = " ".join(["python -m bench entitlement", *(argv if argv is not None else sys.argv[1:])])
@@ -489,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         install_crd(api)
         emulator = start_emulator(emulator_config(info), work / "emulator")
         pem = emulator.admin.public_key_pem(PRODUCT_CODE, 1)
-        for round_index in range(args.rounds):
+        if args.find_rate:
+            from bench import rate_search  # imports this module: loaded only when asked for
+
+            results["search"] = rate_search.run(variants, args, api, info, emulator, pem, work)
+        for round_index in range(0 if args.find_rate else args.rounds):
             for variant in variants:
                 if args.only and variant.name != args.only:
                     continue
@@ -520,9 +578,20 @@ def main(argv: list[str] | None = None) -> int:
         if emulator is not None:
             emulator.stop()
         cluster.release(os.getpid(), keep=True)
-    if not results["runs"]:
+    if args.find_rate:
+        from bench import rate_search
+
+        results.update(
+            rates=args.rates,
+            search_seconds=args.search_seconds,
+            steady_seconds=args.steady_seconds,
+            client_threads=args.client_threads,
+        )
+        report = rate_search.render(results)
+    elif not results["runs"]:
         return 0  # --rounds 0: a profiling run only
-    report = render(results)
+    else:
+        report = render(results)
     print(report)
     if args.output:
         args.output.write_text(report)

@@ -17,10 +17,11 @@ The rule, for one stream of pods created at ``target`` pods/s (latencies in crea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (as bench_entitlement.pct); NaN for no values."""
     ordered = sorted(values)
     if not ordered:
@@ -59,7 +60,7 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
-def judge(target: float, achieved: float, latencies: list[float | None], rule: Rule) -> Verdict:
+def judge(target: float, achieved: float, latencies: Sequence[float | None], rule: Rule) -> Verdict:
     """``latencies`` in creation order, ``None`` for a pod never released."""
     done = [x for x in latencies if x is not None]
     third = max(1, len(latencies) // 3)

@@ -121,3 +121,125 @@ def test_one_watch_serves_every_selector_and_keeps_only_selected_pods(
     again.close()
     wait_for("the namespace's watch thread to end", lambda: not thread.is_alive(), RELEASE_SECONDS)
     assert cache.stats() == {"namespaces": 0, "selectors": 0, "pods": 0, "events": 0, "relists": 0}
+
+
+class Ticks:
+    """The cache's monotonic clock, moved only by the test: a coalescing window ends when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def past_the_window(self) -> None:
+        self.now += podcache.COALESCE_MAX_SECONDS + 1
+
+
+class PausedList:
+    """The real API server's list, held after its first page until the test lets it go on."""
+
+    def __init__(self, cache: PodCache) -> None:
+        self.reading = threading.Event()
+        self.go = threading.Event()
+        self.pages = 0
+        real = cache.core.list_namespaced_pod
+
+        def list_pods(namespace: str, **kwargs: object) -> object:
+            if kwargs.get("_continue") and not self.go.is_set():
+                self.reading.set()
+                assert self.go.wait(30), "the test never let the list go on"
+            self.pages += 1
+            return real(namespace, **kwargs)
+
+        cache.core.list_namespaced_pod = list_pods
+
+
+@pytest.fixture
+def ticks_cache(kube: client.ApiClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PodCache, Ticks]]:
+    monkeypatch.setattr(podcache, "PAGE_SIZE", 2)
+    ticks = Ticks()
+    pods = PodCache(kube, clock=ticks)
+    yield pods, ticks
+    pods.stop()
+
+
+def test_subscriptions_arriving_together_share_one_list(
+    kube: client.ApiClient, namespace: str, ticks_cache: tuple[PodCache, Ticks]
+) -> None:
+    cache, ticks = ticks_cache
+    core = client.CoreV1Api(kube)
+    apps = [f"app{i}" for i in range(5)]
+    for app in apps:
+        for i in range(2):
+            make_pod(core, namespace, f"{app}-{i}", app)
+    make_pod(core, namespace, "unselected", "nobody")
+
+    recorders = {app: Recorder() for app in apps}
+    subs = {
+        app: cache.subscribe(namespace, LabelSelector(match_labels={"app": app}), recorders[app])
+        for app in apps
+    }
+    # Inside the coalescing window nothing is listed: the five wait for one list together.
+    assert not any(sub.synced.is_set() for sub in subs.values())
+    assert cache.stats()["relists"] == 0
+    ticks.past_the_window()
+    for app, sub in subs.items():
+        assert sub.synced.wait(30), app
+        assert recorders[app].listings == [{f"{app}-0", f"{app}-1"}]
+    assert cache.stats()["relists"] == 1  # one list of the namespace served all five selectors
+    assert cache.stats()["pods"] == 10  # "unselected" dropped as read
+
+    # They are watched from that list on, each told only of its own pods.
+    make_pod(core, namespace, "app3-new", "app3")
+    wait_for("app3-new told to the app3 subscriber", lambda: recorders["app3"].saw("updated", "app3-new"))
+    assert all(not r.saw("updated", "app3-new") for app, r in recorders.items() if app != "app3")
+
+
+def test_a_list_serves_the_subscribers_that_were_there_when_it_started(
+    kube: client.ApiClient, namespace: str, ticks_cache: tuple[PodCache, Ticks]
+) -> None:
+    cache, ticks = ticks_cache
+    core = client.CoreV1Api(kube)
+    for i in range(3):  # listed in name order, two a page: the "web" pods first
+        make_pod(core, namespace, f"a-web-{i}", "web")
+        make_pod(core, namespace, f"b-db-{i}", "db")
+    paused = PausedList(cache)
+    db, web = LabelSelector(match_labels={"app": "db"}), LabelSelector(match_labels={"app": "web"})
+
+    first = Recorder()
+    sub_db = cache.subscribe(namespace, db, first)
+    ticks.past_the_window()
+    assert paused.reading.wait(30)  # the list for "db" has read its first page and is held
+    # A new selector comes in the middle of that list: its first page (two of its three pods) was
+    # not filtered with it, so the list keeps only a-web-2 of its pods.
+    second = Recorder()
+    sub_web = cache.subscribe(namespace, web, second)
+    paused.go.set()
+
+    # The list serves "db" (there from its start) at once, not only after a second list for "web".
+    assert sub_db.synced.wait(30)
+    assert first.listings == [{"b-db-0", "b-db-1", "b-db-2"}]
+    assert cache.stats()["relists"] == 1
+    # "web" waits for a list of its own (its coalescing window has not ended: the clock is held),
+    # and nothing is said to it meanwhile, though some of its pods are already kept.
+    assert not sub_web.synced.is_set()
+    assert second.listings == []
+    assert second.seen == []
+    # A subscriber of a selector already served is synced from memory at once, "web" pending or not.
+    third = Recorder()
+    again = cache.subscribe(namespace, db, third)
+    assert again.synced.is_set()
+    assert third.listings == [{"b-db-0", "b-db-1", "b-db-2"}]
+
+    ticks.past_the_window()
+    assert sub_web.synced.wait(30)
+    assert second.listings == [{"a-web-0", "a-web-1", "a-web-2"}]  # complete: a list read every page
+    assert cache.stats()["relists"] == 2
+    assert first.listings == [{"b-db-0", "b-db-1", "b-db-2"}]  # the others get no second listing
+    assert first.seen == []  # nor a spurious update: nothing changed between the two lists
+    relabel(core, namespace, "a-web-0", "db")
+    wait_for(
+        "a-web-0 moved from web to db",
+        lambda: first.saw("updated", "a-web-0") and second.saw("deleted", "a-web-0"),
+    )

@@ -15,7 +15,7 @@ def test_flat_latencies_at_the_offered_rate_are_sustained() -> None:
 
 
 def test_a_backlog_that_grows_through_the_stream_is_queueing() -> None:
-    growing: list[float | None] = [0.03 + 0.02 * i for i in range(30)]  # each pod waits behind the last
+    growing = [0.03 + 0.02 * i for i in range(30)]  # each pod waits behind the last
     verdict = judge(20, 20.0, growing, RULE)
     assert not verdict.sustained
     assert any(reason.startswith("last third p99") for reason in verdict.reasons)

@@ -23,11 +23,32 @@ from its thread: they only enqueue (the gate's controller) or nothing at all (me
 The loop: a paginated initial list (``limit``/``continue``), a watch with bookmarks resumed from
 the last resourceVersion, a relist on 410 Gone, on a watch error, every :data:`RESYNC_SECONDS`
 (bounded: the watch's own timeout is cut to end then), and when a subscriber brings a selector the
-namespace does not have yet (the pods it selects were dropped before; an identical selector is
-served from memory at once). A relist is diffed against the store, so existing subscribers see
-ordinary updates and deletions; only new subscribers get ``listed``. The last subscriber of a
-namespace leaving stops its thread at once (:class:`~metering_operator.kube.watch.WatchStream`
-cuts the blocked read short) and drops its pods.
+namespace does not have yet (the pods it selects were dropped before). A relist is diffed against
+the store, so existing subscribers see ordinary updates and deletions; only new subscribers get
+``listed``. The last subscriber of a namespace leaving stops its thread at once
+(:class:`~metering_operator.kube.watch.WatchStream` cuts the blocked read short) and drops its pods.
+
+Subscriptions that arrive together share one list (50 products created at once used to queue a
+relist each, one after another, per namespace):
+
+* a new selector's list waits until no other new selector has come for :data:`COALESCE_SECONDS`
+  (at most :data:`COALESCE_MAX_SECONDS`), so a burst of products makes one list per namespace;
+* a list serves every waiting subscriber whose selector was registered when it started -- each of
+  its pages was filtered with that selector -- even if another selector came meanwhile; only those
+  that came during the list wait for the next one (which serves all of them);
+* a subscriber whose selector the namespace already serves (the same selector, synced) gets the
+  store's current pods from memory at once, even while another selector waits for its list.
+
+Why serving from memory is consistent: a synced selector's members are exactly the pods it
+selected at the last list's resourceVersion (a paginated list is one snapshot: every ``continue``
+page is served at the first page's resourceVersion) with every watch event since applied, under the
+namespace's lock -- the state at the cache's current resourceVersion, which is what a list of that
+selector at that version would return. The new subscriber gets that state as ``listed`` and, from
+then on, the same events as the others, in order (both under the lock). A *new* selector cannot be
+served from memory: the pods it selects were dropped as unselected, so it needs a list; its
+partially kept pods (pages read after it came) are never shown -- its subscribers wait in
+``pending``, are told nothing, and the namespace is not watched until the next list has replaced
+the store with a complete snapshot (diffed, so the other subscribers lose no change either).
 """
 
 from __future__ import annotations
@@ -58,8 +79,14 @@ RESYNC_SECONDS = 900.0
 #: the transient memory of a relist of a namespace with 10,000 pods nobody selects.
 PAGE_SIZE = 50
 #: One page parsed at a time in the whole process: namespaces listing at once (the operator's
-#: start) would otherwise each hold a parsed page, and the allocator keeps the peak as RSS.
+#: start) would otherwise each hold a parsed page, and the allocator keeps the peak as RSS. Only
+#: the parsing is serialised; the requests of several namespaces' lists overlap.
 _PAGE_LOCK = threading.Lock()
+#: A new selector's list waits for this long a pause in new selectors, so that subscriptions
+#: arriving together (products created at once, the operator's start) share one list...
+COALESCE_SECONDS = 0.2
+#: ... but never longer than this after the first of them came.
+COALESCE_MAX_SECONDS = 1.0
 SYNC_TIMEOUT_SECONDS = 30.0
 
 
@@ -108,8 +135,11 @@ _ids = itertools.count(1)
 class _Selected:
     """One distinct selector of a namespace: its subscribers and the uids it selects."""
 
-    def __init__(self, selector: LabelSelector) -> None:
+    def __init__(self, selector: LabelSelector, generation: int) -> None:
         self.selector = selector
+        #: The namespace's generation that added it: a list started at this generation or later
+        #: filtered every page with it.
+        self.generation = generation
         self.subs: dict[int, Subscription] = {}
         self.members: set[str] = set()
 
@@ -127,9 +157,13 @@ class _Namespace:
         self.index: SelectorIndex[str] = SelectorIndex()
         #: Subscribers waiting for their first ``listed``.
         self.pending: dict[int, Subscription] = {}
-        #: Bumped when a selector is added: a list that started before must be redone.
+        #: Bumped when a selector is added: a list that started before does not serve it.
         self.generation = 0
+        #: The generation at which the last completed list started: selectors up to it are synced.
         self.listed_generation = -1
+        #: When the first selector still waiting for a list came, and the latest (coalescing).
+        self.first_waiting_at: float | None = None
+        self.last_added_at = 0.0
         self.version = ""
         self.listed_at = -1e18
         self.relists = 0
@@ -143,12 +177,16 @@ class _Namespace:
         with self.lock:
             selected = self.selected.get(sub.key)
             if selected is None:
-                selected = self.selected[sub.key] = _Selected(sub.selector)
-                self.index.add(sub.key, sub.selector)
                 self.generation += 1
+                selected = self.selected[sub.key] = _Selected(sub.selector, self.generation)
+                self.index.add(sub.key, sub.selector)
+                self.last_added_at = self._clock()
+                if self.first_waiting_at is None:
+                    self.first_waiting_at = self.last_added_at
             selected.subs[sub.id] = sub
-            if self.listed_generation >= 0 and self.listed_generation == self.generation:
-                # A selector the store already serves: synced from memory, no list.
+            if selected.generation <= self.listed_generation:
+                # A selector the store already serves: synced from memory, no list (see the module
+                # docstring for why that is the state at the cache's current resourceVersion).
                 self._deliver_listed(sub, selected)
                 return
             self.pending[sub.id] = sub
@@ -192,6 +230,10 @@ class _Namespace:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                pause = self._coalescing()
+                if pause > 0:
+                    self._stop.wait(pause)
+                    continue
                 if self._needs_list():
                     self._list()
                     continue  # a selector may have come while listing
@@ -205,6 +247,15 @@ class _Namespace:
                 self.version = ""
                 self._stop.wait(1.0)
 
+    def _coalescing(self) -> float:
+        """Seconds to wait before listing for new selectors, so that the ones arriving together share it."""
+        with self.lock:
+            if self.first_waiting_at is None or self.listed_generation == self.generation:
+                return 0.0
+            now = self._clock()
+            until = min(self.last_added_at + COALESCE_SECONDS, self.first_waiting_at + COALESCE_MAX_SECONDS)
+            return max(0.0, until - now)
+
     def _needs_list(self) -> bool:
         with self.lock:
             return (
@@ -216,16 +267,20 @@ class _Namespace:
     def _list(self) -> None:
         with self.lock:
             generation = self.generation
+            # Selectors coming from now on wait for the next list (and coalesce for it).
+            self.first_waiting_at = None
         kept: dict[str, CachedPod] = {}
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": 60}
             if token:
                 kwargs["_continue"] = token
+            response = self.api.list_namespaced_pod(self.namespace, **kwargs)
+            raw = response.data
+            response.release_conn()
             with _PAGE_LOCK:
-                response = self.api.list_namespaced_pod(self.namespace, **kwargs)
-                data = json.loads(response.data)
-                response.release_conn()
+                data = json.loads(raw)
+                del raw
                 if self._stop.is_set():
                     return
                 with self.lock:
@@ -246,12 +301,13 @@ class _Namespace:
             self.listed_at = self._clock()
             self.listed_generation = generation
             self.relists += 1
-            if generation == self.generation:
-                for sub in list(self.pending.values()):
-                    selected = self.selected.get(sub.key)
-                    if selected is not None:
-                        self._deliver_listed(sub, selected)
-                self.pending.clear()
+            # Every subscriber whose selector was there when the list started is served by it,
+            # even if other selectors came meanwhile (their own pods are complete in ``kept``).
+            for sub in list(self.pending.values()):
+                selected = self.selected.get(sub.key)
+                if selected is not None and selected.generation <= generation:
+                    del self.pending[sub.id]
+                    self._deliver_listed(sub, selected)
 
     def _watch(self) -> None:
         stream = WatchStream()

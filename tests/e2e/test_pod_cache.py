@@ -104,12 +104,14 @@ def test_one_watch_serves_every_selector_and_keeps_only_selected_pods(
     assert second.listings == [{"db-2", "other-0"}]
     assert cache.stats()["relists"] == relists
 
-    # A new selector: the namespace is listed again for it; the others get no second listing.
+    # A new selector: its pods are listed by the API server's label selector at the store's
+    # resourceVersion (no relist of the namespace); the others get no second listing.
     third = Recorder()
     others = cache.subscribe(namespace, LabelSelector(match_labels={"app": "other"}), third)
     assert others.synced.wait(30)
     assert third.listings == [{"db-0", "other-1", "other-2", "other-3", "other-4"}]
-    assert cache.stats()["relists"] == relists + 1
+    assert cache.stats()["relists"] == relists
+    assert cache.stats()["selector_lists"] == 1
     assert first.listings == [{"db-0", "db-1", "db-2"}]
     assert cache.threads() == [thread]  # still the one watch
 
@@ -120,7 +122,14 @@ def test_one_watch_serves_every_selector_and_keeps_only_selected_pods(
     assert thread.is_alive()
     again.close()
     wait_for("the namespace's watch thread to end", lambda: not thread.is_alive(), RELEASE_SECONDS)
-    assert cache.stats() == {"namespaces": 0, "selectors": 0, "pods": 0, "events": 0, "relists": 0}
+    assert cache.stats() == {
+        "namespaces": 0,
+        "selectors": 0,
+        "pods": 0,
+        "events": 0,
+        "relists": 0,
+        "selector_lists": 0,
+    }
 
 
 class Ticks:
@@ -174,6 +183,8 @@ def test_subscriptions_arriving_together_share_one_list(
         for i in range(2):
             make_pod(core, namespace, f"{app}-{i}", app)
     make_pod(core, namespace, "unselected", "nobody")
+    for i in range(3):  # selected by nobody until later: dropped by the first list
+        make_pod(core, namespace, f"late{i}-0", f"late{i}")
 
     recorders = {app: Recorder() for app in apps}
     subs = {
@@ -188,12 +199,32 @@ def test_subscriptions_arriving_together_share_one_list(
         assert sub.synced.wait(30), app
         assert recorders[app].listings == [{f"{app}-0", f"{app}-1"}]
     assert cache.stats()["relists"] == 1  # one list of the namespace served all five selectors
-    assert cache.stats()["pods"] == 10  # "unselected" dropped as read
+    assert cache.stats()["pods"] == 10  # "unselected" and the late pods dropped as read
 
     # They are watched from that list on, each told only of its own pods.
     make_pod(core, namespace, "app3-new", "app3")
     wait_for("app3-new told to the app3 subscriber", lambda: recorders["app3"].saw("updated", "app3-new"))
     assert all(not r.saw("updated", "app3-new") for app, r in recorders.items() if app != "app3")
+
+    # Three more selectors arriving together on the synced namespace: one round, in which each is
+    # listed by its label selector at the store's version; the namespace is not listed again. Their
+    # pods were dropped as unselected: they can only come from the API server.
+    late = {f"late{i}": Recorder() for i in range(3)}
+    late_subs = [
+        cache.subscribe(namespace, LabelSelector(match_labels={"app": app}), rec) for app, rec in late.items()
+    ]
+    assert not any(sub.synced.is_set() for sub in late_subs)
+    ticks.past_the_window()
+    for sub in late_subs:
+        assert sub.synced.wait(30)
+    assert [r.listings for r in late.values()] == [[{f"late{i}-0"}] for i in range(3)]
+    assert cache.stats()["relists"] == 1
+    assert cache.stats()["selector_lists"] == 3
+    assert all(r.listings == [{f"{app}-0", f"{app}-1"}] for app, r in recorders.items())
+    assert all(not r.saw("updated", f"late{i}-0") for r in recorders.values() for i in range(3))
+    relabel(core, namespace, "late0-0", "app0")  # and the watch goes on from where it was
+    wait_for("late0-0 moved to app0", lambda: recorders["app0"].saw("updated", "late0-0"))
+    wait_for("late0-0 left late0", lambda: late["late0"].saw("deleted", "late0-0"))
 
 
 def test_a_list_serves_the_subscribers_that_were_there_when_it_started(
@@ -235,7 +266,8 @@ def test_a_list_serves_the_subscribers_that_were_there_when_it_started(
     ticks.past_the_window()
     assert sub_web.synced.wait(30)
     assert second.listings == [{"a-web-0", "a-web-1", "a-web-2"}]  # complete: a list read every page
-    assert cache.stats()["relists"] == 2
+    assert cache.stats()["relists"] == 1  # listed by its label selector, not a second full list
+    assert cache.stats()["selector_lists"] == 1
     assert first.listings == [{"b-db-0", "b-db-1", "b-db-2"}]  # the others get no second listing
     assert first.seen == []  # nor a spurious update: nothing changed between the two lists
     relabel(core, namespace, "a-web-0", "db")
@@ -243,3 +275,34 @@ def test_a_list_serves_the_subscribers_that_were_there_when_it_started(
         "a-web-0 moved from web to db",
         lambda: first.saw("updated", "a-web-0") and second.saw("deleted", "a-web-0"),
     )
+
+
+def test_a_new_selectors_version_gone_falls_back_to_a_full_list(
+    kube: client.ApiClient, namespace: str, ticks_cache: tuple[PodCache, Ticks]
+) -> None:
+    cache, ticks = ticks_cache
+    core = client.CoreV1Api(kube)
+    make_pod(core, namespace, "db-0", "db")
+    make_pod(core, namespace, "web-0", "web")
+    db = cache.subscribe(namespace, LabelSelector(match_labels={"app": "db"}), Recorder())
+    ticks.past_the_window()
+    assert db.synced.wait(30)
+    # The API server answers the new selector's list at the store's version with 410 Gone (the
+    # version compacted away), once; every other call reaches it.
+    real = cache.core.list_namespaced_pod
+    gone: list[str] = []
+
+    def list_pods(ns: str, **kwargs: object) -> object:
+        if kwargs.get("resource_version_match") == "Exact" and not gone:
+            gone.append(str(kwargs.get("resource_version")))
+            raise client.ApiException(status=410, reason="Gone")
+        return real(ns, **kwargs)
+
+    cache.core.list_namespaced_pod = list_pods
+    rec = Recorder()
+    web = cache.subscribe(namespace, LabelSelector(match_labels={"app": "web"}), rec)
+    ticks.past_the_window()
+    assert web.synced.wait(30)
+    assert gone  # the label-selector list was tried and refused
+    assert rec.listings == [{"web-0"}]
+    assert cache.stats()["relists"] == 2  # the fallback: the namespace listed again, as before

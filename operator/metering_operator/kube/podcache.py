@@ -21,34 +21,38 @@ from its thread: they only enqueue (the gate's controller) or nothing at all (me
 :meth:`Subscription.snapshot` when it samples).
 
 The loop: a paginated initial list (``limit``/``continue``), a watch with bookmarks resumed from
-the last resourceVersion, a relist on 410 Gone, on a watch error, every :data:`RESYNC_SECONDS`
-(bounded: the watch's own timeout is cut to end then), and when a subscriber brings a selector the
-namespace does not have yet (the pods it selects were dropped before). A relist is diffed against
-the store, so existing subscribers see ordinary updates and deletions; only new subscribers get
-``listed``. The last subscriber of a namespace leaving stops its thread at once
+the last resourceVersion, a full relist on 410 Gone, on a watch error and every
+:data:`RESYNC_SECONDS` (bounded: the watch's own timeout is cut to end then). A full relist is
+diffed against the store, so existing subscribers see ordinary updates and deletions; only new
+subscribers get ``listed``. The last subscriber of a namespace leaving stops its thread at once
 (:class:`~metering_operator.kube.watch.WatchStream` cuts the blocked read short) and drops its pods.
 
-Subscriptions that arrive together share one list (50 products created at once used to queue a
-relist each, one after another, per namespace):
+A subscriber bringing a selector the namespace does not serve yet (50 products created at once used
+to make 50 full relists, queued one after another per namespace):
 
-* a new selector's list waits until no other new selector has come for :data:`COALESCE_SECONDS`
-  (at most :data:`COALESCE_MAX_SECONDS`), so a burst of products makes one list per namespace;
-* a list serves every waiting subscriber whose selector was registered when it started -- each of
-  its pages was filtered with that selector -- even if another selector came meanwhile; only those
-  that came during the list wait for the next one (which serves all of them);
+* waits, with the others arriving together, until no new selector has come for
+  :data:`COALESCE_SECONDS` (at most :data:`COALESCE_MAX_SECONDS`): they are served in one round;
+* in a synced namespace, that round lists only the new selectors' pods: one request per selector
+  with the API server's label selector (paginated), at exactly the store's resourceVersion
+  (``resourceVersionMatch=Exact``), merged into the store; the watch then resumes from that same
+  version. A namespace not synced yet, or whose version was compacted away (410), is listed whole;
+* a full list serves every waiting subscriber whose selector was registered when it started -- each
+  of its pages was filtered with it -- even if another selector came meanwhile; those that came
+  during the list are served by the next round;
 * a subscriber whose selector the namespace already serves (the same selector, synced) gets the
-  store's current pods from memory at once, even while another selector waits for its list.
+  store's current pods from memory at once, even while another selector waits.
 
-Why serving from memory is consistent: a synced selector's members are exactly the pods it
-selected at the last list's resourceVersion (a paginated list is one snapshot: every ``continue``
-page is served at the first page's resourceVersion) with every watch event since applied, under the
-namespace's lock -- the state at the cache's current resourceVersion, which is what a list of that
-selector at that version would return. The new subscriber gets that state as ``listed`` and, from
-then on, the same events as the others, in order (both under the lock). A *new* selector cannot be
-served from memory: the pods it selects were dropped as unselected, so it needs a list; its
-partially kept pods (pages read after it came) are never shown -- its subscribers wait in
-``pending``, are told nothing, and the namespace is not watched until the next list has replaced
-the store with a complete snapshot (diffed, so the other subscribers lose no change either).
+Why this is consistent. The namespace is watched and listed by one thread, so while it lists, the
+store holds exactly the state at ``self.version``: every event up to it applied, none after (a
+paginated list is one snapshot too: each ``continue`` page is served at the first page's version).
+A synced selector's members are its pods at that version, so a new subscriber of it gets what a
+list of that selector at that version would return, then the same events as the others, in order
+(both under the namespace's lock). A new selector's pods at that version are either in the store
+(another selector keeps them: same state) or were dropped as unselected; the Exact list returns
+them as of the same version, so the merged store is again one consistent state, nothing the others
+see changes (they are not told anything), and resuming the watch from that version loses no event
+and repeats none. A new selector's subscribers are told nothing until it is served: pods it selects
+that a full list kept after it came (part of the pages) are never shown as its complete set.
 """
 
 from __future__ import annotations
@@ -84,9 +88,9 @@ PAGE_SIZE = 50
 _PAGE_LOCK = threading.Lock()
 #: A new selector's list waits for this long a pause in new selectors, so that subscriptions
 #: arriving together (products created at once, the operator's start) share one list...
-COALESCE_SECONDS = 0.2
+COALESCE_SECONDS = 0.1
 #: ... but never longer than this after the first of them came.
-COALESCE_MAX_SECONDS = 1.0
+COALESCE_MAX_SECONDS = 0.5
 SYNC_TIMEOUT_SECONDS = 30.0
 
 
@@ -167,6 +171,8 @@ class _Namespace:
         self.version = ""
         self.listed_at = -1e18
         self.relists = 0
+        #: Label-selector lists of new selectors' pods (a synced namespace gaining a selector).
+        self.selector_lists = 0
         self.events = 0
         self._stream: WatchStream | None = None
         self._stop = threading.Event()
@@ -234,17 +240,25 @@ class _Namespace:
                 if pause > 0:
                     self._stop.wait(pause)
                     continue
-                if self._needs_list():
+                need = self._needs()
+                if need == "list":
                     self._list()
                     continue  # a selector may have come while listing
+                if need == "selectors":
+                    self._list_selectors()
+                    continue
                 self._watch()
             except WatchExpired:
                 self.version = ""  # too old: list again
             except Exception as exc:  # network trouble, API server restart: back off and relist
                 if self._stop.is_set():
                     return
-                log.warning("pod cache of %s: %s; listing again", self.namespace, exc)
                 self.version = ""
+                if isinstance(exc, client.ApiException) and exc.status == 410:
+                    # A new selector's list at the store's version, compacted away: list all, now.
+                    log.info("pod cache of %s: version gone; listing again", self.namespace)
+                    continue
+                log.warning("pod cache of %s: %s; listing again", self.namespace, exc)
                 self._stop.wait(1.0)
 
     def _coalescing(self) -> float:
@@ -256,13 +270,14 @@ class _Namespace:
             until = min(self.last_added_at + COALESCE_SECONDS, self.first_waiting_at + COALESCE_MAX_SECONDS)
             return max(0.0, until - now)
 
-    def _needs_list(self) -> bool:
+    def _needs(self) -> str:
+        """``list`` (all pods), ``selectors`` (only the pods of new selectors) or ``watch``."""
         with self.lock:
-            return (
-                not self.version
-                or self.listed_generation != self.generation
-                or self._clock() - self.listed_at >= RESYNC_SECONDS
-            )
+            if not self.version or self._clock() - self.listed_at >= RESYNC_SECONDS:
+                return "list"
+            if self.listed_generation != self.generation:
+                return "selectors"
+            return "watch"
 
     def _list(self) -> None:
         with self.lock:
@@ -303,6 +318,66 @@ class _Namespace:
             self.relists += 1
             # Every subscriber whose selector was there when the list started is served by it,
             # even if other selectors came meanwhile (their own pods are complete in ``kept``).
+            for sub in list(self.pending.values()):
+                selected = self.selected.get(sub.key)
+                if selected is not None and selected.generation <= generation:
+                    del self.pending[sub.id]
+                    self._deliver_listed(sub, selected)
+
+    def _list_selectors(self) -> None:
+        """The pods of the selectors not served yet, each listed by the API server's label selector
+        at exactly the store's resourceVersion and merged in (why that is consistent: the module
+        docstring). A version compacted away raises 410: the loop lists the namespace whole."""
+        with self.lock:
+            generation = self.generation
+            self.first_waiting_at = None
+            version = self.version
+            new = [
+                (key, selected.selector)
+                for key, selected in self.selected.items()
+                if selected.generation > self.listed_generation
+            ]
+        found: dict[str, CachedPod] = {}
+        for key, _selector in new:
+            token: str | None = None
+            while True:
+                kwargs: dict[str, Any] = {
+                    "limit": PAGE_SIZE,
+                    "label_selector": key,
+                    "_preload_content": False,
+                    "_request_timeout": 60,
+                }
+                if token:
+                    kwargs["_continue"] = token  # pinned to the first page's version
+                else:
+                    kwargs.update(resource_version=version, resource_version_match="Exact")
+                response = self.api.list_namespaced_pod(self.namespace, **kwargs)
+                raw = response.data
+                response.release_conn()
+                with _PAGE_LOCK:
+                    data = json.loads(raw)
+                    del raw
+                    if self._stop.is_set():
+                        return
+                    for item in data.get("items") or ():
+                        pod = compact(item)
+                        found[pod.uid] = pod
+                    token = (data.get("metadata") or {}).get("continue")
+                    del data, response
+                if not token:
+                    break
+        with self.lock:
+            if self.version != version:
+                return  # cannot happen (only this thread moves it); a full list would be safe
+            for uid, pod in found.items():
+                if not self.index.selects(pod.labels):
+                    continue  # its selector left meanwhile
+                old = self.store.get(uid)
+                self.store[uid] = old if old is not None else pod
+                # Same state at the same version: only memberships change; nobody synced is told.
+                self._changed(old, self.store[uid], notify=False)
+            self.listed_generation = generation
+            self.selector_lists += len(new)
             for sub in list(self.pending.values()):
                 selected = self.selected.get(sub.key)
                 if selected is not None and selected.generation <= generation:
@@ -449,4 +524,5 @@ class PodCache:
             "pods": sum(len(ns.store) for ns in namespaces),
             "events": sum(ns.events for ns in namespaces),
             "relists": sum(ns.relists for ns in namespaces),
+            "selector_lists": sum(ns.selector_lists for ns in namespaces),
         }

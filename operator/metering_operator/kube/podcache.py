@@ -333,12 +333,10 @@ class _Namespace:
             self.first_waiting_at = None
             version = self.version
             new = [
-                (key, selected.selector)
-                for key, selected in self.selected.items()
-                if selected.generation > self.listed_generation
+                key for key, selected in self.selected.items() if selected.generation > self.listed_generation
             ]
         found: dict[str, CachedPod] = {}
-        for key, _selector in new:
+        for key in new:
             token: str | None = None
             while True:
                 kwargs: dict[str, Any] = {
@@ -367,8 +365,6 @@ class _Namespace:
                 if not token:
                     break
         with self.lock:
-            if self.version != version:
-                return  # cannot happen (only this thread moves it); a full list would be safe
             for uid, pod in found.items():
                 if not self.index.selects(pod.labels):
                     continue  # its selector left meanwhile

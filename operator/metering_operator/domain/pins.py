@@ -3,8 +3,9 @@
 The seller ships the chart (and so the operator's flags); the buyer edits MeteredProducts. A pin,
 per product code, names the one MeteredProduct (``namespace/name``) that may carry the code and
 the least it must be: the minimum entitlement mode (Enforce > Audit > Off), the scope, the
-dimensions it meters, the public key (with its version) that verifies RegisterUsage and,
-optionally, the selector of its pods.
+dimensions it meters, the public key (with its version) that verifies RegisterUsage,
+optionally the selector of its pods and, optionally, the least ``metering.onFailure`` policy (a
+minimum action, Report < HoldNewPods < Evict, and a maximum ``afterHours``).
 
 :func:`resolve` turns a MeteredProduct's spec into the *effective* spec the gate and metering act
 on. Where the spec is weaker than its pin it is not obeyed -- the pin wins field by field -- and
@@ -29,6 +30,7 @@ from metering_operator.domain.conditions import ConditionSpec
 from metering_operator.domain.product import (
     DNS_SUBDOMAIN_PATTERN,
     MAX_DIMENSIONS,
+    MAX_FAILURE_HOURS,
     PEM_MAX_LENGTH,
     PEM_PATTERN,
     PRODUCT_CODE_MAX_LENGTH,
@@ -37,9 +39,11 @@ from metering_operator.domain.product import (
     EntitlementMode,
     EntitlementScope,
     EntitlementSource,
+    FailureAction,
     LabelSelector,
     MeteredProduct,
     MeteredProductSpec,
+    OnFailure,
     PublicKeySource,
 )
 from metering_operator.domain.selectors import to_query
@@ -55,9 +59,42 @@ MODE_STRENGTH: dict[EntitlementMode, int] = {
     EntitlementMode.ENFORCE: 2,
 }
 
+#: Report < HoldNewPods < Evict: how much each onFailure action protects the seller.
+ACTION_STRENGTH: dict[FailureAction, int] = {
+    FailureAction.REPORT: 0,
+    FailureAction.HOLD_NEW_PODS: 1,
+    FailureAction.EVICT: 2,
+}
+
+#: A pin's onFailure that needs Enforce, refused without a pinned minMode Enforce.
+PIN_ON_FAILURE_MODE_MESSAGE = (
+    "onFailure.minAction {action} needs minMode Enforce: HoldNewPods and Evict act through the "
+    "scheduling gate, which only Enforce uses, and a pinned minMode {mode} lets the buyer set "
+    "entitlement.mode {mode}"
+)
+
 #: Ready reasons (the field is named in the message).
 REASON_VIOLATED = "PinViolated"
 REASON_ELSEWHERE = "PinnedElsewhere"
+
+
+class PinnedOnFailure(BaseModel):
+    """The least ``spec.metering.onFailure`` a pinned product has: the buyer may only make it stricter.
+
+    The defaults pin nothing: ``minAction: Report`` is every action, ``maxAfterHours: 24`` every
+    threshold the CRD accepts.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    min_action: FailureAction = FailureAction.REPORT
+    max_after_hours: int = Field(default=MAX_FAILURE_HOURS, strict=True, ge=1, le=MAX_FAILURE_HOURS)
 
 
 class Pin(BaseModel):
@@ -81,6 +118,8 @@ class Pin(BaseModel):
     public_key_version: int | None = Field(default=None, strict=True, ge=1, le=2**31 - 1)
     #: The product's pods; None: the MeteredProduct's own selector is obeyed.
     selector: LabelSelector | None = None
+    #: The least onFailure policy; None: the MeteredProduct's own onFailure is obeyed.
+    on_failure: PinnedOnFailure | None = None
 
     @field_validator("public_key")
     @classmethod
@@ -105,6 +144,17 @@ class Pin(BaseModel):
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"duplicate dimension names: {', '.join(dups)}")
+        if (
+            self.on_failure is not None
+            and self.on_failure.min_action is not FailureAction.REPORT
+            and self.min_mode is not EntitlementMode.ENFORCE
+        ):
+            # Otherwise the effective spec could be Audit with HoldNewPods, which no spec may be.
+            raise ValueError(
+                PIN_ON_FAILURE_MODE_MESSAGE.format(
+                    action=self.on_failure.min_action.value, mode=self.min_mode.value
+                )
+            )
         return self
 
     @property
@@ -266,6 +316,9 @@ def _apply(pin: Pin, spec: MeteredProductSpec) -> Resolution:
     dimensions = _dimensions(pin, list(spec.metering.dimensions), violated)
     if spec.metering.dry_run:
         violated("spec.metering.dryRun", "spec.metering.dryRun is true, a pinned product is never dry-run")
+    on_failure = spec.metering.on_failure
+    if pin.on_failure is not None:
+        on_failure = _on_failure(pin.on_failure, on_failure, violated)
     effective = spec.model_copy(
         update={
             "product_code": pin.product_code,
@@ -273,7 +326,9 @@ def _apply(pin: Pin, spec: MeteredProductSpec) -> Resolution:
             "public_key": public_key,
             "entitlement": entitlement,
             "selector": selector,
-            "metering": spec.metering.model_copy(update={"dimensions": dimensions, "dry_run": False}),
+            "metering": spec.metering.model_copy(
+                update={"dimensions": dimensions, "dry_run": False, "on_failure": on_failure}
+            ),
         }
     )
     # Validated again as a whole: the effective spec obeys the same rules as any spec.
@@ -302,6 +357,28 @@ def _dimensions(pin: Pin, dims: list[Dimension], violated: Any) -> list[Dimensio
         )
         result.extend(pinned.values())
     return result
+
+
+def _on_failure(pin: PinnedOnFailure, spec: OnFailure, violated: Any) -> OnFailure:
+    """The stricter of pin and spec, field by field: the stronger action, the fewer hours.
+
+    A spec without ``onFailure`` carries its defaults (Report after 3 hours; the API server writes
+    them too), so against a stricter pin it is a violation like any other weaker value.
+    """
+    action, hours = spec.action, spec.after_hours
+    if ACTION_STRENGTH[action] < ACTION_STRENGTH[pin.min_action]:
+        violated(
+            "spec.metering.onFailure.action",
+            f"spec.metering.onFailure.action is {action.value}, pinned minimum {pin.min_action.value}",
+        )
+        action = pin.min_action
+    if hours > pin.max_after_hours:
+        violated(
+            "spec.metering.onFailure.afterHours",
+            f"spec.metering.onFailure.afterHours is {hours}, pinned maximum {pin.max_after_hours}",
+        )
+        hours = pin.max_after_hours
+    return OnFailure(action=action, after_hours=hours)
 
 
 def _describe(dim: Dimension) -> str:

@@ -13,12 +13,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
 from metering_operator.commands import run
-from metering_operator.domain import transitions
+from metering_operator.domain import onfailure, transitions
 from metering_operator.domain.pins import Pin, Pins, effective, resolve
 from metering_operator.domain.product import (
     PRODUCT_CODE_IMMUTABLE,
     EntitlementMode,
     EntitlementScope,
+    FailureAction,
     MeteredProduct,
     MeteredProductSpec,
 )
@@ -405,3 +406,161 @@ def test_product_code_is_immutable_in_the_models_mirror_of_the_cel_rule() -> Non
     assert transitions.immutable_changes(spec(), spec(productCode="other")) == [PRODUCT_CODE_IMMUTABLE]
     assert transitions.immutable_changes(spec(), spec(entitlement={"mode": "Audit"})) == []
     assert Pin.model_validate(pin()).key == "shop/db"
+
+
+# --- onFailure ---------------------------------------------------------------------------------------
+
+
+def on_failure_pin(**on_failure: Any) -> Pins:
+    return pins(pin(onFailure=on_failure))
+
+
+def on_failure(action: str, hours: int) -> dict[str, Any]:
+    return {"onFailure": {"action": action, "afterHours": hours}}
+
+
+def test_an_on_failure_pin_parses_and_its_defaults_pin_nothing() -> None:
+    parsed = on_failure_pin(minAction="Evict", maxAfterHours=2).pins[0].on_failure
+    assert parsed is not None
+    assert (parsed.min_action, parsed.max_after_hours) == (FailureAction.EVICT, 2)
+    empty = on_failure_pin().pins[0].on_failure
+    assert empty is not None
+    assert (empty.min_action, empty.max_after_hours) == (FailureAction.REPORT, 24)
+    for weakest in (on_failure("Report", 24), {}):
+        resolution = resolve(on_failure_pin(), "shop", "db", spec(metering=weakest))
+        assert resolution.violations == ()
+        assert resolution.spec == spec(metering=weakest)
+
+
+@pytest.mark.parametrize(
+    ("on_failure", "message"),
+    [
+        ({"minAction": "Kill"}, "Input should be 'Report', 'HoldNewPods' or 'Evict'"),
+        ({"maxAfterHours": 0}, "greater than or equal to 1"),
+        ({"maxAfterHours": 25}, "less than or equal to 24"),
+        ({"maxAfterHours": "3"}, "Input should be a valid integer"),
+        ({"afterHours": 3}, "Extra inputs are not permitted"),
+    ],
+)
+def test_malformed_on_failure_pins_are_refused_naming_the_problem(
+    on_failure: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        on_failure_pin(**on_failure)
+
+
+@pytest.mark.parametrize("action", ["HoldNewPods", "Evict"])
+@pytest.mark.parametrize("mode", ["Audit", "Off"])
+def test_a_pinned_action_that_holds_pods_needs_a_pinned_minimum_enforce(action: str, mode: str) -> None:
+    keyless = {"publicKey": None, "publicKeyVersion": None} if mode == "Off" else {}
+    with pytest.raises(ValidationError) as caught:
+        pins(pin(minMode=mode, onFailure={"minAction": action}, **keyless))
+    assert f"onFailure.minAction {action} needs minMode Enforce" in str(caught.value)
+    assert f"a pinned minMode {mode} lets the buyer set entitlement.mode {mode}" in str(caught.value)
+    # Report (and only a maximum afterHours) is fine with any minimum mode.
+    pins(pin(minMode=mode, onFailure={"minAction": "Report", "maxAfterHours": 2}, **keyless))
+
+
+def test_a_pinned_action_holding_pods_is_refused_at_startup_from_a_pin_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The operator's --pin flag (the chart's pins: values): refused before anything runs (exit 2),
+    with the pin's own message."""
+    argv = ["--pin", json.dumps(pin(minMode="Audit", onFailure={"minAction": "HoldNewPods"}))]
+    with pytest.raises(ValueError, match="onFailure.minAction HoldNewPods needs minMode Enforce"):
+        run.build_settings(parse_run(*argv))
+    assert run.main(parse_run(*argv)) == 2
+    assert "onFailure.minAction HoldNewPods needs minMode Enforce" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("written", "field", "message", "obeyed"),
+    [
+        (
+            on_failure("Report", 2),
+            "spec.metering.onFailure.action",
+            "spec.metering.onFailure.action is Report, pinned minimum HoldNewPods",
+            ("HoldNewPods", 2),
+        ),
+        (
+            on_failure("HoldNewPods", 24),
+            "spec.metering.onFailure.afterHours",
+            "spec.metering.onFailure.afterHours is 24, pinned maximum 2",
+            ("HoldNewPods", 2),
+        ),
+        (
+            on_failure("Report", 3),
+            "spec.metering.onFailure.action,spec.metering.onFailure.afterHours",
+            "spec.metering.onFailure.action is Report, pinned minimum HoldNewPods",
+            ("HoldNewPods", 2),
+        ),
+        # No onFailure in the spec: its defaults (Report after 3 hours) are weaker than the pin.
+        (
+            {},
+            "spec.metering.onFailure.action,spec.metering.onFailure.afterHours",
+            "spec.metering.onFailure.afterHours is 3, pinned maximum 2",
+            ("HoldNewPods", 2),
+        ),
+        # Stricter than the pin, field by field: obeyed as written, no violation.
+        (on_failure("Evict", 1), "", "", ("Evict", 1)),
+        (on_failure("HoldNewPods", 2), "", "", ("HoldNewPods", 2)),
+        # One field stricter, the other weaker: each field is the stricter of the two.
+        (
+            on_failure("Evict", 12),
+            "spec.metering.onFailure.afterHours",
+            "spec.metering.onFailure.afterHours is 12, pinned maximum 2",
+            ("Evict", 2),
+        ),
+    ],
+)
+def test_the_stricter_of_pin_and_spec_on_failure_is_obeyed(
+    written: dict[str, Any], field: str, message: str, obeyed: tuple[str, int]
+) -> None:
+    pinned = on_failure_pin(minAction="HoldNewPods", maxAfterHours=2)
+    resolution = resolve(pinned, "shop", "db", spec(metering=written))
+    assert ",".join(v.field for v in resolution.violations) == field
+    assert not field or any(message in v.message for v in resolution.violations)
+    policy = resolution.spec.metering.on_failure
+    assert (policy.action.value, policy.after_hours) == obeyed
+    # Only onFailure is touched: the effective spec is the written one with the obeyed policy.
+    action, hours = obeyed
+    assert resolution.spec == spec(metering=on_failure(action, hours))
+    ready = resolution.ready()
+    if field:
+        assert ready is not None
+        assert (ready.reason, ready.status) == ("PinViolated", "False")
+        assert message in ready.message
+    else:
+        assert ready is None
+
+
+def test_a_pinned_action_turns_a_weakened_audit_spec_back_into_a_valid_enforce_spec() -> None:
+    """Audit with Report is a valid spec; the pin makes it Enforce with HoldNewPods, which the CRD's
+    rule (HoldNewPods needs Enforce) accepts: the effective spec is validated again as a whole."""
+    pinned = on_failure_pin(minAction="HoldNewPods")
+    resolution = resolve(pinned, "shop", "db", spec(entitlement={"mode": "Audit"}))
+    assert {v.field for v in resolution.violations} == {
+        "spec.entitlement.mode",
+        "spec.metering.onFailure.action",
+    }
+    assert resolution.spec.entitlement.mode is EntitlementMode.ENFORCE
+    assert resolution.spec.metering.on_failure.action is FailureAction.HOLD_NEW_PODS
+    assert resolution.spec.metering.on_failure.after_hours == 3  # not pinned: the spec's
+
+
+def test_an_on_failure_pin_reaches_metering_and_the_gate_through_the_effective_spec() -> None:
+    """The seams (metering's effective product, the gate's hold) see the pinned policy."""
+    product = MeteredProduct.model_validate(
+        {
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": spec(metering=on_failure("Report", 24)).to_kube(),
+        }
+    )
+    obeyed = effective(on_failure_pin(minAction="Evict", maxAfterHours=1), product)
+    policy = obeyed.spec.metering.on_failure
+    assert (policy.action, policy.after_hours) == (FailureAction.EVICT, 1)
+    healthy = {"status": "False", "reason": onfailure.NOT_REPORTED}
+    hold = onfailure.hold_for(policy, obeyed.spec.entitlement.mode, "shop/db", healthy)
+    assert hold is not None
+    assert hold.evict
+    assert onfailure.hold_for(product.spec.metering.on_failure, EntitlementMode.ENFORCE, "x", healthy) is None

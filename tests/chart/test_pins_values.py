@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from metering_operator.cli import build_parser
 from metering_operator.commands.run import build_settings
-from metering_operator.domain.product import EntitlementMode, EntitlementScope
+from metering_operator.domain.product import EntitlementMode, EntitlementScope, FailureAction
 from tests.chart.helmcli import Helm, one
 
 FULLNAME = "mmo-marketplace-metering-operator"
@@ -47,10 +47,18 @@ def args_of(objects: list[dict[str, Any]]) -> list[str]:
 
 def test_pins_render_into_flags_the_operator_parses_back(helm: Helm) -> None:
     metering_only = pin(
-        productCode="meteronly01", name="batch", minMode="Off", publicKey=None, publicKeyVersion=None
+        productCode="meteronly01",
+        name="batch",
+        minMode="Off",
+        publicKey=None,
+        publicKeyVersion=None,
     )
     objects = helm.render(
-        values={"watchNamespaces": ["shop"], "region": "us-east-1", "pins": [pin(), metering_only]}
+        values={
+            "watchNamespaces": ["shop"],
+            "region": "us-east-1",
+            "pins": [pin(onFailure={"minAction": "HoldNewPods", "maxAfterHours": 2}), metering_only],
+        }
     )
     args = args_of(objects)
     assert sum(a.startswith("--pin=") for a in args) == 2
@@ -66,7 +74,10 @@ def test_pins_render_into_flags_the_operator_parses_back(helm: Helm) -> None:
     assert (first.public_key_version, [d.name for d in first.dimensions]) == (3, ["nodes"])
     assert first.selector is not None
     assert first.selector.match_labels == {"app": "db"}
+    assert first.on_failure is not None
+    assert (first.on_failure.min_action, first.on_failure.max_after_hours) == (FailureAction.HOLD_NEW_PODS, 2)
     assert (second.key, second.min_mode, second.public_key) == ("shop/batch", EntitlementMode.OFF, None)
+    assert second.on_failure is None
 
 
 def test_no_pins_no_flag(helm: Helm) -> None:
@@ -89,6 +100,16 @@ BAD_PINS = [
     (pin(minimumMode="Enforce"), "/pins/0"),
     (pin(selector={"matchLabels": {"app": 3}}), "/pins/0/selector/matchLabels/app"),
     (pin(selector={"matchExpressions": [{"key": "app", "operator": "Like"}]}), "/pins/0/selector"),
+    (pin(onFailure={"minAction": "Kill"}), "/pins/0/onFailure/minAction"),
+    (pin(onFailure={"maxAfterHours": 25}), "/pins/0/onFailure/maxAfterHours"),
+    (pin(onFailure={"maxAfterHours": 0}), "/pins/0/onFailure/maxAfterHours"),
+    (pin(onFailure={"afterHours": 3}), "/pins/0/onFailure"),
+    # HoldNewPods and Evict act through the gate, which only Enforce uses.
+    (pin(minMode="Audit", onFailure={"minAction": "HoldNewPods"}), "/pins/0/minMode"),
+    (
+        pin(minMode="Off", publicKey=None, publicKeyVersion=None, onFailure={"minAction": "Evict"}),
+        "/pins/0/minMode",
+    ),
 ]
 
 
@@ -105,3 +126,14 @@ def test_a_pin_with_minimum_off_needs_no_key(helm: Helm) -> None:
         values={"pins": [pin(minMode="Off", publicKey=None, publicKeyVersion=None)]}, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_an_on_failure_pin_without_a_holding_action_needs_no_enforce(helm: Helm) -> None:
+    """Report with a maximum afterHours is fine with any minMode; so is HoldNewPods with minMode left
+    out (its default is Enforce)."""
+    for ok in (
+        pin(minMode="Audit", onFailure={"minAction": "Report", "maxAfterHours": 1}),
+        pin(minMode=None, onFailure={"minAction": "Evict"}),
+    ):
+        result = helm.template(values={"pins": [ok]}, check=False)
+        assert result.returncode == 0, result.stderr

@@ -81,13 +81,15 @@ def permit_meter_usage(world: World, allowed: bool) -> None:
     )
 
 
-def start(operator: OperatorFactory, world: World) -> OperatorProcess:
-    """The operator with its webhook (it adds the gate to new pods) following the emulator's clock."""
+def start(operator: OperatorFactory, world: World, *args: str) -> OperatorProcess:
+    """The operator with its webhook (it adds the gate to new pods) following the emulator's clock;
+    ``args``: more flags (test_pins_onfailure.py adds a ``--pin``)."""
     key, secret = KEYS["a"]
     return operator(
         world.namespace,
         world.emulator,
         extra_args=[
+            *args,
             "--sample-interval-seconds",
             "1",
             "--emulator-clock-url",

@@ -467,7 +467,7 @@ def test_a_pinned_action_holding_pods_is_refused_at_startup_from_a_pin_flag(
     """The operator's --pin flag (the chart's pins: values): refused before anything runs (exit 2),
     with the pin's own message."""
     argv = ["--pin", json.dumps(pin(minMode="Audit", onFailure={"minAction": "HoldNewPods"}))]
-    with pytest.raises(ValueError, match="onFailure.minAction HoldNewPods needs minMode Enforce"):
+    with pytest.raises(ValueError, match=r"onFailure\.minAction HoldNewPods needs minMode Enforce"):
         run.build_settings(parse_run(*argv))
     assert run.main(parse_run(*argv)) == 2
     assert "onFailure.minAction HoldNewPods needs minMode Enforce" in capsys.readouterr().err

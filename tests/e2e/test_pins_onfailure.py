@@ -104,7 +104,9 @@ def test_a_buyer_edit_of_a_pinned_on_failure_to_report_is_not_obeyed(
     for field in ("spec.metering.onFailure.action", "spec.metering.onFailure.afterHours"):
         wait_metric(op, "marketplace_metering_pin_violations", 1.0, namespace=shop, product="db", field=field)
     # The policy the operator states is still the pinned one, not the buyer's.
-    assert "onFailure HoldNewPods after 1 hour(s)" in world.condition("MeteringHealthy")["message"]
+    stated = world.condition("MeteringHealthy")
+    assert stated is not None
+    assert "onFailure HoldNewPods after 1 hour(s)" in stated["message"]
 
     # One hour cannot be reported: the pinned policy acts after 1 hour (the spec says Report after 24).
     permit_meter_usage(world, False)

@@ -4,7 +4,9 @@ Focused tests of the operator's own Kubernetes machinery against the real API se
 process (so its threads can be counted): the metering informers
 (:class:`~metering_operator.kube.observed.ObservedIndex`) and the entitlement gate's
 :class:`~metering_operator.gate.controller.ProductController`, both on the namespace's shared pod
-cache (:mod:`metering_operator.kube.podcache`). A watch blocks in a socket read for up to its
+cache (:mod:`metering_operator.kube.podcache`); the controller is stepped by the
+:class:`~metering_operator.gate.scheduler.Scheduler` (no thread of its own) and told of product
+changes by a watch, as kopf's event handler does. A watch blocks in a socket read for up to its
 server-side timeout (240 s); each test gives
 a released thread :data:`RELEASE_SECONDS`, far less, so a stop flag that is merely checked
 between events would fail them.
@@ -19,12 +21,14 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes import watch as kwatch
 
 from metering_operator.domain.clock import SystemClock
 from metering_operator.domain.product import GROUP, PLURAL, VERSION, LabelSelector
-from metering_operator.gate.controller import ProductController
+from metering_operator.gate.controller import BODY_CHANGED, ProductController
 from metering_operator.gate.registrar import Registrar
 from metering_operator.gate.runtime import GateRuntime
+from metering_operator.gate.scheduler import Scheduler
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.observed import ObservedIndex
 from metering_operator.kube.pods import PodApi
@@ -94,7 +98,7 @@ def gate_runtime(kube: client.ApiClient) -> Iterator[GateRuntime]:
     aws_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-gate-aws")
     kube_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-gate-kube")
     # Entitlement mode Off below: the registrar is never called, so no AWS endpoint is needed.
-    yield GateRuntime(
+    runtime = GateRuntime(
         api=kube,
         pods=pods,
         events=EventPoster(kube),
@@ -105,6 +109,8 @@ def gate_runtime(kube: client.ApiClient) -> Iterator[GateRuntime]:
         trusted_product_codes=frozenset(),
         records=DenialRecords(kube, "default"),
     )
+    yield runtime
+    runtime.scheduler.stop()
     for pool in (aws_pool, kube_pool):
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -146,6 +152,51 @@ def write_metering_condition(kube: client.ApiClient, namespace: str, status: str
     custom.replace_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "db", obj)
 
 
+class ProductWatch:
+    """What kopf does for the operator: watch the MeteredProduct, keep its latest body, and push
+    each change to its controller (the controller reads the body only when told)."""
+
+    def __init__(self, kube: client.ApiClient, namespace: str, name: str, scheduler: Scheduler) -> None:
+        self.custom = client.CustomObjectsApi(kube)
+        self.namespace, self.name, self.scheduler = namespace, name, scheduler
+        self.latest: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+        self.pushed = 0
+        self.stopped = False
+        self._watch = kwatch.Watch()
+        self._thread = threading.Thread(target=self._run, name="test-product-watch", daemon=True)
+        self._thread.start()
+
+    def body(self) -> dict[str, Any]:
+        return self.latest
+
+    def _run(self) -> None:
+        stream = self._watch.stream(
+            self.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            field_selector=f"metadata.name={self.name}",
+            resource_version=self.latest["metadata"]["resourceVersion"],
+            timeout_seconds=60,
+        )
+        try:
+            for event in stream:
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    self.latest = event["object"]
+                    self.pushed += 1
+                    self.scheduler.post_to(("gate", self.namespace, self.name), BODY_CHANGED)
+        except Exception:
+            if not self.stopped:
+                raise
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._watch.stop()
+
+
 def test_gate_ready_follows_metering_and_its_watch_ends_with_the_product(
     kube: client.ApiClient,
     namespace: str,
@@ -153,35 +204,36 @@ def test_gate_ready_follows_metering_and_its_watch_ends_with_the_product(
     gate_runtime: GateRuntime,
 ) -> None:
     metered_only_product(kube, namespace)
-
-    def body() -> dict[str, Any]:  # kopf hands the controller a live body; a fresh read is one
-        obj: dict[str, Any] = client.CustomObjectsApi(kube).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, "db"
-        )
-        return obj
-
-    controller = ProductController(gate_runtime, namespace, "db", body)
-    stop = threading.Event()
-    loop = threading.Thread(target=controller.run, args=(stop,), name="test-gate-loop", daemon=True)
-    loop.start()
+    scheduler = gate_runtime.scheduler
+    product = ProductWatch(kube, namespace, "db", scheduler)
+    controller = ProductController(gate_runtime, namespace, "db", product.body)
+    scheduler.add(controller, ("gate", namespace, "db")).result(5)
     watch: list[threading.Thread] = []
     try:
         # Metering-only product (entitlement Off, no public key): Ready from configuration.
         wait_for("Ready=True/Configured", ready_is(kube, namespace, "True", "Configured"))
-        # The product's pods come from the namespace's shared pod cache: its one watch thread.
+        # No thread of the product's own: the process's one scheduler thread steps it...
+        names = [t.name for t in threading.enumerate()]
+        assert names.count("gate-scheduler") == 1
+        assert not [n for n in names if n.startswith(f"gate-{namespace}")]
+        # ...and its pods come from the namespace's shared pod cache: its one watch thread.
         watch.extend(t for t in threading.enumerate() if t.name == f"pods-{namespace}")
         assert len(watch) == 1
         assert watch[0].is_alive()
 
+        # The Metering condition's changes are pushed (the product is not polled).
+        pushed = product.pushed
         write_metering_condition(kube, namespace, "False", "DimensionRejected")
         wait_for("Ready=False/DimensionRejected", ready_is(kube, namespace, "False", "DimensionRejected"))
+        assert product.pushed > pushed
         assert "vcpu" in conditions(kube, namespace)["Ready"]["message"]
         write_metering_condition(kube, namespace, "False", "SendFailing")  # transient: still Ready
         wait_for("Ready=True again", ready_is(kube, namespace, "True", "Configured"))
         assert conditions(kube, namespace)["Metering"]["reason"] == "SendFailing"  # left alone
     finally:
+        product.stop()
         client.CustomObjectsApi(kube).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "db")
-        stop.set()  # what kopf does when the product is deleted
-        loop.join(RELEASE_SECONDS)
-    assert not loop.is_alive()
+        removed = scheduler.remove(controller)  # what the kopf daemon does when the product is deleted
+        removed.result(RELEASE_SECONDS)
+    assert scheduler.pending(controller) == 0  # its timers went with it
     wait_for("the pod watch thread to end", lambda: all_ended(watch), RELEASE_SECONDS)

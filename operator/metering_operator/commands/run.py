@@ -10,6 +10,8 @@ runtime reach the handlers through kopf's ``memo``:
 * ``memo.admission_server`` -- the webhook server (None without the webhook)
 * ``memo.clock`` -- the Clock (local time bounded by the API server's, or following the
   emulator's settable clock)
+* ``memo.scheduler`` -- the one thread stepping every product (the gate's controllers and
+  metering's sampling cycles): :mod:`metering_operator.gate.scheduler`
 * ``memo.gate_runtime`` -- the entitlement gate's clients and worker pool
 * ``memo.metering_runtime`` -- metering's clients, Lease elector and journal
 """
@@ -479,10 +481,11 @@ def main(args: argparse.Namespace) -> int:
     def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.admission.server = server
         settings.admission.managed = None  # the chart (cluster) or _webhook_server (local) owns it
-        settings.execution.max_workers = 16  # sync handlers only; product loops run in their own threads
+        settings.execution.max_workers = 16  # sync handlers only; products are stepped by the scheduler
         settings.posting.level = logging.WARNING
         settings.persistence.finalizer = "marketplace.metering.dev/operator"
 
+    from metering_operator.gate.scheduler import Scheduler
     from metering_operator.kube.apiclient import new_api_client
     from metering_operator.kube.podcache import PodCache
     from metering_operator.metering.runtime import build_runtime as build_metering_runtime
@@ -490,11 +493,14 @@ def main(args: argparse.Namespace) -> int:
     # One pod list + watch per namespace, shared by the gate and metering: a connection for each
     # namespace's watch and one for its (re)list.
     pod_cache = PodCache(new_api_client(pool_size=max(8, 2 * len(settings.namespaces) + 2)))
+    # One thread steps every product: the gate's controllers and metering's sampling cycles.
+    scheduler = Scheduler(clock)
     memo = kopf.Memo(
         settings=settings,
         admission_server=server,
         clock=clock,
-        gate_runtime=entitlement.build_runtime(settings, clock, pod_cache),
+        scheduler=scheduler,
+        gate_runtime=entitlement.build_runtime(settings, clock, pod_cache, scheduler),
         metering_runtime=build_metering_runtime(
             settings, clock, wall=wall, reference=reference, cache=pod_cache
         ),

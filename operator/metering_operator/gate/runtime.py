@@ -1,7 +1,8 @@
 """What every product controller of the entitlement gate shares: the runtime.
 
-:class:`GateRuntime` holds the clients, the worker pools and the settings. (The product as the
-gate sees it is :class:`metering_operator.gate.product.ProductInfo`.)
+:class:`GateRuntime` holds the clients, the worker pools, the scheduler that steps every product's
+controller (:mod:`metering_operator.gate.scheduler`: one thread for all products) and the
+settings. (The product as the gate sees it is :class:`metering_operator.gate.product.ProductInfo`.)
 
 Two pools, so that one kind of work never waits behind the other: ``aws_pool`` runs single
 RegisterUsage attempts (TokenRequest, STS, RegisterUsage -- seconds when AWS is slow), and
@@ -21,6 +22,7 @@ from metering_operator.domain.entitlement import UngatedPodAction
 from metering_operator.domain.pins import Pins
 from metering_operator.gate.licensing import Licensing
 from metering_operator.gate.registrar import Registrar
+from metering_operator.gate.scheduler import Scheduler
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.podcache import PodCache
 from metering_operator.kube.pods import PodApi
@@ -48,6 +50,14 @@ class GateRuntime:
     #: Contract products' License Manager checkouts (None: not set up, e.g. in unit tests).
     licensing: Licensing | None = None
     _kube_system_uid: str | None = None
+    #: The one scheduler thread of every product's controller (made on first use if not given).
+    _scheduler: Scheduler | None = None
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.clock)
+        return self._scheduler
 
     def pod_cache(self) -> PodCache:
         if self.cache is None:
@@ -61,5 +71,7 @@ class GateRuntime:
         return self._kube_system_uid
 
     def shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
         for pool in (self.aws_pool, self.kube_pool):
             pool.shutdown(wait=False, cancel_futures=True)

@@ -1,9 +1,12 @@
-"""kopf glue for the entitlement gate: the pod admission webhook and one daemon per MeteredProduct.
+"""kopf glue for the entitlement gate: the pod admission webhook and each MeteredProduct's lifecycle.
 
 Nothing here decides anything (see :mod:`metering_operator.domain.entitlement`) or loops over
-pods (see :mod:`metering_operator.gate.controller`). kopf watches MeteredProducts only; pods are
-watched by each product's controller with the product's selector sent to the API server, so the
-operator never receives pods that no product selects.
+pods (see :mod:`metering_operator.gate.controller`). kopf watches MeteredProducts only; pods come
+from the namespaces' shared pod cache, to which each product's controller subscribes with its
+selector. Every product's controller is stepped by the one scheduler thread of the process
+(:mod:`metering_operator.gate.scheduler`): the async kopf daemon only adds the product's
+controller to it and removes it when the product goes away, and an event handler pushes each
+change of the product to its controller (no thread per product, no polling).
 
 :func:`register` is called by ``metering-operator run`` before kopf starts, because whether an
 admission handler exists depends on the flags (kopf refuses to start with an admission handler
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,10 +36,11 @@ from metering_operator.domain.product import (
     MeteredProductSpec,
 )
 from metering_operator.domain.selectors import matches
-from metering_operator.gate.controller import ProductController
+from metering_operator.gate.controller import BODY_CHANGED, ProductController
 from metering_operator.gate.licensing import Licensing
 from metering_operator.gate.registrar import Registrar
 from metering_operator.gate.runtime import GateRuntime
+from metering_operator.gate.scheduler import Scheduler
 from metering_operator.kube.apiclient import new_api_client
 from metering_operator.kube.events import EventPoster
 from metering_operator.kube.podcache import PodCache
@@ -61,7 +64,10 @@ KUBE_WORKERS = 16
 
 
 def build_runtime(
-    settings: OperatorSettings, clock: Clock | None = None, cache: PodCache | None = None
+    settings: OperatorSettings,
+    clock: Clock | None = None,
+    cache: PodCache | None = None,
+    scheduler: Scheduler | None = None,
 ) -> GateRuntime:
     api = new_api_client(pool_size=AWS_WORKERS + KUBE_WORKERS + 8)
     pods = PodApi(api)
@@ -81,6 +87,7 @@ def build_runtime(
         pins=settings.pins,
         cache=cache,
         licensing=Licensing(registrar, SeatRecords(api, settings.operator_namespace), settings.region, clock),
+        _scheduler=scheduler,
     )
 
 
@@ -105,27 +112,38 @@ def gate_products(namespace: str | None, name: str, spec: Any, memo: Any, **_: A
     return {namespace or "": (f"{namespace}/{name}", parsed.entitlement.mode, trusted, parsed.selector)}
 
 
+def _gate_key(namespace: str | None, name: str) -> tuple[str, str, str]:
+    return ("gate", namespace or "", name)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, id="entitlement-gate", cancellation_timeout=15.0)
 async def gate_daemon(
     namespace: str | None, name: str, body: Any, memo: Any, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
-    """Runs the product's controller in a thread of its own until the product goes away.
+    """The product's lifecycle: its controller is stepped by the scheduler until it goes away.
 
-    An async daemon owning a dedicated thread, rather than a sync daemon: kopf runs sync daemons
-    in its bounded executor, which would cap how many products one operator can serve.
+    An async daemon that only waits, rather than a sync daemon or a thread: kopf runs sync
+    daemons in its bounded executor, and a thread per product is what the scheduler replaces.
+    ``body`` is kopf's live view of the product, kept current by kopf's watch.
     """
     runtime: GateRuntime = memo.gate_runtime
     controller = ProductController(runtime, namespace or "", name, lambda: body)
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=controller.run, args=(stop,), name=f"gate-{namespace}-{name}", daemon=True
-    )
-    thread.start()
+    scheduler = runtime.scheduler
     try:
+        await asyncio.wrap_future(scheduler.add(controller, _gate_key(namespace, name)))
         await stopped.wait()
     finally:
-        stop.set()
-        await asyncio.to_thread(thread.join, 10.0)
+        # Done once its timers are dropped and its pod subscription closed.
+        await asyncio.wrap_future(scheduler.remove(controller))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="entitlement-gate-changes")
+async def gate_product_changed(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    """Push every change of a MeteredProduct (spec, or the metering side's conditions) to its
+    controller, which reads kopf's live body: kopf has updated it before calling this."""
+    runtime: GateRuntime | None = getattr(memo, "gate_runtime", None)
+    if runtime is not None:
+        runtime.scheduler.post_to(_gate_key(namespace, name), BODY_CHANGED)
 
 
 @kopf.on.cleanup()

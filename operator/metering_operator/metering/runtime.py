@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -30,6 +31,9 @@ from metering_operator.settings import OperatorSettings
 log = logging.getLogger(__name__)
 
 OWNERS_REFRESH_SECONDS = 30.0
+#: Products' sampling cycles running at once (each is blocking Kubernetes and AWS calls); the
+#: scheduler submits a product's cycle when it is due, never two of one product at once.
+CYCLE_WORKERS = 4
 
 
 @dataclass
@@ -51,6 +55,9 @@ class MeteringRuntime:
     permissions: dict[str, permission.PermissionState] = field(default_factory=dict)
     check_policy: permission.CheckPolicy = field(default_factory=permission.CheckPolicy)
     cycles: int = 0
+    cycle_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=CYCLE_WORKERS, thread_name_prefix="metering")
+    )
     _owners: dict[str, tuple[str, str]] = field(default_factory=dict)
     _owners_read: float = -1e9
     _bounded: bool = False
@@ -94,6 +101,7 @@ class MeteringRuntime:
 
     def stop(self) -> None:
         self.elector.stop(True)
+        self.cycle_pool.shutdown(wait=False)
 
 
 def build_runtime(

@@ -5,7 +5,8 @@ commands. Benchmarks start or join the local cluster themselves.
 
 `python -m bench entitlement --base <commit> ...` runs the side-by-side comparison of the gate
 (bench/compare_entitlement.py): a base commit's operator and this tree's, alternately;
-`python -m bench memory --base <commit>` the same for memory and threads (bench/compare_memory.py).
+`python -m bench memory --base <commit>` the same for memory and threads (bench/compare_memory.py);
+`python -m bench idle --base <commit>` threads and idle CPU with 50 products (bench/compare_idle.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def main() -> int:
         from bench import compare_entitlement
 
         return compare_entitlement.main(sys.argv[2:])
+    if sys.argv[1:2] == ["idle"]:
+        from bench import compare_idle
+
+        return compare_idle.main(sys.argv[2:])
     if sys.argv[1:2] == ["memory"]:
         from bench import compare_memory
 

@@ -40,7 +40,13 @@ from kubernetes import client, config
 from tests.e2e.conftest import BUYER_ACCOUNT, OperatorProcess, emulator_config, install_crd, launch_operator
 from tests.emulator.harness import EmulatorProcess, start_emulator
 
-from bench.compare_entitlement import Variant, base_variant, install_variant_crd, new_variant, wait_namespace_gone
+from bench.compare_entitlement import (
+    Variant,
+    base_variant,
+    install_variant_crd,
+    new_variant,
+    wait_namespace_gone,
+)
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 H0 = datetime(2031, 5, 6, 7, tzinfo=UTC)
@@ -103,7 +109,12 @@ def product_body(p: int, pem: str, metering: bool) -> dict[str, Any]:
     }
     if metering:
         spec["metering"] = {"dimensions": [DIMENSION]}
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MeteredProduct", "metadata": {"name": f"p{p}"}, "spec": spec}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "MeteredProduct",
+        "metadata": {"name": f"p{p}"},
+        "spec": spec,
+    }
 
 
 def all_statused(custom: client.CustomObjectsApi, namespace: str, n: int) -> Callable[[], bool]:

@@ -150,7 +150,7 @@ class ProductController:
         self._product_changed()
 
     def receive(self, message: Any) -> None:
-        if message == BODY_CHANGED:
+        if message is BODY_CHANGED:
             self._product_changed()
         else:
             self._deliver(message)
@@ -195,7 +195,7 @@ class ProductController:
     def _touch(self) -> None:
         """Something changed: flush status and workloads, at most every FLUSH_INTERVAL_SECONDS."""
         self._dirty = True
-        if not self._flush_pending and not self._status.inflight:
+        if not self._flush_pending:
             self._flush_pending = True
             wait = self._last_flush + FLUSH_INTERVAL_SECONDS - self.sched.monotonic()
             self.sched.after(self, max(0.0, wait), _Timer.FLUSH)

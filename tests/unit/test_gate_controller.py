@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -107,7 +107,7 @@ class World:
                 "selector": {"matchLabels": {"app": "db"}},
             },
         }
-        self.controller = ctl.ProductController(self.rt, "ns", "db", lambda: self.body)
+        self.controller = ctl.ProductController(cast(Any, self.rt), "ns", "db", lambda: self.body)
         self.dispatched: list[Any] = []
         original = self.controller.dispatch
 

@@ -330,3 +330,17 @@ def test_metering_cycles_never_overlap_and_are_timed_from_the_end_of_the_last(
     sched.run_once()
     assert pool.work == []
     assert cycles == ["ns/db", "ns/db"]
+
+
+def test_a_cancelled_wait_for_removal_still_removes(sched: Scheduler) -> None:
+    """kopf cancels a daemon that takes too long to stop; asyncio.wrap_future then cancels the
+    removal's future. The removal is carried out all the same, and the scheduler goes on."""
+    log: list[tuple[str, str, Any]] = []
+    a, b = Recorder("a", log), Recorder("b", log)
+    added(sched, a, b)
+    done = sched.remove(a)
+    assert done.cancel()
+    sched.post(b, "after")
+    sched.run_once()
+    assert a.stopped_called.is_set()
+    assert ("b", "receive", "after") in log

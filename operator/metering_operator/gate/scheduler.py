@@ -244,7 +244,10 @@ class Scheduler:
                 except Exception:
                     log.exception("stopping %r failed", owner)
         finally:
-            control.done.set_result(None)
+            # Cancelled when the awaiting kopf daemon was (asyncio.wrap_future passes that on);
+            # the lifecycle step has been carried out all the same.
+            if not control.done.done():
+                control.done.set_result(None)
 
     def _drop_timers(self, owner: Owner) -> None:
         # Removals are rare (a product deleted): rebuilding the heaps is cheaper than tombstones.
@@ -285,6 +288,7 @@ class Scheduler:
             owner, message = self._inbox.popleft()
             if isinstance(message, _Control):
                 if message.add:
-                    message.done.set_result(None)
+                    if not message.done.done():
+                        message.done.set_result(None)
                 else:
                     self._lifecycle(owner, message)

@@ -13,7 +13,7 @@ from typing import Any
 
 from kubernetes import client
 
-from metering_operator.aws.client import MeteringClient, MeteringClientFactory
+from metering_operator.aws.client import MeteringClient, MeteringClientFactory, client_config
 from metering_operator.aws.irsa import ROLE_ARN_ANNOTATION, IrsaCredentialCache, WebIdentityExchanger
 from metering_operator.aws.models import RegisterUsageRequest
 from metering_operator.domain.clock import Clock
@@ -55,8 +55,12 @@ class Registrar:
     ) -> None:
         self.api = api
         self.pods = pods
-        self.factory = MeteringClientFactory(region)
-        self.credentials = IrsaCredentialCache(WebIdentityExchanger(region), clock)
+        # Two AWS calls per gated pod: botocore's own parameter validation repeats what the typed
+        # requests (aws/models.py, pydantic) and the exchanger's ARN / session-name checks have
+        # already refused, at about 5% of each call's CPU.
+        config = client_config(parameter_validation=False)
+        self.factory = MeteringClientFactory(region, config=config)
+        self.credentials = IrsaCredentialCache(WebIdentityExchanger(region, config=config), clock)
         self.token_expiration_seconds = token_expiration_seconds
         self._sa_cache: dict[tuple[str, str], tuple[float, str | None]] = {}
         self._lock = threading.Lock()
@@ -98,6 +102,7 @@ class Registrar:
                 pod_name=name,
                 pod_uid=uid,
                 expiration_seconds=self.token_expiration_seconds,
+                raw=self.pods.raw,
             )
 
         creds = self.credentials.get(role_arn, uid, mint)

@@ -20,6 +20,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from metering_operator.kube.apiclient import release
+from metering_operator.kube.rawapi import JSON_PATCH, RawApi, segment
 from metering_operator.kube.watch import WatchExpired as WatchExpired  # re-exported for callers
 from metering_operator.kube.watch import WatchStream
 
@@ -45,6 +46,10 @@ def _json(response: Any) -> Any:
     return json.loads(response.data)
 
 
+def _pod_path(namespace: str, name: str) -> str:
+    return f"/api/v1/namespaces/{segment(namespace)}/pods/{segment(name)}"
+
+
 def is_conflict(exc: ApiException) -> bool:
     # A failed JSON-patch "test" op (our resourceVersion precondition) is answered with 409 or 422
     # depending on the API server version; both mean "re-read and decide again".
@@ -55,6 +60,7 @@ class PodApi:
     def __init__(self, api: client.ApiClient) -> None:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
+        self.raw = RawApi(api)
         self._rs_owner: dict[str, WorkloadRef | None] = {}
         self._lock = threading.Lock()
         #: Pod writes made (patches), for the benchmark's writes-per-pod figure.
@@ -97,9 +103,7 @@ class PodApi:
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         try:
-            result: dict[str, Any] = _json(
-                self.core.read_namespaced_pod(name, namespace, _preload_content=False)
-            )
+            result: dict[str, Any] = self.raw.json("GET", _pod_path(namespace, name))
         except ApiException as exc:
             if exc.status == 404:
                 raise PodGone(f"{namespace}/{name}") from None
@@ -117,10 +121,9 @@ class PodApi:
         with self._lock:
             self.pod_writes += 1
         try:
-            result: dict[str, Any] = _json(
-                self.core.patch_namespaced_pod(
-                    name, namespace, ops, _content_type="application/json-patch+json", _preload_content=False
-                )
+            # Raw JSON (kube/rawapi.py): at most two of these per gated pod.
+            result: dict[str, Any] = self.raw.json(
+                "PATCH", _pod_path(namespace, name), ops, content_type=JSON_PATCH
             )
         except ApiException as exc:
             if exc.status == 404:

@@ -77,12 +77,8 @@ def verify_signature(
     key = public_key if isinstance(public_key, RSAPublicKey) else load_public_key(public_key)
     token = token.strip()
     try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError as exc:
-        raise SignatureError(f"not a JWT: {exc}") from None
-    if header.get("alg") != ALGORITHM:
-        raise SignatureError(f"algorithm must be {ALGORITHM}, token says {header.get('alg')!r}")
-    try:
+        # One parse of the token: the algorithm is pinned by ``algorithms`` (PyJWT refuses any
+        # other header ``alg`` before verifying); the header is read again only to say why.
         claims: dict[str, Any] = jwt.decode(
             token,
             key,
@@ -90,8 +86,13 @@ def verify_signature(
             # AWS's token has no exp/aud; iat is checked for shape below, not freshness.
             options={"require": [], "verify_aud": False, "verify_iat": False},
         )
+    except jwt.InvalidAlgorithmError:
+        alg = jwt.get_unverified_header(token).get("alg")
+        raise SignatureError(f"algorithm must be {ALGORITHM}, token says {alg!r}") from None
     except jwt.InvalidSignatureError:
         raise SignatureError("signature does not verify with the product's public key") from None
+    except jwt.DecodeError as exc:
+        raise SignatureError(f"not a JWT: {exc}") from None
     except jwt.PyJWTError as exc:
         raise SignatureError(f"invalid JWT: {exc}") from None
 

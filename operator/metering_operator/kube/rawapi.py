@@ -72,7 +72,19 @@ class RawApi:
         query: Mapping[str, str] | None = None,
     ) -> bytes:
         """The response body of ``method path`` (``path`` starts with ``/api`` or ``/apis``);
-        :class:`ApiException` with the status, reason and body when the status is not 2xx."""
+        :class:`ApiException` with the status, reason, headers and body when the status is not 2xx."""
+        return self.exchange(method, path, body, content_type=content_type, query=query)[0]
+
+    def exchange(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = JSON,
+        query: Mapping[str, str] | None = None,
+    ) -> tuple[bytes, Mapping[str, str]]:
+        """:meth:`request` with the response's headers (e.g. the server's ``Date``)."""
         api = self._api
         headers: dict[str, str] = dict(api.default_headers)
         headers["Accept"] = JSON
@@ -108,7 +120,7 @@ class RawApi:
             error.body = payload
             error.headers = response.headers
             raise error
-        return payload
+        return payload, response.headers
 
     def json(
         self,

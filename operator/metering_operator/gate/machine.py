@@ -48,6 +48,7 @@ from metering_operator.domain.license_seats import (
     plan_seats,
 )
 from metering_operator.domain.product import SCHEDULING_GATE, EntitlementMode, EntitlementState
+from metering_operator.gate.book import StaleState
 from metering_operator.gate.model import (
     CLUSTER,
     SEATS,
@@ -97,6 +98,7 @@ from metering_operator.gate.model import (
     WriteGrant,
     WriteState,
     Written,
+    evolve,
 )
 from metering_operator.gate.product import ProductInfo
 from metering_operator.kube.pods import WorkloadRef, object_ref
@@ -105,12 +107,20 @@ from metering_operator.kube.pods import WorkloadRef, object_ref
 
 
 def step(state: GateState, message: Message, now: datetime) -> Step:
-    """The gate's one transition function."""
+    """The gate's one transition function.
+
+    The state's pods and their indexes (its :class:`~metering_operator.gate.book.Book`) are
+    updated in place, so a step costs O(log n) in the product's pods, not a copy of them: the
+    state passed in is spent, and stepping it again raises :class:`StaleState`."""
+    book = state.book
+    if state.version != book.version:
+        raise StaleState("this gate state was stepped already: go on from the state step returned")
     state, effects = _step(state, message, now)
     if state.info is not None and state.info.license is not None:
         # Contract products: after every change, bring the seats in line with the pods.
         state, effects = _review_seats(state, now, effects)
-    return state, effects
+    book.version += 1
+    return evolve(state, version=book.version), effects
 
 
 def _step(state: GateState, message: Message, now: datetime) -> Step:
@@ -129,17 +139,14 @@ def _step(state: GateState, message: Message, now: datetime) -> Step:
         found = state.pods.get(message.uid)
         if found is None or message.workload is None:
             return state, effects
-        pods = dict(state.pods)
-        pods[message.uid] = replace(found, workload=message.workload)
-        return replace(state, pods=pods), effects
+        state.book.put(evolve(found, workload=message.workload))
+        return state, effects
     if isinstance(message, PodDeleted):
-        gone = state.pods.get(message.uid)
+        gone = state.book.remove(message.uid)
         if gone is None:
             return state, effects
-        pods = dict(state.pods)
-        del pods[message.uid]
-        inflight = state.inflight - (1 if gone.busy is Busy.REGISTER else 0)
-        return _dispatch_queued(replace(state, pods=pods, inflight=inflight), now, effects)
+        state.book.inflight -= 1 if gone.busy is Busy.REGISTER else 0
+        return _dispatch_queued(state, now, effects)
     if isinstance(message, Due):
         if message.key == CLUSTER:
             return _consider_all(state, now, effects)
@@ -170,7 +177,7 @@ def _step(state: GateState, message: Message, now: datetime) -> Step:
             else:
                 text = "usage is reported again: held pods of the product are registered and released"
                 effects.append(PostEvent(info.ref(), "Normal", "NewPodsReleased", text))
-        return _consider_all(replace(state, hold=message.hold), now, effects)
+        return _consider_all(evolve(state, hold=message.hold), now, effects)
     assert_never(message)  # mypy proves every message is handled
 
 
@@ -190,15 +197,14 @@ def backoff_at(policy: GatePolicy, key: str, attempts: int, now: datetime) -> da
 
 def _product_changed(state: GateState, info: ProductInfo | None) -> GateState:
     previous = state.info
-    pods = state.pods
+    book = state.book
     cluster = state.cluster
     cluster_attempts = state.cluster_attempts
     if info is not None and previous is not None and info.generation != previous.generation:
         # A changed spec (new key, mode, code) deserves a fresh look at waiting pods.
-        pods = {
-            uid: replace(r, attempts=0, retry_at=None) if r.granted is None and r.denied is None else r
-            for uid, r in pods.items()
-        }
+        for r in list(book.pods.values()):
+            if r.granted is None and r.denied is None:
+                book.put(evolve(r, attempts=0, retry_at=None))
         if (
             previous.spec.product_code != info.spec.product_code
             or previous.spec.public_key_version != info.spec.public_key_version
@@ -207,28 +213,32 @@ def _product_changed(state: GateState, info: ProductInfo | None) -> GateState:
             cluster, cluster_attempts = None, 0
     if info is not None and (previous is None or previous.public_key is not info.public_key):
         # A new key: annotation signatures are judged again with it.
-        pods = {uid: replace(r, judged_token=None) for uid, r in pods.items()}
-        pods = {uid: _observe(replace(state, info=info), r, r.pod) for uid, r in pods.items()}
+        judging = evolve(state, info=info)
+        for r in list(book.pods.values()):
+            book.put(_observe(judging, evolve(r, judged_token=None), r.pod))
     if info is not None and previous is not None and info.generation != previous.generation:
         # A changed contract spec may fix what License Manager refused for the product.
-        state = replace(state, seats_cluster_denied=None, seats_cluster_attempts=0, seats_cluster_retry=None)
-    return replace(state, info=info, pods=pods, cluster=cluster, cluster_attempts=cluster_attempts)
+        state = evolve(state, seats_cluster_denied=None, seats_cluster_attempts=0, seats_cluster_retry=None)
+    return evolve(state, info=info, cluster=cluster, cluster_attempts=cluster_attempts)
 
 
 def _listed(state: GateState, message: Listed, now: datetime) -> Step:
     effects: list[Effect] = []
-    pods: dict[str, PodRecord] = {}
+    book = state.book
+    known = dict(book.pods)
+    book.clear()  # the list's order is the pods' order from now on
     inflight = 0
     for pod in message.pods:
         uid = str(pod["metadata"]["uid"])
-        record = state.pods.get(uid) or PodRecord(uid, pod)
+        record = known.get(uid) or PodRecord(uid, pod)
         if record.granted is None and record.denied is None and uid in message.denials:
-            record = replace(record, denied=message.denials[uid], waiting=None)
+            record = evolve(record, denied=message.denials[uid], waiting=None)
         record = _find_owner(_observe(state, record, pod), effects)
-        pods[uid] = record
+        book.put(record)
         inflight += 1 if record.busy is Busy.REGISTER else 0
-    state = replace(state, pods=pods, listed=True, inflight=inflight)
-    stale = frozenset(message.denials) - frozenset(pods)
+    book.inflight = inflight
+    state = evolve(state, listed=True)
+    stale = frozenset(message.denials) - frozenset(book.pods)
     if stale and state.info is not None:
         effects.append(PruneDenials(state.info, stale))
     return _consider_all(state, now, effects)
@@ -242,12 +252,12 @@ def _find_owner(record: PodRecord, effects: list[Effect]) -> PodRecord:
     owners = record.pod.get("metadata", {}).get("ownerReferences") or []
     if any(ref.get("controller") for ref in owners):
         effects.append(FindWorkload(record.pod))
-    return replace(record, owner_looked_up=True)
+    return evolve(record, owner_looked_up=True)
 
 
 def _observe(state: GateState, record: PodRecord, pod: Pod) -> PodRecord:
     """Take the pod's newest version; judge a new ``signature`` annotation (proof or nothing)."""
-    record = replace(record, pod=pod)
+    record = evolve(record, pod=pod)
     info = state.info
     token = ent.annotated_signature(pod)
     if (
@@ -261,10 +271,10 @@ def _observe(state: GateState, record: PodRecord, pod: Pod) -> PodRecord:
     ):
         return record
     verified = ent.proven_grant(pod, info.product_key())
-    record = replace(record, judged_token=token)
+    record = evolve(record, judged_token=token)
     if verified is None:
         return record
-    return replace(record, granted=Proof(verified.token, verified.issued_at), waiting=None, reason="")
+    return evolve(record, granted=Proof(verified.token, verified.issued_at), waiting=None, reason="")
 
 
 # --- deciding ----------------------------------------------------------------------------------------
@@ -272,39 +282,45 @@ def _observe(state: GateState, record: PodRecord, pod: Pod) -> PodRecord:
 
 def _consider_all(state: GateState, now: datetime, effects: list[Effect]) -> Step:
     state, effects = _ensure_cluster(state, now, effects)
-    pods = dict(state.pods)
-    for uid in list(pods):
-        state = replace(state, pods=pods)
-        record, more, inflight = _consider(state, pods[uid], now)
-        pods[uid] = record
-        state = replace(state, pods=pods, inflight=inflight)
+    book = state.book
+    for uid in list(book.pods):
+        record, more, inflight = _consider(state, book.pods[uid], now)
+        book.inflight = inflight
+        book.put(record)
         effects.extend(more)
-    return replace(state, pods=pods), effects
+    return state, effects
 
 
 def _consider_one(state: GateState, record: PodRecord, now: datetime, effects: list[Effect]) -> Step:
     record, more, inflight = _consider(state, record, now)
-    pods = dict(state.pods)
-    pods[record.uid] = record
+    state.book.inflight = inflight
+    state.book.put(record)
     effects.extend(more)
-    return replace(state, pods=pods, inflight=inflight), effects
+    return state, effects
 
 
 def _dispatch_queued(state: GateState, now: datetime, effects: list[Effect]) -> Step:
-    """A registration slot freed up: start the pods that were waiting for one, oldest first."""
-    if state.inflight >= state.policy.max_inflight:
+    """A registration slot freed up: start the pods that were waiting for one, oldest first.
+
+    The book's ready queue holds every idle pod neither granted nor denied without a pending retry
+    (and, once their backoff has run out, those with one), in the pods' order: the pods a walk of
+    the whole map would have looked at, in the same order. A pod looked at here and left idle was
+    waiting for something other than a slot (a list, the product, a hold, the cluster's or the
+    seats' answer); it leaves the queue until a message about it or a look at every pod puts it
+    back, as only those can change its answer."""
+    book = state.book
+    cap = state.policy.max_inflight
+    if book.inflight >= cap:
         return state, effects
-    pods = dict(state.pods)
-    for uid, record in pods.items():
-        if state.inflight >= state.policy.max_inflight:
+    book.promote_due(now)
+    while book.inflight < cap:
+        record = book.pop_ready()
+        if record is None:
             break
-        if record.busy is not None or record.granted or record.denied is not None:
-            continue
-        if record.retry_at is not None and record.retry_at > now:
-            continue
         record, more, inflight = _consider(state, record, now)
-        pods[uid] = record
-        state = replace(state, pods=pods, inflight=inflight)
+        book.inflight = inflight
+        book.put(record)
+        book.ready.discard(record.uid)
         effects.extend(more)
     return state, effects
 
@@ -325,38 +341,38 @@ def _consider(state: GateState, record: PodRecord, now: datetime) -> tuple[PodRe
         if enforce and not gated and record.waiting is EntitlementState.ERROR:
             return _act_on_ungated(state, record, info, record.reason)
         return record, [], inflight
-    record = replace(record, retry_at=None)
+    record = evolve(record, retry_at=None)
 
     hold = state.hold if enforce else None
     if hold is None and record.held is not None:
-        record = replace(record, held=None)
+        record = evolve(record, held=None)
     if hold is not None and record.denied is None:
         if gated:
             return _hold(record, info, hold.reason, inflight)
         if hold.evict and not record.acted:
             evict = Evict(pod, info, hold.reason, cause="metering")
-            return replace(record, busy=Busy.EVICT), [evict], inflight
+            return evolve(record, busy=Busy.EVICT), [evict], inflight
 
     if record.granted is not None:
         # Proven: make sure the pod says so and is released (one patch, only when needed).
         if gated or ent.annotated_signature(pod) != record.granted.token:
-            return replace(record, busy=Busy.WRITE), [WriteGrant(pod, info, record.granted, now)], inflight
+            return evolve(record, busy=Busy.WRITE), [WriteGrant(pod, info, record.granted, now)], inflight
         return record, [], inflight
 
     if record.denied is not None:
         if not record.recorded:
             # The denial is not in the operator's record yet (that write failed): again, record first.
             deny = Deny(pod, info, record.denied, release=audit and gated, durable=True, at=now)
-            return replace(record, busy=Busy.WRITE), [deny], inflight
+            return evolve(record, busy=Busy.WRITE), [deny], inflight
         if audit and gated:
             release = WriteState(pod, info, EntitlementState.DENIED, record.denied, release=True)
-            return replace(record, busy=Busy.WRITE), [release], inflight
+            return evolve(record, busy=Busy.WRITE), [release], inflight
         if enforce and not gated:
             return _act_on_ungated(state, record, info, record.denied)
         if ent.entitlement_state(pod) is not EntitlementState.DENIED:
             # The record says Denied, the pod no longer does (a restart, or someone erased it).
             rewrite = WriteState(pod, info, EntitlementState.DENIED, record.denied)
-            return replace(record, busy=Busy.WRITE), [rewrite], inflight
+            return evolve(record, busy=Busy.WRITE), [rewrite], inflight
         return record, [], inflight
 
     if info.license is not None:
@@ -376,17 +392,17 @@ def _consider(state: GateState, record: PodRecord, now: datetime) -> tuple[PodRe
                 earlier = ent.proven_grant(pod, info.product_key(), nonce=cluster.record.nonce)
                 if earlier is not None:
                     proof = Proof(earlier.token, earlier.issued_at)
-            record = replace(record, granted=proof, waiting=None, reason="")
+            record = evolve(record, granted=proof, waiting=None, reason="")
             return _consider(state, record, now)
-        record = replace(record, denied=cluster.reason or "Denied", waiting=None)
+        record = evolve(record, denied=cluster.reason or "Denied", waiting=None)
         effect = Deny(pod, info, record.denied or "", release=audit and gated, durable=False, at=now)
-        return replace(record, busy=Busy.WRITE), [effect], inflight
+        return evolve(record, busy=Busy.WRITE), [effect], inflight
 
     if inflight >= state.policy.max_inflight:
         return record, [], inflight  # queued: started when a slot frees up
     effects: list[Effect] = [Register(pod, info)]
     if enforce and not gated and not record.ungated:
-        record = replace(record, ungated=True)
+        record = evolve(record, ungated=True)
         effects.append(
             PostEvent(
                 object_ref(pod, "Pod", "v1"),
@@ -401,7 +417,7 @@ def _consider(state: GateState, record: PodRecord, now: datetime) -> tuple[PodRe
                 ),
             )
         )
-    return replace(record, busy=Busy.REGISTER), effects, inflight + 1
+    return evolve(record, busy=Busy.REGISTER), effects, inflight + 1
 
 
 def _hold(
@@ -412,7 +428,7 @@ def _hold(
         return record, [], inflight
     text = f"pod {record.name} stays behind the {SCHEDULING_GATE} gate: {reason}"
     return (
-        replace(record, held=reason, busy=Busy.WRITE),
+        evolve(record, held=reason, busy=Busy.WRITE),
         [
             WriteState(record.pod, info, EntitlementState.PENDING, reason),
             PostEvent(object_ref(record.pod, "Pod", "v1"), "Warning", "PodHeld", text),
@@ -428,15 +444,15 @@ def _act_on_ungated(
     """An Enforce pod runs without a grant and is denied (or fails for good): evict or report."""
     if record.acted:
         return record, [], state.inflight
-    record = replace(record, ungated=True)
+    record = evolve(record, ungated=True)
     if state.policy.ungated_action is ent.UngatedPodAction.EVICT:
-        return replace(record, busy=Busy.EVICT), [Evict(record.pod, info, reason)], state.inflight
+        return evolve(record, busy=Busy.EVICT), [Evict(record.pod, info, reason)], state.inflight
     message = (
         f"pod {record.name} runs without a verified grant for {info.key} ({reason}); "
         "--ungated-pod-action=Report: not evicted"
     )
     return (
-        replace(record, acted=True),
+        evolve(record, acted=True),
         [
             PostEvent(object_ref(record.pod, "Pod", "v1"), "Warning", "UngatedPodReported", message),
             PostEvent(info.ref(), "Warning", "UngatedPodReported", message),
@@ -456,7 +472,7 @@ def _registered(state: GateState, message: Registered, now: datetime) -> Step:
         # seat review checks it in).
         seats = dict(state.seats)
         seats[result.seat.holder] = Seat(result.seat)
-        state = replace(state, seats=seats)
+        state = evolve(state, seats=seats)
     if message.uid == CLUSTER_HOLDER:
         return _cluster_checked_out(state, result, now)
     if isinstance(result, Exhausted):
@@ -464,34 +480,33 @@ def _registered(state: GateState, message: Registered, now: datetime) -> Step:
         if known is None or (known.held.lease is None and known.held.count < result.count):
             seats = dict(state.seats)
             seats[message.uid] = Seat(HeldSeat(message.uid, result.count))
-            state = replace(state, seats=seats)
+            state = evolve(state, seats=seats)
     record = state.pods.get(message.uid)
     if record is None or record.busy is not Busy.REGISTER:
         return state, effects  # forgotten meanwhile (deleted, or a new list): its slot is free already
-    inflight = max(0, state.inflight - 1)
-    record = replace(record, busy=None)
-    state = replace(state, inflight=inflight)
+    state.book.inflight = max(0, state.inflight - 1)
+    record = evolve(record, busy=None)
     info = state.info
     if isinstance(result, Granted):
-        record = replace(
+        record = evolve(
             record, granted=Proof(result.token, result.issued_at), attempts=0, waiting=None, reason=""
         )
     elif isinstance(result, Denied) and info is not None:
-        record = replace(record, denied=result.reason, recorded=False, waiting=None, reason=result.reason)
+        record = evolve(record, denied=result.reason, recorded=False, waiting=None, reason=result.reason)
         release = info.mode is EntitlementMode.AUDIT and ent.is_gated(record.pod)
-        record = replace(record, busy=Busy.WRITE)
+        record = evolve(record, busy=Busy.WRITE)
         effects.append(Deny(record.pod, info, result.reason, release=release, durable=True, at=now))
-        state = replace(state, last_denial=result.reason)
+        state = evolve(state, last_denial=result.reason)
     elif isinstance(result, Failed) and info is not None:
         attempts = record.attempts + 1
         retry_at = backoff_at(state.policy, record.uid, attempts, now)
         waiting = EntitlementState.PENDING if result.transient else EntitlementState.ERROR
         changed = (waiting, result.reason) != (record.waiting, record.reason)
-        record = replace(record, attempts=attempts, retry_at=retry_at, waiting=waiting, reason=result.reason)
+        record = evolve(record, attempts=attempts, retry_at=retry_at, waiting=waiting, reason=result.reason)
         effects.append(Schedule(retry_at, record.uid))
         audit = info.mode is EntitlementMode.AUDIT
         if changed or (audit and ent.is_gated(record.pod)):
-            record = replace(record, busy=Busy.WRITE)
+            record = evolve(record, busy=Busy.WRITE)
             effects.append(
                 WriteState(
                     record.pod, info, waiting, result.reason, release=audit and ent.is_gated(record.pod)
@@ -507,7 +522,7 @@ def _registered(state: GateState, message: Registered, now: datetime) -> Step:
                     + ("" if audit else "; the pod gets no grant and is retried later"),
                 )
             )
-        state = replace(state, last_error=result.reason)
+        state = evolve(state, last_error=result.reason)
     elif isinstance(result, Exhausted) and info is not None:
         record, more = _exhausted(state, record, result.reason, info, now)
         effects += more
@@ -516,11 +531,8 @@ def _registered(state: GateState, message: Registered, now: datetime) -> Step:
         # later rather than at once, so a pod that keeps vanishing cannot spin.
         attempts = record.attempts + 1
         retry_at = backoff_at(state.policy, record.uid, attempts, now)
-        record = replace(record, attempts=attempts, retry_at=retry_at)
+        record = evolve(record, attempts=attempts, retry_at=retry_at)
         effects.append(Schedule(retry_at, record.uid))
-    pods = dict(state.pods)
-    pods[record.uid] = record
-    state = replace(state, pods=pods)
     state, effects = _consider_one(state, record, now, effects)
     return _dispatch_queued(state, now, effects)
 
@@ -543,17 +555,17 @@ def _written(state: GateState, message: Written, now: datetime) -> Step:
     record = state.pods.get(message.uid)
     if record is None:
         return state, effects
-    record = replace(record, busy=None, workload=message.workload or record.workload)
+    record = evolve(record, busy=None, workload=message.workload or record.workload)
     if message.pod is not None and _fresher(message.pod, record.pod):
         record = _observe(state, record, message.pod)
     if message.error is not None:
         attempts = record.attempts + 1
         retry_at = backoff_at(state.policy, record.uid, attempts, now)
         # A hold's write failed: write it again on the retry.
-        record = replace(record, attempts=attempts, retry_at=retry_at, held=None)
+        record = evolve(record, attempts=attempts, retry_at=retry_at, held=None)
         effects.append(Schedule(retry_at, record.uid))
     else:
-        record = replace(record, attempts=0 if record.granted is not None else record.attempts, recorded=True)
+        record = evolve(record, attempts=0 if record.granted is not None else record.attempts, recorded=True)
     return _consider_one(state, record, now, effects)
 
 
@@ -577,26 +589,25 @@ def _evicted(state: GateState, message: Evicted, now: datetime) -> Step:
     record = state.pods.get(message.uid)
     if record is None:
         return state, effects  # its deletion arrived first
-    record = replace(record, busy=None)
+    record = evolve(record, busy=None)
     why = message.reason
     if message.error is None:
-        record = replace(record, acted=True)
+        record = evolve(record, acted=True)
     elif message.transient:
         attempts = record.attempts + 1
         retry_at = backoff_at(state.policy, record.uid, attempts, now)
-        record = replace(record, attempts=attempts, retry_at=retry_at)
+        record = evolve(record, attempts=attempts, retry_at=retry_at)
         effects.append(Schedule(retry_at, record.uid))
     else:
-        record = replace(record, acted=True)
+        record = evolve(record, acted=True)
         what = "cannot be evicted" if message.cause == "metering" else "runs without a verified grant"
         text = f"pod {record.name} {what} for {info.key} ({why}); eviction failed: {message.error}"
         effects += [
             PostEvent(pod_ref, "Warning", "EvictionFailed", text),
             PostEvent(info.ref(), "Warning", "EvictionFailed", text),
         ]
-    pods = dict(state.pods)
-    pods[record.uid] = record
-    return replace(state, pods=pods), effects
+    state.book.put(record)
+    return state, effects
 
 
 # --- scope Cluster -----------------------------------------------------------------------------------
@@ -612,7 +623,7 @@ def _ensure_cluster(state: GateState, now: datetime, effects: list[Effect]) -> S
     if cluster is not None and not cluster.due(now):
         return state, effects
     effects.append(RegisterCluster(info, cluster, state.cluster_attempts + 1))
-    return replace(state, cluster_busy=True), effects
+    return evolve(state, cluster_busy=True), effects
 
 
 def _cluster_done(state: GateState, message: ClusterDone, now: datetime) -> Step:
@@ -627,7 +638,7 @@ def _cluster_done(state: GateState, message: ClusterDone, now: datetime) -> Step
         result = replace(result, renew_at=backoff_at(state.policy, CLUSTER, attempts, now))
     if result.renew_at is not None:
         effects.append(Schedule(result.renew_at, CLUSTER))
-    state = replace(state, cluster=result, cluster_busy=False, cluster_attempts=attempts)
+    state = evolve(state, cluster=result, cluster_busy=False, cluster_attempts=attempts)
     info = state.info
     if info is not None and (previous is None or previous.state is not result.state):
         kind: EventType = "Normal" if result.state is EntitlementState.GRANTED else "Warning"
@@ -641,9 +652,9 @@ def _cluster_done(state: GateState, message: ClusterDone, now: datetime) -> Step
             )
         )
     if result.state is EntitlementState.DENIED:
-        state = replace(state, last_denial=result.reason)
+        state = evolve(state, last_denial=result.reason)
     elif result.state is not EntitlementState.GRANTED:
-        state = replace(state, last_error=result.reason)
+        state = evolve(state, last_error=result.reason)
     if result.settled:
         return _consider_all(state, now, effects)
     return state, effects
@@ -656,38 +667,6 @@ def _cluster_done(state: GateState, message: ClusterDone, now: datetime) -> Step
 # counted against max_inflight like RegisterUsage). After every message the seats are reviewed
 # (plan_seats): leases of pods that went away are checked in, leases near expiry extended, lapsed
 # ones forgotten (AWS returned the seat); a freed seat wakes the pods that wait for one at once.
-
-
-def _waits_for_seat(record: PodRecord) -> bool:
-    return record.granted is None and record.denied is None and record.reason.startswith(SEATS_EXHAUSTED)
-
-
-def _queue_key(record: PodRecord) -> tuple[bool, str, str]:
-    """Who checks out first when seats are short: running pods (after a restart whose leases
-    lapsed, the pods that already run keep their seats), then by age, then by name."""
-    meta = record.pod.get("metadata", {})
-    return ent.is_gated(record.pod), str(meta.get("creationTimestamp") or ""), str(meta.get("name") or "")
-
-
-def _ahead(state: GateState, record: PodRecord) -> int:
-    """How many pods of the product go before this one: those that wait for a seat and came
-    first (a freed seat goes to the pod that waited longest, not to a new pod racing it), and
-    running pods not answered yet."""
-    mine = _queue_key(record)
-    count = 0
-    for other in state.live():
-        if other.uid == record.uid or _queue_key(other) >= mine:
-            continue
-        if other.granted is not None or other.denied is not None:
-            continue
-        running = (
-            ent.is_gated(record.pod)
-            and not ent.is_gated(other.pod)
-            and (other.waiting is None or other.waiting is EntitlementState.PENDING)
-        )
-        if _waits_for_seat(other) or running:
-            count += 1
-    return count
 
 
 def _consider_license(
@@ -706,33 +685,34 @@ def _consider_license(
         if state.seats_cluster_denied is not None:
             # The product's own checkout was refused for good: no pod of it runs.
             reason = state.seats_cluster_denied
-            record = replace(record, denied=reason, waiting=None, reason=reason)
+            record = evolve(record, denied=reason, waiting=None, reason=reason)
             release = info.mode is EntitlementMode.AUDIT and ent.is_gated(record.pod)
             effect = Deny(record.pod, info, reason, release=release, durable=False, at=now)
-            return replace(record, busy=Busy.WRITE), [effect], inflight
+            return evolve(record, busy=Busy.WRITE), [effect], inflight
         cluster = _live_seat(state, CLUSTER_HOLDER, now)
         if cluster is None:
             return record, [], inflight  # decided once the product's checkout answers
         if not per_pod:
             proof = Proof(cluster.signed, cluster.issued_at)
-            record = replace(record, granted=proof, waiting=None, reason="", attempts=0)
+            record = evolve(record, granted=proof, waiting=None, reason="", attempts=0)
             return _consider(state, record, now)
     own = _live_seat(state, record.uid, now)
     if own is not None:
         # The operator's own record of a live checkout for this pod: the proof.
         proof = Proof(own.signed, own.issued_at)
-        record = replace(record, granted=proof, waiting=None, reason="", attempts=0)
+        record = evolve(record, granted=proof, waiting=None, reason="", attempts=0)
         return _consider(state, record, now)
     seat = state.seats.get(record.uid)
-    ahead = _ahead(state, record)
-    if ahead:
+    # Another pod goes first: one that waits for a seat and came first (a freed seat goes to the
+    # pod that waited longest, not to a new pod racing it), or a running pod not answered yet.
+    if state.book.ahead(record):
         reason = f"{SEATS_EXHAUSTED}: other pods of the product are ahead in the queue for a free seat"
         record, effects = _exhausted(state, record, reason, info, now)
         return record, effects, inflight
     if inflight >= state.policy.max_inflight:
         return record, [], inflight
     count = seat.held.count if seat is not None else 0
-    return replace(record, busy=Busy.REGISTER), [Checkout(record.pod, info, count + 1)], inflight + 1
+    return evolve(record, busy=Busy.REGISTER), [Checkout(record.pod, info, count + 1)], inflight + 1
 
 
 def _live_seat(state: GateState, holder: str, now: datetime) -> HeldSeat | None:
@@ -745,12 +725,12 @@ def _live_seat(state: GateState, holder: str, now: datetime) -> HeldSeat | None:
 def _cluster_checked_out(state: GateState, result: RegisterResult, now: datetime) -> Step:
     """The product's per-cluster checkout answered (the seat itself is taken in by _registered)."""
     effects: list[Effect] = []
-    state = replace(state, seats_cluster_busy=False)
+    state = evolve(state, seats_cluster_busy=False)
     if isinstance(result, Granted):
-        state = replace(state, seats_cluster_attempts=0, seats_cluster_retry=None)
+        state = evolve(state, seats_cluster_attempts=0, seats_cluster_retry=None)
         return _consider_all(state, now, effects)
     if isinstance(result, Denied):
-        state = replace(state, seats_cluster_denied=result.reason, last_denial=result.reason)
+        state = evolve(state, seats_cluster_denied=result.reason, last_denial=result.reason)
         info = state.info
         if info is not None:
             effects.append(
@@ -770,9 +750,9 @@ def _cluster_checked_out(state: GateState, result: RegisterResult, now: datetime
         if known is None or (known.held.lease is None and known.held.count < result.count):
             seats = dict(state.seats)
             seats[CLUSTER_HOLDER] = Seat(HeldSeat(CLUSTER_HOLDER, result.count))
-            state = replace(state, seats=seats)
+            state = evolve(state, seats=seats)
     # Its timer is set by the seat review that follows every step.
-    state = replace(state, seats_cluster_attempts=attempts, seats_cluster_retry=retry_at, last_error=reason)
+    state = evolve(state, seats_cluster_attempts=attempts, seats_cluster_retry=retry_at, last_error=reason)
     return state, effects
 
 
@@ -785,16 +765,16 @@ def _exhausted(
     attempts = record.attempts + 1
     retry_at = backoff_at(state.policy, record.uid, attempts, now)
     # One write and one Event per wait: the reason's wording may change while it waits.
-    changed = not _waits_for_seat(record)
+    changed = not record.waits_for_seat
     if not changed:
         reason = record.reason
-    record = replace(
+    record = evolve(
         record, attempts=attempts, retry_at=retry_at, waiting=EntitlementState.PENDING, reason=reason
     )
     effects.append(Schedule(retry_at, record.uid))
     audit = info.mode is EntitlementMode.AUDIT
     if changed or (audit and ent.is_gated(record.pod)):
-        record = replace(record, busy=Busy.WRITE)
+        record = evolve(record, busy=Busy.WRITE)
         release = audit and ent.is_gated(record.pod)
         effects.append(WriteState(record.pod, info, EntitlementState.PENDING, reason, release=release))
     if changed:
@@ -815,25 +795,24 @@ def _seats_loaded(state: GateState, message: SeatsLoaded, now: datetime) -> Step
     if message.seats is None:
         retry_at = backoff_at(state.policy, SEATS, 1, now)
         effects.append(Schedule(retry_at, SEATS))
-        return replace(
-            state, seats_loading=False, seats_review_at=retry_at, last_error=message.error
-        ), effects
+        return evolve(state, seats_loading=False, seats_review_at=retry_at, last_error=message.error), effects
     seats = {holder: Seat(held) for holder, held in message.seats.items()}
-    state = replace(state, seats=seats, seats_loaded=True, seats_loading=False)
+    state = evolve(state, seats=seats, seats_loaded=True, seats_loading=False)
     return _consider_all(state, now, effects)
 
 
 def _wake_waiting(state: GateState, now: datetime, effects: list[Effect]) -> Step:
     """A seat came free: the pods waiting for one try again now (not at their backoff timer)."""
-    pods = dict(state.pods)
+    book = state.book
     woken = False
-    for uid, record in pods.items():
-        if _waits_for_seat(record) and record.busy is None:
-            pods[uid] = replace(record, retry_at=None)
+    for uid in list(book.seat_waiters):
+        record = book.pods[uid]
+        if record.busy is None:
+            book.put(evolve(record, retry_at=None))
             woken = True
     if not woken:
         return state, effects
-    return _dispatch_queued(replace(state, pods=pods), now, effects)
+    return _dispatch_queued(state, now, effects)
 
 
 def _seat_done(state: GateState, message: SeatDone, now: datetime) -> Step:
@@ -848,10 +827,10 @@ def _seat_done(state: GateState, message: SeatDone, now: datetime) -> Step:
         retry_at = backoff_at(state.policy, f"{SEATS}:{message.holder}", attempts, now)
         seats[message.holder] = replace(seat, busy=False, attempts=attempts, retry_at=retry_at)
         effects.append(Schedule(retry_at, SEATS))
-        return replace(state, seats=seats, last_error=message.error), effects
+        return evolve(state, seats=seats, last_error=message.error), effects
     if message.action is SeatAction.EXTEND and not message.gone and message.seat is not None:
         seats[message.holder] = Seat(message.seat)
-        return replace(state, seats=seats), effects
+        return evolve(state, seats=seats), effects
     # Checked in, or gone at AWS already: the seat is free.
     record = state.pods.get(message.holder)
     if message.holder == CLUSTER_HOLDER and message.action is SeatAction.EXTEND:
@@ -861,16 +840,14 @@ def _seat_done(state: GateState, message: SeatDone, now: datetime) -> Step:
     elif record is not None and not ent.is_terminating(record.pod):
         # A live pod lost its lease (it lapsed before it could be extended): check out again.
         seats[message.holder] = Seat(replace(seat.held, lease=None, signed=""))
-        pods = dict(state.pods)
-        pods[record.uid] = replace(record, granted=None, attempts=0, retry_at=None)
-        state = replace(state, pods=pods)
+        state.book.put(evolve(record, granted=None, attempts=0, retry_at=None))
         if message.action is SeatAction.EXTEND:
             effects.append(ForgetSeat(info, message.holder))
     else:
         del seats[message.holder]
         if message.gone and message.action is SeatAction.EXTEND:
             effects.append(ForgetSeat(info, message.holder))
-    state = replace(state, seats=seats)
+    state = evolve(state, seats=seats)
     state, effects = _wake_waiting(state, now, effects)
     record = state.pods.get(message.holder)
     if record is not None:
@@ -891,7 +868,7 @@ def _ensure_cluster_checkout(state: GateState, now: datetime, effects: list[Effe
         return state, effects
     count = seat.held.count if seat is not None else 0
     effects.append(CheckoutCluster(info, count + 1))
-    return replace(state, seats_cluster_busy=True), effects
+    return evolve(state, seats_cluster_busy=True), effects
 
 
 def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Step:
@@ -901,7 +878,7 @@ def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Ste
         retry_at = state.seats_review_at
         if not state.seats_loading and (retry_at is None or retry_at <= now):
             effects.append(LoadSeats(info))
-            state = replace(state, seats_loading=True)
+            state = evolve(state, seats_loading=True)
         return state, effects
     if not state.listed:
         return state, effects  # which pods live is not known yet: nothing is checked in blindly
@@ -910,7 +887,7 @@ def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Ste
     else:
         # A terminating pod returns its seat as its deletion starts: the pod still exists, so its
         # own (pod-bound) identity can check the seat in.
-        needed = {uid for uid, r in state.pods.items() if not ent.is_terminating(r.pod) and r.denied is None}
+        needed = set(state.book.needed)
     source = info.license
     assert source is not None
     if needed and any(e.per_cluster is not None for e in source.entitlements):
@@ -938,18 +915,16 @@ def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Ste
             freed = True
             if planned.holder in needed:
                 seats[planned.holder] = replace(seat, held=replace(seat.held, lease=None, signed=""))
-                pods = dict(state.pods)
-                record = pods.get(planned.holder)
+                record = state.pods.get(planned.holder)
                 if record is not None and record.granted is not None:
-                    pods[planned.holder] = replace(record, granted=None, attempts=0, retry_at=None)
-                    state = replace(state, pods=pods)
+                    state.book.put(evolve(record, granted=None, attempts=0, retry_at=None))
             else:
                 del seats[planned.holder]
                 effects.append(ForgetSeat(info, planned.holder))
         else:
             seats[planned.holder] = replace(seat, busy=True, retry_at=None)
             effects.append(SeatOp(info, planned.action, seat.held))
-    state = replace(state, seats=seats)
+    state = evolve(state, seats=seats)
     if freed:
         state, effects = _wake_waiting(state, now, effects)
         state, effects = _consider_all(state, now, effects)
@@ -970,7 +945,7 @@ def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Ste
     at = min(upcoming) if upcoming else None
     if at is not None and at != state.seats_review_at:
         effects.append(Schedule(at, SEATS))
-        state = replace(state, seats_review_at=at)
+        state = evolve(state, seats_review_at=at)
     return state, effects
 
 
@@ -980,7 +955,7 @@ def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Ste
 def workload_members(state: GateState) -> dict[WorkloadRef, list[ent.MemberView]]:
     """Each known workload's pods, as the summary annotation reports them."""
     members: dict[WorkloadRef, list[ent.MemberView]] = {}
-    for record in state.live():
+    for record in state.book.live():
         if record.workload is None:
             continue
         proof = record.granted

@@ -7,6 +7,8 @@ commands. Benchmarks start or join the local cluster themselves.
 (bench/compare_entitlement.py): a base commit's operator and this tree's, alternately;
 `python -m bench memory --base <commit>` the same for memory and threads (bench/compare_memory.py);
 `python -m bench idle --base <commit>` threads and idle CPU with 50 products (bench/compare_idle.py).
+`python -m bench machine --base <commit>` the gate's pure state machine alone, base vs this tree
+(bench/bench_machine.py: no cluster, synthetic bursts, and the same-behaviour check).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def main() -> int:
         from bench import compare_idle
 
         return compare_idle.main(sys.argv[2:])
+    if sys.argv[1:2] == ["machine"]:
+        from bench import bench_machine
+
+        return bench_machine.main(sys.argv[2:])
     if sys.argv[1:2] == ["memory"]:
         from bench import compare_memory
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare_entitlement import REPO_ROOT, Variant, base_variant, new_variant
+from bench.machine_driver import SCOPES
 
 
 def driver(variant: Variant, *args: str) -> list[dict[str, Any]]:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="c4c11f7", help="the commit to compare with")
     parser.add_argument("--pods", type=int, nargs="+", default=[200, 2000])
-    parser.add_argument("--scopes", nargs="+", default=["pod", "license"], choices=("pod", "license"))
+    parser.add_argument("--scopes", nargs="+", default=list(SCOPES), choices=SCOPES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-inflight", type=int, default=16)
     parser.add_argument("--check-seeds", type=int, default=10)

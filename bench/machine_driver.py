@@ -26,7 +26,7 @@ from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from metering_operator.domain.license_seats import HeldSeat, SeatAction, SeatLease
+from metering_operator.domain.license_seats import CLUSTER_HOLDER, HeldSeat, SeatAction, SeatLease
 from metering_operator.domain.onfailure import Hold
 from metering_operator.domain.product import (
     ANNOTATION_ENTITLEMENT,
@@ -40,14 +40,19 @@ from metering_operator.gate import model as m
 from metering_operator.gate.product import ProductInfo
 
 T0 = datetime(2031, 3, 4, 10, 0, tzinfo=UTC)
+#: RegisterUsage per pod; License Manager seats per pod; and with a per-cluster entitlement too.
+SCOPES = ("pod", "license", "license-cluster")
 
 
 def product(scope: str, mode: str = "Enforce", generation: int = 1) -> ProductInfo:
     entitlement: dict[str, Any] = {"mode": mode}
-    if scope == "license":
+    if scope != "pod":
+        wanted: list[dict[str, Any]] = [{"name": "seats", "perPod": 1}]
+        if scope == "license-cluster":
+            wanted.insert(0, {"name": "site", "perCluster": 1})
         entitlement |= {
             "source": "LicenseManager",
-            "licenseManager": {"productSKU": "prod-x", "entitlements": [{"name": "seats", "perPod": 1}]},
+            "licenseManager": {"productSKU": "prod-x", "entitlements": wanted},
         }
     body: dict[str, Any] = {
         "productCode": "benchproduct0000000000001",
@@ -56,10 +61,10 @@ def product(scope: str, mode: str = "Enforce", generation: int = 1) -> ProductIn
         "entitlement": entitlement,
         "metering": {"dimensions": [{"name": "users", "source": "Replicas"}]},
     }
-    if scope != "license":
+    if scope == "pod":
         body["publicKey"] = {"pem": "-----BEGIN PUBLIC KEY-----\nunused\n-----END PUBLIC KEY-----"}
     spec = MeteredProductSpec.model_validate(body)
-    key = None if scope == "license" else _public_key()
+    key = _public_key() if scope == "pod" else None
     return ProductInfo("bench", "paid", "product-uid", generation, spec, True, key, None)
 
 
@@ -134,7 +139,7 @@ def burst(n: int, scope: str, max_inflight: int) -> dict[str, Any]:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     send(m.ProductChanged(info))
     send(m.Listed((), {}))
-    if scope == "license":
+    if scope != "pod":
         send(m.SeatsLoaded({}))
     for p in pods:
         send(m.PodUpdated(p))
@@ -218,21 +223,21 @@ class World:
         self.digest = hashlib.sha256()
         self.steps = 0
         self.kinds: Counter[str] = Counter()
+        #: Every step's message and effects (``--log``), to find where two trees part.
+        self.log: Any = None
 
     def send(self, message: m.Message) -> None:
         self.state, effects = machine.step(self.state, message, self.now)
         self.steps += 1
         line = json.dumps([self.steps, canon(effects), self.state.inflight], default=str)
         self.digest.update(line.encode())
+        if self.log is not None:
+            self.log.write(f"{type(message).__name__} {canon(message)!s:.300}\n  {line}\n")
         self.kinds.update(type(e).__name__ for e in effects)
         for effect in effects:
             if isinstance(effect, m.Schedule):
                 self.seq += 1
                 heapq.heappush(self.timers, (effect.at, self.seq, effect.key))
-            elif isinstance(effect, m.Deny) and effect.durable:
-                self.denials[uid_of(effect.pod)] = effect.reason
-            elif isinstance(effect, m.LoadSeats):
-                self.work.append(effect)
             elif not isinstance(effect, m.PostEvent | m.PruneDenials | m.ForgetSeat | m.FindWorkload):
                 self.work.append(effect)
 
@@ -263,8 +268,23 @@ class World:
                 self.seats.pop(holder, None)
                 self.send(m.SeatDone(holder, effect.action))
             return
-        if isinstance(effect, m.CheckoutCluster | m.RegisterCluster):
+        if isinstance(effect, m.CheckoutCluster):
+            roll = rng.random()
+            if roll < 0.7:
+                held = seat(CLUSTER_HOLDER, effect.count, self.now, minutes=rng.choice((25, 60)))
+                self.seats[CLUSTER_HOLDER] = held
+                self.send(m.Registered(CLUSTER_HOLDER, m.Granted(held.signed, self.now, seat=held)))
+            elif roll < 0.8:
+                self.send(
+                    m.Registered(CLUSTER_HOLDER, m.Exhausted("SeatsExhausted: site held", effect.count))
+                )
+            elif roll < 0.83:
+                self.send(m.Registered(CLUSTER_HOLDER, m.Denied("NoEntitlementsAllowed")))
+            else:
+                self.send(m.Registered(CLUSTER_HOLDER, m.Failed("ThrottlingException", transient=True)))
             return
+        if isinstance(effect, m.RegisterCluster):
+            raise AssertionError("scope Cluster is not driven here")
         uid = uid_of(effect.pod)
         current = self.pods.get(uid)
         if isinstance(effect, m.Register | m.Checkout):
@@ -278,7 +298,7 @@ class World:
                     self.send(m.Registered(uid, m.Granted(held.signed, self.now, seat=held)))
                 else:
                     self.send(m.Registered(uid, m.Granted(f"tok-{uid}", self.now)))
-            elif roll < 0.7 and isinstance(effect, m.Checkout):
+            elif roll < 0.62 and isinstance(effect, m.Checkout):
                 self.send(m.Registered(uid, m.Exhausted("SeatsExhausted: all seats held", effect.count)))
             elif roll < 0.75:
                 self.send(m.Registered(uid, m.Denied("CustomerNotEntitledException")))
@@ -287,6 +307,8 @@ class World:
             else:
                 self.send(m.Registered(uid, m.Failed("AccessDenied: no role", transient=False)))
             return
+        if isinstance(effect, m.Deny) and effect.durable and rng.random() < 0.9:
+            self.denials[uid] = effect.reason  # the operator's record first (or that write fails)
         if isinstance(effect, m.WriteGrant | m.WriteState | m.Deny):
             if current is None or rng.random() < 0.1:
                 self.send(m.Written(uid, None, error="Conflict"))
@@ -365,7 +387,7 @@ class World:
             elif roll < 0.83:
                 hold = (
                     Hold("no hour reported for 6 hours", evict=rng.random() < 0.5)
-                    if rng.random() < 0.6
+                    if rng.random() < 0.3
                     else None
                 )
                 self.send(m.MeteringHold(hold))
@@ -381,13 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     b = sub.add_parser("burst")
     b.add_argument("--pods", type=int, nargs="+", default=[200, 2000])
-    b.add_argument("--scope", choices=("pod", "license"), default="pod")
+    b.add_argument("--scope", choices=SCOPES, default="pod")
     b.add_argument("--max-inflight", type=int, default=16)
     t = sub.add_parser("trace")
     t.add_argument("--seeds", type=int, default=20)
     t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--scope", choices=("pod", "license"), default="pod")
+    t.add_argument("--scope", choices=SCOPES, default="pod")
     t.add_argument("--max-inflight", type=int, default=4)
+    t.add_argument("--log", help="write each seed's steps to LOG.<seed>")
     args = parser.parse_args(argv)
     where = machine.__file__
     if args.mode == "burst":
@@ -396,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for seed in range(args.seeds):
         world = World(seed, args.scope, args.max_inflight)
+        if args.log is not None:
+            world.log = open(f"{args.log}.{seed}", "w")  # noqa: SIM115 (closed with the process)
         world.run(args.steps)
         print(
             json.dumps(

@@ -13,7 +13,11 @@ change of a record, what the machine used to find by walking every pod on every 
   (``(running first, age, name)``): seat waiters and running pods not answered yet, so "is anyone
   ahead of this pod" is a look at the top of a heap;
 * the live (not terminating), not denied pods (the holders a contract product needs a seat for);
-* a tally of the pods by what the status and the gauges count, so a status flush reads counters.
+* a tally of the pods by what the status and the gauges count, so a status flush reads counters;
+* contract products' seats (holder -> Seat) with what the seat review needs to look at only the
+  holders that can have something to do: the holders changed since the last review (their seat,
+  or whether a pod needs one), a heap of the moments a seat's answer changes by itself (its retry,
+  its extension being due, its lapse), and a min-heap of each seat's next review time.
 
 **Ownership.** The book is mutable and owned by the one chain of states its controller steps: a
 step updates it in place and returns a state that shares it. A state that has been stepped is
@@ -32,10 +36,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from metering_operator.domain import entitlement as ent
-from metering_operator.domain.product import EntitlementState
+from metering_operator.domain.license_seats import CLUSTER_HOLDER, EXTEND_WITHIN
+from metering_operator.domain.product import CheckoutType, EntitlementState
 
 if TYPE_CHECKING:
-    from metering_operator.gate.model import PodRecord
+    from metering_operator.gate.model import PodRecord, Seat
 
 #: ``(gated, creationTimestamp, name)``: who checks out first when seats are short.
 QueueKey = tuple[bool, str, str]
@@ -123,6 +128,7 @@ class Book:
         self.version = 0
         self.next_order = 0
         self._reset()
+        self._reset_seats()
 
     def _reset(self) -> None:
         #: uid -> record, in the pods' order (first seen, or the last list's).
@@ -131,6 +137,10 @@ class Book:
         #: RegisterUsage / CheckoutLicense calls in flight for the product.
         self.inflight = 0
         self.ready = _KeyHeap()
+        #: Ready pods the dispatcher looked at and left idle: they wait for something other than a
+        #: slot, and go back to ``ready`` when a message about them, a look at every pod, or a new
+        #: seat of the product's per-cluster checkout (whose lapse alone can block them) comes.
+        self.parked: dict[str, None] = {}
         self.retries: list[tuple[datetime, int, str]] = []
         #: Pods waiting for a License Manager seat (uid -> None, in the order they began to wait).
         self.seat_waiters: dict[str, None] = {}
@@ -141,6 +151,20 @@ class Book:
         self.tallies: dict[str, Tally] = {}
         self.tally: Counter[Tally] = Counter()
 
+    def _reset_seats(self) -> None:
+        #: Contract products: each holder's seat (pod uid or the cluster holder -> Seat).
+        self.seats: dict[str, Seat] = {}
+        self.seat_order: dict[str, int] = {}
+        self.next_seat_order = 0
+        #: Holders whose seat, or whose pod's need of one, changed since the last review.
+        self.seat_dirty: set[str] = set()
+        #: ``(moment, holder)``: when a seat's review answer changes without any message.
+        self.seat_times: list[tuple[datetime, str]] = []
+        #: Each holder's next review time (what the review schedules its timer at).
+        self.seat_next = _KeyHeap()
+        #: What the last review assumed of the product (another: every holder is looked at).
+        self.seat_basis: tuple[Any, ...] | None = None
+
     # --- the one way a record changes -------------------------------------------------------
 
     def put(self, record: PodRecord) -> None:
@@ -150,6 +174,7 @@ class Book:
             self.next_order += 1
         self.pods[uid] = record
         order = self.order[uid]
+        self.parked.pop(uid, None)
         idle = record.busy is None and record.granted is None and record.denied is None
         if idle and record.retry_at is None:
             self.ready.set(uid, order)
@@ -178,10 +203,14 @@ class Book:
             self.running.set(uid, queue_key(record))
         else:
             self.running.discard(uid)
-        if live and record.denied is None:
-            self.needed[uid] = None
-        else:
-            self.needed.pop(uid, None)
+        needed = live and record.denied is None
+        if needed != (uid in self.needed):
+            if needed:
+                self.needed[uid] = None
+            else:
+                del self.needed[uid]
+            if uid in self.seats:
+                self.seat_dirty.add(uid)
         state = record.state
         tally = Tally(
             live=live,
@@ -203,17 +232,85 @@ class Book:
             return None
         del self.order[uid]
         self.ready.discard(uid)
+        self.parked.pop(uid, None)
         self.seat_waiters.pop(uid, None)
         self.seat_queue.discard(uid)
         self.running.discard(uid)
-        self.needed.pop(uid, None)
+        if self.needed.pop(uid, 0) is None and uid in self.seats:
+            self.seat_dirty.add(uid)
         tally = self.tallies.pop(uid)
         self.tally[tally] -= 1
         return record
 
     def clear(self) -> None:
-        """Forget every pod (a new list follows); the version and the order counter go on."""
+        """Forget every pod (a new list follows); the version, the order counter and the seats go
+        on (the next seat review looks at every holder)."""
         self._reset()
+        self.seat_basis = None
+
+    # --- seats ------------------------------------------------------------------------------
+
+    def set_seat(self, holder: str, seat: Seat) -> None:
+        if holder == CLUSTER_HOLDER and self.parked:
+            # The product's per-cluster lease can make parked pods go on (it lapses by time alone,
+            # and comes back only here): the dispatcher looks at them again, in their order.
+            for uid in self.parked:
+                self.ready.set(uid, self.order[uid])
+            self.parked = {}
+        if holder not in self.seats:
+            self.seat_order[holder] = self.next_seat_order
+            self.next_seat_order += 1
+        self.seats[holder] = seat
+        self.seat_dirty.add(holder)
+        lease = seat.held.lease
+        moments = [seat.retry_at] if seat.retry_at is not None else []
+        if lease is not None and lease.expiration is not None:
+            moments.append(lease.expiration)
+            if lease.checkout_type is CheckoutType.PROVISIONAL:
+                moments.append(lease.expiration - EXTEND_WITHIN)
+        for moment in moments:
+            heapq.heappush(self.seat_times, (moment, holder))
+        if len(self.seat_times) > 6 * len(self.seats) + 64:
+            self.seat_times = [m for m in self.seat_times if self.seats.get(m[1]) is not None]
+            heapq.heapify(self.seat_times)
+
+    def drop_seat(self, holder: str) -> None:
+        del self.seats[holder]
+        del self.seat_order[holder]
+        self.seat_dirty.add(holder)
+        self.seat_next.discard(holder)
+
+    def load_seats(self, seats: Iterable[tuple[str, Seat]]) -> None:
+        self._reset_seats()
+        for holder, seat in seats:
+            self.set_seat(holder, seat)
+
+    def seat_candidates(self, now: datetime, basis: tuple[Any, ...]) -> list[str]:
+        """The holders the review looks at now, in the seats' order: every one when what the
+        review assumes of the product changed, else those changed since and those whose moment
+        has come. Any other holder's answer is the same as at its last review: nothing to do."""
+        last = self.seat_basis
+        if (
+            last is None
+            or len(last) != len(basis)
+            or any(a is not b for a, b in zip(basis, last, strict=True))
+        ):
+            self.seat_basis = basis
+            self.seat_dirty = set()
+            self.seat_times = [m for m in self.seat_times if m[0] > now]
+            heapq.heapify(self.seat_times)
+            return list(self.seats)
+        due = self.seat_dirty
+        self.seat_dirty = set()
+        times = self.seat_times
+        while times and times[0][0] <= now:
+            due.add(heapq.heappop(times)[1])
+        order = self.seat_order
+        return sorted((h for h in due if h in order), key=order.__getitem__)
+
+    def next_seat_review(self) -> datetime | None:
+        found: datetime | None = self.seat_next.min_other("")
+        return found
 
     # --- the dispatcher's queue -------------------------------------------------------------
 
@@ -237,6 +334,11 @@ class Book:
                 (r.retry_at, self.order[u], u) for u, r in self.pods.items() if r.retry_at is not None
             ]
             heapq.heapify(self.retries)
+
+    def park(self, uid: str) -> None:
+        """The dispatcher looked at this ready pod and it stayed idle (see ``parked``)."""
+        if self.ready.keys.pop(uid, None) is not None:
+            self.parked[uid] = None
 
     def pop_ready(self) -> PodRecord | None:
         uid = self.ready.pop()

@@ -48,7 +48,7 @@ from metering_operator.domain.license_seats import (
     plan_seats,
 )
 from metering_operator.domain.product import SCHEDULING_GATE, EntitlementMode, EntitlementState
-from metering_operator.gate.book import StaleState
+from metering_operator.gate.book import Book, StaleState
 from metering_operator.gate.model import (
     CLUSTER,
     SEATS,
@@ -307,7 +307,7 @@ def _dispatch_queued(state: GateState, now: datetime, effects: list[Effect]) -> 
     the whole map would have looked at, in the same order. A pod looked at here and left idle was
     waiting for something other than a slot (a list, the product, a hold, the cluster's or the
     seats' answer); it leaves the queue until a message about it or a look at every pod puts it
-    back, as only those can change its answer."""
+    back (or, for a contract product, a new per-cluster seat), as only those change its answer."""
     book = state.book
     cap = state.policy.max_inflight
     if book.inflight >= cap:
@@ -320,7 +320,7 @@ def _dispatch_queued(state: GateState, now: datetime, effects: list[Effect]) -> 
         record, more, inflight = _consider(state, record, now)
         book.inflight = inflight
         book.put(record)
-        book.ready.discard(record.uid)
+        book.park(record.uid)
         effects.extend(more)
     return state, effects
 
@@ -470,17 +470,13 @@ def _registered(state: GateState, message: Registered, now: datetime) -> Step:
     if isinstance(result, Granted) and result.seat is not None:
         # The checkout is the operator's now, whatever became of the pod meanwhile (gone: the
         # seat review checks it in).
-        seats = dict(state.seats)
-        seats[result.seat.holder] = Seat(result.seat)
-        state = evolve(state, seats=seats)
+        state.book.set_seat(result.seat.holder, Seat(result.seat))
     if message.uid == CLUSTER_HOLDER:
         return _cluster_checked_out(state, result, now)
     if isinstance(result, Exhausted):
         known = state.seats.get(message.uid)
         if known is None or (known.held.lease is None and known.held.count < result.count):
-            seats = dict(state.seats)
-            seats[message.uid] = Seat(HeldSeat(message.uid, result.count))
-            state = evolve(state, seats=seats)
+            state.book.set_seat(message.uid, Seat(HeldSeat(message.uid, result.count)))
     record = state.pods.get(message.uid)
     if record is None or record.busy is not Busy.REGISTER:
         return state, effects  # forgotten meanwhile (deleted, or a new list): its slot is free already
@@ -748,9 +744,7 @@ def _cluster_checked_out(state: GateState, result: RegisterResult, now: datetime
     if isinstance(result, Exhausted):
         known = state.seats.get(CLUSTER_HOLDER)
         if known is None or (known.held.lease is None and known.held.count < result.count):
-            seats = dict(state.seats)
-            seats[CLUSTER_HOLDER] = Seat(HeldSeat(CLUSTER_HOLDER, result.count))
-            state = evolve(state, seats=seats)
+            state.book.set_seat(CLUSTER_HOLDER, Seat(HeldSeat(CLUSTER_HOLDER, result.count)))
     # Its timer is set by the seat review that follows every step.
     state = evolve(state, seats_cluster_attempts=attempts, seats_cluster_retry=retry_at, last_error=reason)
     return state, effects
@@ -796,8 +790,8 @@ def _seats_loaded(state: GateState, message: SeatsLoaded, now: datetime) -> Step
         retry_at = backoff_at(state.policy, SEATS, 1, now)
         effects.append(Schedule(retry_at, SEATS))
         return evolve(state, seats_loading=False, seats_review_at=retry_at, last_error=message.error), effects
-    seats = {holder: Seat(held) for holder, held in message.seats.items()}
-    state = evolve(state, seats=seats, seats_loaded=True, seats_loading=False)
+    state.book.load_seats((holder, Seat(held)) for holder, held in message.seats.items())
+    state = evolve(state, seats_loaded=True, seats_loading=False)
     return _consider_all(state, now, effects)
 
 
@@ -821,33 +815,32 @@ def _seat_done(state: GateState, message: SeatDone, now: datetime) -> Step:
     info = state.info
     if seat is None or info is None:
         return state, effects
-    seats = dict(state.seats)
+    book = state.book
     if message.error is not None and not message.gone:
         attempts = seat.attempts + 1
         retry_at = backoff_at(state.policy, f"{SEATS}:{message.holder}", attempts, now)
-        seats[message.holder] = replace(seat, busy=False, attempts=attempts, retry_at=retry_at)
+        book.set_seat(message.holder, replace(seat, busy=False, attempts=attempts, retry_at=retry_at))
         effects.append(Schedule(retry_at, SEATS))
-        return evolve(state, seats=seats, last_error=message.error), effects
+        return evolve(state, last_error=message.error), effects
     if message.action is SeatAction.EXTEND and not message.gone and message.seat is not None:
-        seats[message.holder] = Seat(message.seat)
-        return evolve(state, seats=seats), effects
+        book.set_seat(message.holder, Seat(message.seat))
+        return state, effects
     # Checked in, or gone at AWS already: the seat is free.
     record = state.pods.get(message.holder)
     if message.holder == CLUSTER_HOLDER and message.action is SeatAction.EXTEND:
         # The product's lease lapsed before it could be extended: the review checks out again.
-        seats[message.holder] = Seat(replace(seat.held, lease=None, signed=""))
+        book.set_seat(message.holder, Seat(replace(seat.held, lease=None, signed="")))
         effects.append(ForgetSeat(info, message.holder))
     elif record is not None and not ent.is_terminating(record.pod):
         # A live pod lost its lease (it lapsed before it could be extended): check out again.
-        seats[message.holder] = Seat(replace(seat.held, lease=None, signed=""))
+        book.set_seat(message.holder, Seat(replace(seat.held, lease=None, signed="")))
         state.book.put(evolve(record, granted=None, attempts=0, retry_at=None))
         if message.action is SeatAction.EXTEND:
             effects.append(ForgetSeat(info, message.holder))
     else:
-        del seats[message.holder]
+        book.drop_seat(message.holder)
         if message.gone and message.action is SeatAction.EXTEND:
             effects.append(ForgetSeat(info, message.holder))
-    state = evolve(state, seats=seats)
     state, effects = _wake_waiting(state, now, effects)
     record = state.pods.get(message.holder)
     if record is not None:
@@ -872,6 +865,12 @@ def _ensure_cluster_checkout(state: GateState, now: datetime, effects: list[Effe
 
 
 def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Step:
+    """Bring the seats in line with the pods (after every step): check in the seats of pods that
+    went away, extend leases near expiry, forget lapsed ones, and schedule the next review.
+
+    Only the holders that can have something to do are looked at (the book's
+    :meth:`~metering_operator.gate.book.Book.seat_candidates`), in the seats' order, so a step
+    costs O(log n) in the seats, not a plan of every seat."""
     info = state.info
     assert info is not None
     if not state.seats_loaded:
@@ -882,71 +881,91 @@ def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Ste
         return state, effects
     if not state.listed:
         return state, effects  # which pods live is not known yet: nothing is checked in blindly
-    if info.mode is EntitlementMode.OFF:
-        needed: set[str] = set()
-    else:
-        # A terminating pod returns its seat as its deletion starts: the pod still exists, so its
-        # own (pod-bound) identity can check the seat in.
-        needed = set(state.book.needed)
+    book = state.book
+    # A terminating pod returns its seat as its deletion starts: the pod still exists, so its own
+    # (pod-bound) identity can check the seat in. Mode Off needs no seat at all.
+    off = info.mode is EntitlementMode.OFF
     source = info.license
     assert source is not None
-    if needed and any(e.per_cluster is not None for e in source.entitlements):
-        # Per-cluster entitlements are held once, as the operator, while any pod of the product runs.
-        needed.add(CLUSTER_HOLDER)
+    # Per-cluster entitlements are held once, as the operator, while any pod of the product runs.
+    cluster_needed = (
+        not off and bool(book.needed) and any(e.per_cluster is not None for e in source.entitlements)
+    )
+    if cluster_needed:
         state, effects = _ensure_cluster_checkout(state, now, effects)
-    seats = dict(state.seats)
+    pods_needed = {} if off else book.needed
+
+    def needed(holder: str) -> bool:
+        return holder in pods_needed or (cluster_needed and holder == CLUSTER_HOLDER)
+
+    candidates = book.seat_candidates(now, (info, off, cluster_needed))
+    seats = book.seats
     freed = False
     leases = []
-    for holder, seat in list(seats.items()):
+    wanted = set()
+    for holder in candidates:
+        seat = seats[holder]
         if seat.busy or (seat.retry_at is not None and seat.retry_at > now):
             continue
         if seat.held.lease is None:
-            if holder not in needed:
-                del seats[holder]
+            if not needed(holder):
+                book.drop_seat(holder)
                 effects.append(ForgetSeat(info, holder))
             continue
         leases.append(seat.held.lease)
-    for planned in plan_seats(needed, leases, now):
+        if needed(holder):
+            wanted.add(holder)
+    for planned in plan_seats(wanted, leases, now):
         found = seats.get(planned.holder)
         if found is None or planned.lease is None:
             continue  # Checkout: a pod's own path (_consider_license) asks for its seat
         seat = found
         if planned.action is SeatAction.FORGET:
             freed = True
-            if planned.holder in needed:
-                seats[planned.holder] = replace(seat, held=replace(seat.held, lease=None, signed=""))
+            if needed(planned.holder):
+                book.set_seat(planned.holder, replace(seat, held=replace(seat.held, lease=None, signed="")))
                 record = state.pods.get(planned.holder)
                 if record is not None and record.granted is not None:
-                    state.book.put(evolve(record, granted=None, attempts=0, retry_at=None))
+                    book.put(evolve(record, granted=None, attempts=0, retry_at=None))
             else:
-                del seats[planned.holder]
+                book.drop_seat(planned.holder)
                 effects.append(ForgetSeat(info, planned.holder))
         else:
-            seats[planned.holder] = replace(seat, busy=True, retry_at=None)
+            book.set_seat(planned.holder, replace(seat, busy=True, retry_at=None))
             effects.append(SeatOp(info, planned.action, seat.held))
-    state = evolve(state, seats=seats)
     if freed:
         state, effects = _wake_waiting(state, now, effects)
         state, effects = _consider_all(state, now, effects)
+    for holder in candidates:
+        seat = seats.get(holder)
+        if seat is not None:
+            _seat_next(book, holder, seat, now)
     # Leases waiting for a retry are looked at again at their retry time, not before.
-    idle = [
-        s.held.lease
-        for s in seats.values()
-        if not s.busy and s.held.lease is not None and (s.retry_at is None or s.retry_at <= now)
-    ]
-    due = next_review(idle, now)
-    upcoming = [due] if due is not None else []
-    upcoming += [s.retry_at for s in seats.values() if s.retry_at is not None and s.retry_at > now]
+    upcoming = [] if (due := book.next_seat_review()) is None else [due]
     if state.seats_cluster_retry is not None and state.seats_cluster_retry > now:
         upcoming.append(state.seats_cluster_retry)
-    upcoming += [
-        lease.expiration for lease in idle if lease.expiration is not None and lease.expiration > now
-    ]
     at = min(upcoming) if upcoming else None
     if at is not None and at != state.seats_review_at:
         effects.append(Schedule(at, SEATS))
         state = evolve(state, seats_review_at=at)
     return state, effects
+
+
+def _seat_next(book: Book, holder: str, seat: Seat, now: datetime) -> None:
+    """When the review must next look at this seat: its retry, or, for an idle lease, when its
+    extension is due (``next_review``) or it lapses."""
+    times = [seat.retry_at] if seat.retry_at is not None and seat.retry_at > now else []
+    lease = seat.held.lease
+    if not seat.busy and lease is not None and (seat.retry_at is None or seat.retry_at <= now):
+        due = next_review([lease], now)
+        if due is not None:
+            times.append(due)
+        if lease.expiration is not None and lease.expiration > now:
+            times.append(lease.expiration)
+    if times:
+        book.seat_next.set(holder, min(times))
+    else:
+        book.seat_next.discard(holder)
 
 
 # --- views -------------------------------------------------------------------------------------------

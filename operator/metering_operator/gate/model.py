@@ -130,8 +130,6 @@ class GateState:
     cluster_attempts: int = 0
     last_denial: str | None = None
     last_error: str | None = None
-    #: Contract products: each holder's seat (pod uid -> Seat), loaded from the operator's record.
-    seats: Mapping[str, Seat] = field(default_factory=dict)
     seats_loaded: bool = False
     seats_loading: bool = False
     #: When the next seat review is scheduled (None: none pending).
@@ -150,6 +148,12 @@ class GateState:
     def pods(self) -> Mapping[str, PodRecord]:
         """Every pod of the product by uid (read only: the machine changes it through the book)."""
         return self.book.pods
+
+    @property
+    def seats(self) -> Mapping[str, Seat]:
+        """Contract products: each holder's seat (pod uid -> Seat), loaded from the operator's
+        record (read only: the machine changes it through the book)."""
+        return self.book.seats
 
     @property
     def inflight(self) -> int:

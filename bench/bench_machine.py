@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.compare_entitlement import REPO_ROOT, Variant, base_variant, new_variant
+from tests.e2e.conftest import REPO_ROOT
+
+from bench.compare_entitlement import Variant, base_variant, new_variant
 from bench.machine_driver import SCOPES
 
 

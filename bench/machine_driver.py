@@ -283,8 +283,8 @@ class World:
             else:
                 self.send(m.Registered(CLUSTER_HOLDER, m.Failed("ThrottlingException", transient=True)))
             return
-        if isinstance(effect, m.RegisterCluster):
-            raise AssertionError("scope Cluster is not driven here")
+        if not isinstance(effect, m.Register | m.Checkout | m.WriteGrant | m.WriteState | m.Deny | m.Evict):
+            raise AssertionError(f"not driven here: {effect!r}")  # scope Cluster's RegisterCluster
         uid = uid_of(effect.pod)
         current = self.pods.get(uid)
         if isinstance(effect, m.Register | m.Checkout):

@@ -937,9 +937,8 @@ def _review_seats(state: GateState, now: datetime, effects: list[Effect]) -> Ste
         state, effects = _wake_waiting(state, now, effects)
         state, effects = _consider_all(state, now, effects)
     for holder in candidates:
-        seat = seats.get(holder)
-        if seat is not None:
-            _seat_next(book, holder, seat, now)
+        if (reviewed := seats.get(holder)) is not None:
+            _seat_next(book, holder, reviewed, now)
     # Leases waiting for a retry are looked at again at their retry time, not before.
     upcoming = [] if (due := book.next_seat_review()) is None else [due]
     if state.seats_cluster_retry is not None and state.seats_cluster_retry > now:

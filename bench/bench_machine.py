@@ -37,14 +37,17 @@ from bench.machine_driver import SCOPES
 
 def driver(variant: Variant, *args: str) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": str(variant.root / "operator")}
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "bench.machine_driver", *args],
         cwd=REPO_ROOT,
         env=env,
-        check=True,
+        check=False,
         capture_output=True,
         text=True,
-    ).stdout
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{variant.name}: machine_driver {' '.join(args)} failed:\n{done.stderr}")
+    out = done.stdout
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
     expected = str(variant.root / "operator" / "metering_operator" / "gate" / "machine.py")
     for row in rows:

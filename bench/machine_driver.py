@@ -150,6 +150,9 @@ def burst(n: int, scope: str, max_inflight: int) -> dict[str, Any]:
         elif isinstance(effect, m.Checkout):
             held = seat(uid_of(effect.pod), effect.count, now)
             send(m.Registered(uid_of(effect.pod), m.Granted(held.signed, now, seat=held)))
+        elif isinstance(effect, m.CheckoutCluster):
+            held = seat(CLUSTER_HOLDER, effect.count, now)
+            send(m.Registered(CLUSTER_HOLDER, m.Granted(held.signed, now, seat=held)))
         elif isinstance(effect, m.WriteGrant):
             notes = {ANNOTATION_SIGNATURE: effect.proof.token, ANNOTATION_ENTITLEMENT: "Granted"}
             released = written(dict(effect.pod), release=True, notes=notes)

@@ -170,3 +170,58 @@ def test_a_pod_held_for_a_seat_keeps_its_order_after_a_relist() -> None:
     assert d.state.book.waiting() == []  # x is gone from the list, its slot freed, y started
     assert d.state.pods["y"].busy is m.Busy.REGISTER
     assert d.state.pods["y"].state is not EntitlementState.GRANTED
+
+
+def test_a_step_that_raises_changes_nothing(key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller logs a failed step and goes on from the state it had: the step's changes to
+    the shared book are undone, so no pod is left marked busy for a Register never carried out."""
+    d = Driver(info(key), max_inflight=2)
+    d.list(pod("a"), pod("b"), pod("c"), pod("d"))
+    before = {uid: r for uid, r in d.state.pods.items()}
+    waiting, inflight = d.state.book.waiting(), d.state.inflight
+    calls = 0
+    consider = machine._consider
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("a bug in the middle of a step")
+        return consider(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(machine, "_consider", flaky)
+    with pytest.raises(RuntimeError):
+        # Granted: a's grant is written (1st look), then b... the 2nd look raises.
+        d.send(m.Registered("a", m.Granted("ta", T0)))
+    monkeypatch.setattr(machine, "_consider", consider)
+    assert dict(d.state.pods) == before
+    assert d.state.book.waiting() == waiting
+    assert d.state.inflight == inflight
+    assert d.state.counts() == ent.count_pods(r.state for r in before.values())
+    # The same state goes on: the answer is taken again, the grant written, c started.
+    effects = d.send(m.Registered("a", m.Granted("ta", T0)))
+    assert kinds(effects) == ["WriteGrant", "Register"]
+    assert registered(effects) == ["c"]
+    assert d.state.book.waiting() == ["d"]
+
+
+def test_a_seat_review_that_raises_changes_neither_pods_nor_seats(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = seats.Driver()
+    d.start(seats.pod("a"), seats.pod("b"))
+    d.grant("a")
+    d.grant("b")
+    pods_before, seats_before = dict(d.state.pods), dict(d.state.seats)
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("a bug in the seat review")
+
+    monkeypatch.setattr(machine, "plan_seats", broken)
+    with pytest.raises(RuntimeError):
+        d.send(m.PodDeleted("a"))
+    monkeypatch.undo()
+    assert dict(d.state.pods) == pods_before
+    assert dict(d.state.seats) == seats_before
+    # Taken again, the deletion checks a's seat in (the review looks at every holder once more).
+    (checkin,) = seats.of(d.send(m.PodDeleted("a")), m.SeatOp)
+    assert (checkin.action, checkin.seat.holder) == (SeatAction.CHECK_IN, "a")
+    assert list(d.state.pods) == ["b"]

@@ -22,7 +22,10 @@ change of a record, what the machine used to find by walking every pod on every 
 **Ownership.** The book is mutable and owned by the one chain of states its controller steps: a
 step updates it in place and returns a state that shares it. A state that has been stepped is
 spent: :func:`~metering_operator.gate.machine.step` refuses it (:class:`StaleState`), so nothing can
-go on from an old state and silently share the new one's pods. Heaps use lazy deletion: an entry
+go on from an old state and silently share the new one's pods. A step that raises changes nothing,
+as before: every change during a step is journaled and undone (:meth:`Book.rollback`), so the
+controller's loop, which logs the error and goes on, goes on from the pods as they were (no pod
+marked busy for an effect that was never carried out). Heaps use lazy deletion: an entry
 whose uid no longer has that key is skipped, and a heap is rebuilt when stale entries outnumber
 live ones.
 """
@@ -126,6 +129,9 @@ class Book:
     def __init__(self) -> None:
         #: Bumped by every step: a state whose version is behind its book's has been stepped.
         self.version = 0
+        #: During a step: how to undo each change (see :meth:`rollback`).
+        self._journal: list[tuple[str, str, Any, Any]] | None = None
+        self._saved: tuple[int, tuple[Any, ...] | None] = (0, None)
         self.next_order = 0
         self._reset()
         self._reset_seats()
@@ -167,11 +173,15 @@ class Book:
 
     # --- the one way a record changes -------------------------------------------------------
 
-    def put(self, record: PodRecord) -> None:
+    def put(self, record: PodRecord, order: int | None = None) -> None:
         uid = record.uid
+        if self._journal is not None:
+            self._journal.append(("pod", uid, self.pods.get(uid), self.order.get(uid)))
         if uid not in self.pods:
-            self.order[uid] = self.next_order
-            self.next_order += 1
+            if order is None:
+                order = self.next_order
+                self.next_order += 1
+            self.order[uid] = order
         self.pods[uid] = record
         order = self.order[uid]
         self.parked.pop(uid, None)
@@ -230,6 +240,8 @@ class Book:
         record = self.pods.pop(uid, None)
         if record is None:
             return None
+        if self._journal is not None:
+            self._journal.append(("pod", uid, record, self.order[uid]))
         del self.order[uid]
         self.ready.discard(uid)
         self.parked.pop(uid, None)
@@ -245,12 +257,16 @@ class Book:
     def clear(self) -> None:
         """Forget every pod (a new list follows); the version, the order counter and the seats go
         on (the next seat review looks at every holder)."""
+        if self._journal is not None:
+            self._journal.append(("pods", "", dict(self.pods), dict(self.order)))
         self._reset()
         self.seat_basis = None
 
     # --- seats ------------------------------------------------------------------------------
 
     def set_seat(self, holder: str, seat: Seat) -> None:
+        if self._journal is not None:
+            self._journal.append(("seat", holder, self.seats.get(holder), self.seat_order.get(holder)))
         if holder == CLUSTER_HOLDER and self.parked:
             # The product's per-cluster lease can make parked pods go on (it lapses by time alone,
             # and comes back only here): the dispatcher looks at them again, in their order.
@@ -275,12 +291,16 @@ class Book:
             heapq.heapify(self.seat_times)
 
     def drop_seat(self, holder: str) -> None:
+        if self._journal is not None:
+            self._journal.append(("seat", holder, self.seats[holder], self.seat_order[holder]))
         del self.seats[holder]
         del self.seat_order[holder]
         self.seat_dirty.add(holder)
         self.seat_next.discard(holder)
 
     def load_seats(self, seats: Iterable[tuple[str, Seat]]) -> None:
+        if self._journal is not None:
+            self._journal.append(("seats", "", dict(self.seats), dict(self.seat_order)))
         self._reset_seats()
         for holder, seat in seats:
             self.set_seat(holder, seat)
@@ -299,7 +319,7 @@ class Book:
             self.seat_dirty = set()
             self.seat_times = [m for m in self.seat_times if m[0] > now]
             heapq.heapify(self.seat_times)
-            return list(self.seats)
+            return sorted(self.seats, key=self.seat_order.__getitem__)
         due = self.seat_dirty
         self.seat_dirty = set()
         times = self.seat_times
@@ -311,6 +331,51 @@ class Book:
     def next_seat_review(self) -> datetime | None:
         found: datetime | None = self.seat_next.min_other("")
         return found
+
+    # --- one step: all or nothing -----------------------------------------------------------
+
+    def begin(self) -> None:
+        self._journal = []
+        self._saved = (self.inflight, self.seat_basis)
+
+    def commit(self) -> None:
+        self._journal = None
+
+    def rollback(self) -> None:
+        """Undo every change since :meth:`begin` (a step raised): the pods, their order and the
+        seats are as they were; the next seat review looks at every holder."""
+        journal, self._journal = self._journal or [], None
+        for kind, key, old, order in reversed(journal):
+            if kind == "pod":
+                if old is None:
+                    self.remove(key)
+                else:
+                    self.put(old, order)
+            elif kind == "pods":
+                self._reset()
+                for uid, record in old.items():
+                    self.put(record, order[uid])
+            elif kind == "seat":
+                if old is None:
+                    self.seats.pop(key, None)
+                    self.seat_order.pop(key, None)
+                    self.seat_next.discard(key)
+                else:
+                    self.set_seat(key, old)
+                    self.seat_order[key] = order
+            else:
+                self._reset_seats()
+                for holder, seat in old.items():
+                    self.set_seat(holder, seat)
+                self.seat_order = dict(order)
+        self.inflight = self._saved[0]
+        self.seat_basis = None
+        self.next_seat_order = max(self.seat_order.values(), default=-1) + 1 if self.seat_order else 0
+        # Pods may have been parked during the step: the dispatcher looks at every idle one again.
+        for uid, record in self.pods.items():
+            idle = record.busy is None and record.granted is None and record.denied is None
+            if idle and record.retry_at is None:
+                self.ready.set(uid, self.order[uid])
 
     # --- the dispatcher's queue -------------------------------------------------------------
 

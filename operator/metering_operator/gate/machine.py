@@ -111,14 +111,21 @@ def step(state: GateState, message: Message, now: datetime) -> Step:
 
     The state's pods and their indexes (its :class:`~metering_operator.gate.book.Book`) are
     updated in place, so a step costs O(log n) in the product's pods, not a copy of them: the
-    state passed in is spent, and stepping it again raises :class:`StaleState`."""
+    state passed in is spent, and stepping it again raises :class:`StaleState`. A step that
+    raises changes nothing (its changes are undone): the state passed in goes on."""
     book = state.book
     if state.version != book.version:
         raise StaleState("this gate state was stepped already: go on from the state step returned")
-    state, effects = _step(state, message, now)
-    if state.info is not None and state.info.license is not None:
-        # Contract products: after every change, bring the seats in line with the pods.
-        state, effects = _review_seats(state, now, effects)
+    book.begin()
+    try:
+        state, effects = _step(state, message, now)
+        if state.info is not None and state.info.license is not None:
+            # Contract products: after every change, bring the seats in line with the pods.
+            state, effects = _review_seats(state, now, effects)
+    except BaseException:
+        book.rollback()  # a step that raises changes nothing (the state passed in goes on)
+        raise
+    book.commit()
     book.version += 1
     return evolve(state, version=book.version), effects
 

@@ -99,7 +99,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         "## Burst",
         "",
-        "| scope | pods | steps | base CPU (s) | new CPU (s) | base steps/s | new steps/s "
+        "| scope | pods | steps | base CPU (s) | new CPU (s) | base steps per CPU s | new steps per CPU s "
         "| base CPU per pod (µs) | new CPU per pod (µs) | new/base CPU per pod |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -47,6 +47,7 @@ from bench.compare_entitlement import (
     new_variant,
     wait_namespace_gone,
 )
+from bench.compare_memory import rss_mib, threads, wait
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 H0 = datetime(2031, 5, 6, 7, tzinfo=UTC)
@@ -73,17 +74,6 @@ def voluntary_switches(pid: int) -> int:
                 if line.startswith("voluntary_ctxt_switches:"):
                     total += int(line.split()[1])
     return total
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 def measure(pid: int, seconds: float) -> dict[str, float]:
@@ -123,17 +113,6 @@ def all_statused(custom: client.CustomObjectsApi, namespace: str, n: int) -> Cal
         return sum(1 for i in items if (i.get("status") or {}).get("conditions")) >= n
 
     return probe
-
-
-def wait(what: str, probe: Callable[[], bool], timeout: float) -> float:
-    start = time.monotonic()
-    while not probe():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(what)
-        time.sleep(1)
-    took = time.monotonic() - start
-    print(f"    {what}: {took:.0f} s", flush=True)
-    return took
 
 
 def remove_products(custom: client.CustomObjectsApi, namespace: str) -> None:

@@ -7,6 +7,8 @@ commands. Benchmarks start or join the local cluster themselves.
 (bench/compare_entitlement.py): a base commit's operator and this tree's, alternately;
 `python -m bench memory --base <commit>` the same for memory and threads (bench/compare_memory.py);
 `python -m bench idle --base <commit>` threads and idle CPU with 50 products (bench/compare_idle.py).
+`python -m bench ceiling` what the machine allows per gated pod without any operator
+(bench/bench_ceiling.py: creation and per-pod call pipeline ceilings, CPU split per process).
 `python -m bench machine --base <commit>` the gate's pure state machine alone, base vs this tree
 (bench/bench_machine.py: no cluster, synthetic bursts, and the same-behaviour check).
 """
@@ -29,6 +31,10 @@ def main() -> int:
         from bench import compare_entitlement
 
         return compare_entitlement.main(sys.argv[2:])
+    if sys.argv[1:2] == ["ceiling"]:
+        from bench import bench_ceiling
+
+        return bench_ceiling.main(sys.argv[2:])
     if sys.argv[1:2] == ["idle"]:
         from bench import compare_idle
 

@@ -465,6 +465,22 @@ def render(r: dict[str, Any], goal_burst: float, goal_backlog: float) -> str:
     backlog_floor = server_pipe
     stand_in = pipe_pp.get(CLIENT, 0.0)
     ls, le = r["load_start"], r["load_end"]
+    # (d): the grant's own calls, and what an ungated pod costs afterwards (scheduler binding,
+    # KWOK's status writes, the API server serving and fanning them out): the ungating row minus
+    # the patch inside it.
+    alone = {
+        name: per_pod_median(runs, lambda p: p.per_pod) for name, runs in groups if name.startswith("(d)")
+    }
+    grant_rows = [pp for name, pp in alone.items() if "until Running" not in name]
+    ungate_rows = [pp for name, pp in alone.items() if "until Running" in name]
+    patch_rows = [pp for name, pp in alone.items() if "grant patch" in name]
+    calls_server = sum(cpu_split.total(pp, SERVER_SIDE) for pp in grant_rows)
+    calls_client = sum(pp.get(CLIENT, 0.0) for pp in grant_rows)
+    scheduling = (
+        cpu_split.total(ungate_rows[0], SERVER_SIDE) - cpu_split.total(patch_rows[0], SERVER_SIDE)
+        if ungate_rows and patch_rows
+        else float("nan")
+    )
     call_split = "; ".join(
         f"{name.removeprefix('(d) ').rsplit(',', 1)[0]}: "
         + ", ".join(f"{c} {v:.1f}" for c, v in per_pod_median(runs, lambda p: p.per_pod).items() if v >= 0.5)
@@ -529,6 +545,13 @@ window, but the scheduler binding the ungated pod and KWOK marking it Running pa
   {cpu_split.ceiling(burst_floor + stand_in, cores):.0f} pods/s; the admission webhook's call per pod comes
   on top. Goal {goal_burst:.0f} pods/s.
 - Where it goes, each call alone (d), ms of CPU per pod by process (0.5 ms and up): {call_split}.
+- The same, summed from (d): the grant's four calls cost {calls_server:.1f} ms server side (and
+  {calls_client:.1f} ms in the client); the pod being scheduled and run once ungated costs another
+  {scheduling:.1f} ms server side (ungating row minus the grant patch row). Without that scheduling
+  work the calls alone would allow {cpu_split.ceiling(calls_server, cores):.0f} pods/s
+  ({cpu_split.ceiling(calls_server + calls_client, cores):.0f} with the client's share); a benchmark
+  that stops its clock at the release does not wait for the scheduling, but on {cores} shared cores it
+  runs meanwhile.
 - AWS calls repeated after a retryable failure (an idle pooled connection the emulator had closed),
   as the operator would: {r["retries"]}.
 - These bounds assume every core is fully usable; threads waiting on each other's I/O (and the GIL in

@@ -47,7 +47,7 @@ from bench.compare_entitlement import (
     new_variant,
     wait_namespace_gone,
 )
-from bench.compare_memory import rss_mib, threads, wait
+from bench.compare_memory import remove_all_products, rss_mib, threads, wait
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 H0 = datetime(2031, 5, 6, 7, tzinfo=UTC)
@@ -115,17 +115,6 @@ def all_statused(custom: client.CustomObjectsApi, namespace: str, n: int) -> Cal
     return probe
 
 
-def remove_products(custom: client.CustomObjectsApi, namespace: str) -> None:
-    for item in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
-        name = item["metadata"]["name"]
-        with contextlib.suppress(client.ApiException):
-            custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"finalizers": None}}
-            )
-        with contextlib.suppress(client.ApiException):
-            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-
 def phase(
     variant: Variant,
     args: argparse.Namespace,
@@ -170,7 +159,7 @@ def phase(
         out = measure(op.pid, args.seconds)
     finally:
         op.stop()
-        remove_products(custom, ns)
+        remove_all_products(custom, [ns])
         wait_namespace_gone(core, ns)
     print(f"  {tag} {name}: {out}", flush=True)
     return out

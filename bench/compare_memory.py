@@ -265,24 +265,35 @@ def one_run(
         str(core.create_namespace({"metadata": {"generateName": "bench-mem-empty-"}}).metadata.name)
         for _ in namespaces
     ]
-    for ns in empty:
-        custom.create_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, product_body("nobody", code(900), "nobody", metering=True)
+
+    def with_nobody_products(watched: list[str], phase: str) -> OperatorProcess:
+        """A product selecting nothing in each of ``watched``, and an operator watching them that
+        has written each one's status."""
+        for ns in watched:
+            custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, product_body("nobody", code(900), "nobody", metering=True)
+            )
+        op = launch(
+            variant,
+            info,
+            watched,
+            emulator,
+            work / f"operator-{tag.lower()}-{phase}.log",
+            [*metering_args, "--operator-namespace", watched[0]],
         )
-    op = launch(
-        variant,
-        info,
-        empty,
-        emulator,
-        work / f"operator-{tag.lower()}-configured.log",
-        [*metering_args, "--operator-namespace", empty[0]],
-    )
+        try:
+            wait(
+                f"the nobody products' status written ({phase})",
+                statused(custom, [(ns, "nobody") for ns in watched]),
+                300,
+            )
+        except BaseException:
+            op.stop()
+            raise
+        return op
+
+    op = with_nobody_products(empty, "configured")
     try:
-        wait(
-            "the nobody products' status written (empty)",
-            statused(custom, [(ns, "nobody") for ns in empty]),
-            300,
-        )
         out["configured"] = settled(op.pid, args.settle)
     finally:
         op.stop()
@@ -292,24 +303,8 @@ def one_run(
     print(f"  {tag} configured {out['configured']}", flush=True)
 
     # (3) loaded: every pod unselected, then the products
-    for ns in namespaces:
-        custom.create_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, product_body("nobody", code(900), "nobody", metering=True)
-        )
-    op = launch(
-        variant,
-        info,
-        namespaces,
-        emulator,
-        work / f"operator-{tag.lower()}-loaded.log",
-        [*metering_args, "--operator-namespace", namespaces[0]],
-    )
+    op = with_nobody_products(namespaces, "loaded")
     try:
-        wait(
-            "the nobody products' status written",
-            statused(custom, [(ns, "nobody") for ns in namespaces]),
-            300,
-        )
         out["unselected"] = settled(op.pid, args.settle)
         print(f"  {tag} unselected {out['unselected']}", flush=True)
         for p in range(args.products):

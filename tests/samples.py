@@ -76,3 +76,15 @@ def gated_deployment(
             },
         },
     }
+
+
+def chart_sa_values(release: str, product_namespace: str, product_code: str) -> dict[str, Any]:
+    """Helm values of the tests that run the operator outside the cluster with the chart's
+    ServiceAccount token: no webhook (nothing in the cluster would answer it), one watched namespace
+    and one trusted product code."""
+    return {
+        "fullnameOverride": release,
+        "watchNamespaces": [product_namespace],
+        "webhook": {"enabled": False},
+        "trustedProductCodes": [product_code],
+    }

@@ -39,7 +39,7 @@ from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importi
 )
 from tests.emulator.harness import EmulatorProcess, start_emulator
 from tests.identities import token_kubeconfig
-from tests.samples import gated_deployment
+from tests.samples import chart_sa_values, gated_deployment
 
 pytestmark = pytest.mark.cluster
 
@@ -120,12 +120,7 @@ def test_chart_rbac_and_iam_policies_serve_a_contract_product(
     tmp_path: Path,
 ) -> None:
     name = f"mmo-{namespace}"
-    values = {
-        "fullnameOverride": name,
-        "watchNamespaces": [product_namespace],
-        "webhook": {"enabled": False},
-        "trustedProductCodes": [PRODUCT_CODE],
-    }
+    values = chart_sa_values(name, product_namespace, PRODUCT_CODE)
     labels = {"app.kubernetes.io/name": APP}
     core = client.CoreV1Api(kube)
     try:

@@ -38,7 +38,7 @@ from tests.e2e.conftest import (  # noqa: F401  (fixtures, registered by importi
 )
 from tests.emulator.harness import EmulatorProcess
 from tests.identities import token_kubeconfig
-from tests.samples import gated_deployment
+from tests.samples import chart_sa_values, gated_deployment
 
 pytestmark = pytest.mark.cluster
 
@@ -111,12 +111,7 @@ def test_operator_with_chart_service_account_token_grants_pods(
     tmp_path: Path,
 ) -> None:
     name = f"mmo-{namespace}"
-    values = {
-        "fullnameOverride": name,
-        "watchNamespaces": [product_namespace],
-        "webhook": {"enabled": False},
-        "trustedProductCodes": [PRODUCT_CODE],
-    }
+    values = chart_sa_values(name, product_namespace, PRODUCT_CODE)
     try:
         cluster_helm.install(name, namespace, values=values)
         kubeconfig = token_kubeconfig(cluster, kube, namespace, name, tmp_path / "chart-sa.kubeconfig")

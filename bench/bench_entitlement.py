@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from tests.e2e.conftest import (
 )
 from tests.emulator.harness import EmulatorProcess, start_emulator
 
+from bench.machine_facts import machine_facts
 from metering_operator.aws.client import MeteringClientFactory
 from metering_operator.aws.irsa import WebIdentityExchanger, session_name_for_pod
 from metering_operator.aws.models import RegisterUsageRequest
@@ -474,8 +474,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rss = Rss(op.pid)
         rw = ReleaseWatch(api, namespace, "app=bench")
         results: dict[str, Any] = {
-            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
-            "python": sys.version.split()[0],
+            **machine_facts(),
             "load_start": os.getloadavg()[0],
             "policies": args.policies,
         }

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from tests.e2e.conftest import REPO_ROOT
 
 from bench.compare_entitlement import Variant, base_variant, new_variant
 from bench.machine_driver import SCOPES
+from bench.machine_facts import machine_facts
 
 
 def driver(variant: Variant, *args: str) -> list[dict[str, Any]]:
@@ -131,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": command.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
-        "nproc": subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip(),
-        "python": sys.version.split()[0],
+        **machine_facts(),
         "load_start": os.getloadavg()[0],
         "base": variants[0].commit,
         "new": variants[1].commit,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from bench.bench_entitlement import (
     wait_gated_by_policy,
     wait_released,
 )
+from bench.machine_facts import machine_facts
 from metering_operator.admission.install import delete as delete_policies
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
@@ -522,9 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(Variant("new-policy", variants[1].commit, variants[1].root, gate="policy"))
     results: dict[str, Any] = {
         "command": command,
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
-        "nproc": subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip(),
-        "python": sys.version.split()[0],
+        **machine_facts(),
         "load_start": os.getloadavg()[0],
         "variants": [f"{v.name} `{v.commit}` ({v.gate} adds the gate)" for v in variants],
         "steady_rate": args.steady_rate,

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,7 @@ from bench.compare_entitlement import (
     wait_namespace_gone,
 )
 from bench.compare_memory import remove_all_products, rss_mib, threads, wait
+from bench.machine_facts import machine_facts
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 H0 = datetime(2031, 5, 6, 7, tzinfo=UTC)
@@ -218,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [base_variant(args.base), new_variant()]
     results: dict[str, Any] = {
         "command": command,
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
-        "nproc": subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip(),
-        "python": sys.version.split()[0],
+        **machine_facts(),
         "base": variants[0].commit,
         "new": variants[1].commit,
         **{k: getattr(args, k) for k in ("products", "interval", "seconds", "settle")},

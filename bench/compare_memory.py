@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +54,7 @@ from bench.compare_entitlement import (
     new_variant,
     wait_namespace_gone,
 )
+from bench.machine_facts import machine_facts
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 H0 = datetime(2031, 5, 6, 7, tzinfo=UTC)
@@ -412,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [base_variant(args.base), new_variant()]
     results: dict[str, Any] = {
         "command": command,
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
-        "nproc": subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip(),
-        "python": sys.version.split()[0],
+        **machine_facts(),
         "base": variants[0].commit,
         "new": variants[1].commit,
         **{

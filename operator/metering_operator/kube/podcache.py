@@ -57,12 +57,13 @@ that a full list kept after it came (part of the pages) are never shown as its c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, Protocol
 
 from kubernetes import client
@@ -279,37 +280,51 @@ class _Namespace:
                 return "selectors"
             return "watch"
 
+    def _pages(self, every: dict[str, Any], first: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
+        """The pages of one list of the namespace's pods, ``every`` page asked with those parameters
+        and the ``first`` with these too (later ones follow its continue token, which pins them to
+        its version). Each page is parsed and handed over under the process-wide page lock, so one
+        page at a time is in memory whatever the namespaces; nothing more once the cache stops."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": 60}
+            kwargs.update(every)
+            kwargs.update({"_continue": token} if token else first)
+            response = self.api.list_namespaced_pod(self.namespace, **kwargs)
+            raw = response.data
+            response.release_conn()
+            with _PAGE_LOCK:
+                data = json.loads(raw)
+                del raw, response
+                if self._stop.is_set():
+                    return
+                token = (data.get("metadata") or {}).get("continue")
+                yield data
+                del data
+            if not token:
+                return
+
     def _list(self) -> None:
         with self.lock:
             generation = self.generation
             # Selectors coming from now on wait for the next list (and coalesce for it).
             self.first_waiting_at = None
         kept: dict[str, CachedPod] = {}
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": 60}
-            if token:
-                kwargs["_continue"] = token
-            response = self.api.list_namespaced_pod(self.namespace, **kwargs)
-            raw = response.data
-            response.release_conn()
-            with _PAGE_LOCK:
-                data = json.loads(raw)
-                del raw
-                if self._stop.is_set():
-                    return
+        meta: dict[str, Any] = {}
+        # closing(): the page lock is let go at once even if a page raises.
+        with contextlib.closing(self._pages({}, {})) as pages:
+            for page in pages:
                 with self.lock:
                     # Judged against the selectors of now: a page is dropped as it is read.
-                    for item in data.get("items") or ():
+                    for item in page.get("items") or ():
                         labels = (item.get("metadata") or {}).get("labels")
                         if self.index.selects(labels):
                             pod = compact(item)
                             kept[pod.uid] = pod
-                meta = data.get("metadata") or {}
-                token = meta.get("continue")
-                del data, response
-            if not token:
-                break
+                meta = page.get("metadata") or {}
+                del page
+        if self._stop.is_set():
+            return
         with self.lock:
             self._replace(kept)
             self.version = str(meta.get("resourceVersion") or "")
@@ -337,33 +352,15 @@ class _Namespace:
             ]
         found: dict[str, CachedPod] = {}
         for key in new:
-            token: str | None = None
-            while True:
-                kwargs: dict[str, Any] = {
-                    "limit": PAGE_SIZE,
-                    "label_selector": key,
-                    "_preload_content": False,
-                    "_request_timeout": 60,
-                }
-                if token:
-                    kwargs["_continue"] = token  # pinned to the first page's version
-                else:
-                    kwargs.update(resource_version=version, resource_version_match="Exact")
-                response = self.api.list_namespaced_pod(self.namespace, **kwargs)
-                raw = response.data
-                response.release_conn()
-                with _PAGE_LOCK:
-                    data = json.loads(raw)
-                    del raw
-                    if self._stop.is_set():
-                        return
-                    for item in data.get("items") or ():
+            exact = {"resource_version": version, "resource_version_match": "Exact"}
+            with contextlib.closing(self._pages({"label_selector": key}, exact)) as pages:
+                for page in pages:
+                    for item in page.get("items") or ():
                         pod = compact(item)
                         found[pod.uid] = pod
-                    token = (data.get("metadata") or {}).get("continue")
-                    del data, response
-                if not token:
-                    break
+                    del page
+            if self._stop.is_set():
+                return
         with self.lock:
             for uid, pod in found.items():
                 if not self.index.selects(pod.labels):

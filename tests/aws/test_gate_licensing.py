@@ -194,3 +194,36 @@ def test_a_refusal_that_cannot_be_classified_is_neither_a_denial_nor_a_wait(worl
         world.checkout("product-h")
     assert exc.value.retryable
     assert "no seat free, or not entitled?" in exc.value.message
+
+
+def test_a_checkout_checked_in_unused_is_not_replayed_by_the_retry(world: World) -> None:
+    """Our clock 10 minutes behind License Manager's: the token looks issued in the future, so the
+    checkout goes back unused. The retry must not reuse its ClientToken (License Manager would
+    replay the checked-in checkout: a lease holding no seat) but check out anew."""
+    world.emulator.admin.advance_clock(600)
+    with pytest.raises(LicenseTokenError):
+        world.checkout("product-i")
+    assert world.active() == []
+    assert [e.get("errorCode") for e in world.emulator.admin.events(operation="CheckInLicense")] == [None]
+    world.clock.advance(timedelta(minutes=10))
+    seat = world.checkout("product-i")
+    assert seat.count == 2
+    assert seat.lease is not None
+    (active,) = world.active()
+    assert active["licenseConsumptionToken"] == seat.lease.token
+
+
+def test_a_perpetual_checkout_is_never_checked_in_and_the_retry_gets_the_same_one(world: World) -> None:
+    """A PERPETUAL checkout cannot go back (AWS: ConflictException): after a failed verification it is
+    kept, and the retry's same ClientToken gets the same checkout instead of consuming another."""
+    world.emulator.admin.advance_clock(600)
+    with pytest.raises(LicenseTokenError):
+        world.checkout("product-j", checkoutType="Perpetual")
+    (first,) = world.active()
+    world.clock.advance(timedelta(minutes=10))
+    seat = world.checkout("product-j", checkoutType="Perpetual")
+    assert seat.count == 1
+    assert seat.lease is not None
+    assert seat.lease.token == first["licenseConsumptionToken"]
+    assert [c["licenseConsumptionToken"] for c in world.active()] == [seat.lease.token]
+    assert world.emulator.admin.events(operation="CheckInLicense") == []

@@ -108,7 +108,12 @@ class Contract:
     operator: OperatorFactory
     emulator: EmulatorProcess
 
-    def product(self, entitlements: list[dict[str, Any]] | None = None, **spec: Any) -> None:
+    def product(
+        self,
+        entitlements: list[dict[str, Any]] | None = None,
+        checkout_type: str | None = None,
+        **spec: Any,
+    ) -> None:
         service_account(self.kube, self.namespace, "buyer", BUYER_ROLE)
         issuer_pem = self.emulator.admin.license_issuer_key_pem(MARKETPLACE_KEY_FINGERPRINT)
         body = {
@@ -126,6 +131,7 @@ class Contract:
                         "productSKU": SKU,
                         "entitlements": entitlements or [{"name": "seats", "perPod": 1}],
                         "issuerPublicKey": {"pem": issuer_pem},
+                        **({"checkoutType": checkout_type} if checkout_type else {}),
                     },
                 },
                 **spec,
@@ -544,3 +550,60 @@ def test_a_pod_that_went_away_while_the_operator_was_down_has_its_seat_checked_i
     assert len(checkins) == 1
     assert checkins[0]["userIdentity"]["arn"].endswith(":user/metering-operator")
     assert contract.successful("CheckoutLicense") == 3  # the live pods kept theirs
+
+
+# --- Perpetual checkouts --------------------------------------------------------------------------------
+
+
+def test_perpetual_checkouts_draw_seats_down_for_good_never_extended_nor_checked_in(
+    contract: Contract,
+) -> None:
+    """``checkoutType: Perpetual`` (docs/pricing-models.md): each pod's checkout consumes its seat
+    for good. It is never extended (AWS refuses to extend a PERPETUAL checkout) nor checked in (AWS
+    answers ConflictException): a gone pod's lease is forgotten and its seat stays drawn down, so
+    once the contract's 3 seats are consumed a new pod waits with SeatsExhausted although only two
+    pods run."""
+    contract.product(checkout_type="Perpetual")
+    contract.start()
+    contract.deployment(replicas=2)
+    granted, _ = contract.wait_split(2, 0)
+    checkouts = {c["nodeId"]: c for c in contract.emulator.admin.license_checkouts(LICENSE_ARN)}
+    assert set(checkouts) == uids(granted)
+    for checkout in checkouts.values():
+        assert checkout["checkoutType"] == "PERPETUAL"
+        assert checkout["expiration"] is None  # the contract has no end: nothing lapses
+    assert contract.seats_in_use() == 2
+
+    # Three hours on the emulator's clock, which the operator follows: a PROVISIONAL lease would
+    # have been extended (or lapsed); these are neither.
+    contract.emulator.admin.advance_clock(3 * 3600)
+    assert contract.seats_in_use() == 2
+    assert contract.active_holders() == uids(granted)
+
+    # A granted pod goes away: its seat is not returned; the Deployment's replacement consumes the
+    # third seat.
+    first, second = sorted(granted, key=lambda p: p["metadata"]["name"])
+    core = client.CoreV1Api(contract.kube)
+    core.delete_namespaced_pod(first["metadata"]["name"], contract.namespace, grace_period_seconds=0)
+    granted, _ = contract.wait_split(2, 0)
+    assert first["metadata"]["uid"] not in uids(granted)
+    wait_for("3 seats consumed", lambda: contract.seats_in_use() == 3)
+
+    # Another goes away: no seat is left, so its replacement waits behind the gate -- the operator
+    # looked and decided (the SeatsExhausted Event) while only two pods exist.
+    core.delete_namespaced_pod(second["metadata"]["name"], contract.namespace, grace_period_seconds=0)
+    granted, waiting = contract.wait_split(1, 1)
+    waiter = waiting[0]["metadata"]["name"]
+    wait_for(
+        "the SeatsExhausted Event",
+        lambda: "SeatsExhausted" in {e.reason for e in pod_events(contract.kube, contract.namespace, waiter)},
+    )
+    assert contract.seats_in_use() == 3
+    assert contract.calls("ExtendLicenseConsumption") == 0
+    assert contract.calls("CheckInLicense") == 0
+    # Three checkouts in all (a retry after our clock caught up with the jump replays its ClientToken
+    # and gets the same checkout: not a second seat).
+    assert len(contract.emulator.admin.license_checkouts(LICENSE_ARN)) == 3
+    # The operator's seat record forgot the gone pods' leases: it holds the live pod's only.
+    records = SeatRecords(contract.kube, "default").load(contract.namespace, APP)
+    assert {h for h, s in records.items() if s.lease is not None} == uids(granted)

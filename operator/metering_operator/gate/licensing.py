@@ -24,6 +24,7 @@ NoEntitlementsAllowed is ambiguous (no seat free now, or not entitled at all):
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import replace
 from decimal import Decimal
 
@@ -102,6 +103,11 @@ class Licensing:
         self.records = records
         self.factory = LicenseManagerClientFactory(region)
         self.clock = clock
+        #: holder -> the checkout number whose checkout went back (checked in) unused. The next
+        #: attempt must use a later ClientToken: with the same one License Manager would replay
+        #: the answer of the checkout just checked in, a lease that no longer holds a seat.
+        self._returned: dict[str, int] = {}
+        self._returned_lock = threading.Lock()
 
     # -- identities ------------------------------------------------------------------------
 
@@ -185,7 +191,8 @@ class Licensing:
         labels = (namespace, product, product_code, "CheckoutLicense")
         client = self._client(namespace, holder, service_account, pod_name or None)
         try:
-            number = count
+            with self._returned_lock:
+                number = max(count, self._returned.pop(holder, 0) + 1)
             for _ in range(2):
                 try:
                     result = client.checkout_license(self._request(source, wanted, cluster, node, number))
@@ -229,7 +236,7 @@ class Licensing:
                 )
             except LicenseTokenError:
                 metrics.LICENSE_CALLS.labels(*labels, "error").inc()
-                self._return(client, result.license_consumption_token, namespace, product, product_code)
+                self._return(client, result, holder, number, (namespace, product, product_code))
                 raise
             seat = HeldSeat(
                 holder=holder,
@@ -250,7 +257,7 @@ class Licensing:
                 self.records.put(namespace, product, seat)
             except ApiException:
                 metrics.LICENSE_CALLS.labels(*labels, "error").inc()
-                self._return(client, result.license_consumption_token, namespace, product, product_code)
+                self._return(client, result, holder, number, (namespace, product, product_code))
                 raise
             metrics.LICENSE_CALLS.labels(*labels, "granted").inc()
             return seat
@@ -336,16 +343,31 @@ class Licensing:
         return judge_refusal(offered, needs, self.clock.now())
 
     def _return(
-        self, client: LicenseManagerClient, token: str, namespace: str, product: str, product_code: str
+        self,
+        client: LicenseManagerClient,
+        result: CheckoutLicenseResult,
+        holder: str,
+        number: int,
+        labels: tuple[str, str, str],
     ) -> None:
-        """Best effort: a checkout the gate will not use goes back at once (else at its expiry)."""
+        """Best effort: a checkout the gate will not use goes back at once (else at its expiry).
+
+        A PERPETUAL checkout cannot go back (AWS answers ConflictException): its quantity is
+        consumed, so it is kept for the retry, which asks with the same ClientToken and gets the
+        same checkout again instead of consuming a second one."""
+        token = result.license_consumption_token
+        if result.checkout_type is AwsCheckoutType.PERPETUAL:
+            log.warning("perpetual checkout %s is kept for the next attempt (it cannot be checked in)", token)
+            return
         try:
             client.check_in_license(CheckInLicenseRequest(license_consumption_token=token))
-            metrics.LICENSE_CALLS.labels(
-                namespace, product, product_code, "CheckInLicense", "checked_in"
-            ).inc()
         except aws_errors.MeteringError as exc:
+            # Still live at AWS: a replay of it (same ClientToken) holds no second seat.
             log.warning("checkout %s not checked in (%s); it lapses at its expiration", token, exc.code)
+            return
+        metrics.LICENSE_CALLS.labels(*labels, "CheckInLicense", "checked_in").inc()
+        with self._returned_lock:
+            self._returned[holder] = max(number, self._returned.get(holder, 0))
 
     # -- extend / check in -----------------------------------------------------------------
 

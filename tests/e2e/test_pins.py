@@ -527,6 +527,14 @@ def test_without_pins_each_change_still_leaves_an_event_and_a_condition_transiti
     buyer.patch(namespace, "db", {"metering": {"dryRun": False}})
     wait_event(kube, namespace, "db", "DryRunChanged", "spec.metering.dryRun changed from true to false")
     admin.wait_condition(namespace, "db", "Enforced", "EntitlementAudit,ClusterScope")
+    buyer.patch(namespace, "db", {"metering": {"onFailure": {"afterHours": 24}}})
+    wait_event(
+        kube,
+        namespace,
+        "db",
+        "OnFailureChanged",
+        "spec.metering.onFailure changed from Report after 3h to Report after 24h",
+    )
 
     buyer.patch(namespace, "db", {"selector": {"matchLabels": {"app": "nothing"}}})
     wait_event(kube, namespace, "db", "SelectorChanged", "spec.selector changed from app=db to app=nothing")

@@ -351,6 +351,12 @@ def test_each_protection_change_is_one_change_weakening_or_not() -> None:
         "spec.metering.dimensions": (spec(metering={"dimensions": [VCPU]}), True, "replicas,vcpu", "vcpu"),
         "spec.productCode": (spec(productCode="other"), True, CODE, "other"),
         "spec.selector": (spec(selector={"matchLabels": {"app": "none"}}), True, "app=db", "app=none"),
+        "spec.metering.onFailure": (
+            spec(metering={"onFailure": {"afterHours": 24}}),
+            True,
+            "Report after 3h",
+            "Report after 24h",
+        ),
     }
     for field, (changed, weakens, old, new) in cases.items():
         found = transitions.changes(base, transitions.observe(changed))
@@ -364,6 +370,26 @@ def test_each_protection_change_is_one_change_weakening_or_not() -> None:
     # Recorded by an operator that did not observe selectors yet: no selector change is invented.
     older = base.model_copy(update={"selector": None})
     assert transitions.changes(older, transitions.observe(spec(selector={}))) == []
+
+
+def test_a_weaker_on_failure_action_or_more_hours_weakens() -> None:
+    def seen(action: str, hours: int) -> Any:
+        return transitions.observe(spec(metering={"onFailure": {"action": action, "afterHours": hours}}))
+
+    hold, report, evict = seen("HoldNewPods", 2), seen("Report", 2), seen("Evict", 6)
+    assert [(c.reason, c.weakens, c.message) for c in transitions.changes(hold, report)] == [
+        (
+            "OnFailureChanged",
+            True,
+            "spec.metering.onFailure changed from HoldNewPods after 2h to Report after 2h",
+        )
+    ]
+    assert [c.weakens for c in transitions.changes(report, hold)] == [False]
+    # A stronger action with more hours: one change, reported as weakening (it is, for 4 hours).
+    assert [c.weakens for c in transitions.changes(hold, evict)] == [True]
+    # Recorded by an operator that did not observe onFailure yet: no change is invented.
+    older = hold.model_copy(update={"on_failure_action": None, "on_failure_after_hours": None})
+    assert transitions.changes(older, report) == []
 
 
 def test_audit_to_off_weakens_and_off_to_audit_does_not() -> None:

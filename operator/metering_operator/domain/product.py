@@ -1123,6 +1123,12 @@ class ObservedSpec(_StatusModel):
     selector: str | None = Field(
         default=None, description="spec.selector as a label selector string ('' selects every pod)."
     )
+    on_failure_action: FailureAction | None = Field(
+        default=None, description="spec.metering.onFailure.action (None: observed before it was recorded)."
+    )
+    on_failure_after_hours: int | None = Field(
+        default=None, ge=1, le=MAX_FAILURE_HOURS, description="spec.metering.onFailure.afterHours."
+    )
 
 
 class MeteredProductStatus(_StatusModel):
@@ -1145,7 +1151,8 @@ class MeteredProductStatus(_StatusModel):
     )
     observed_spec: ObservedSpec | None = Field(
         default=None,
-        description="Product code, entitlement mode and scope, dryRun, dimension names and selector as the "
+        description="Product code, entitlement mode and scope, dryRun, dimension names, selector and "
+        "onFailure as the "
         "operator last saw them in the spec (as written, before any seller pin): a change to any of "
         "them is reported with an Event, also when it happened while the operator was down.",
     )

@@ -2,8 +2,9 @@
 condition that states where it stands.
 
 A buyer who can edit a MeteredProduct can switch ``Enforce`` to ``Audit`` or ``Off``, turn on
-``dryRun``, switch scope ``Pod`` to ``Cluster``, narrow the selector, remove dimensions or (without
-the CRD's transition rule) change the product code. Each such change must leave a record, pinned
+``dryRun``, switch scope ``Pod`` to ``Cluster``, narrow the selector, remove dimensions, soften
+``metering.onFailure`` (a weaker action, more hours) or (without the CRD's transition rule) change
+the product code. Each such change must leave a record, pinned
 or not: :func:`changes` lists them (old value, new value, whether it weakens), each becomes an
 Event, and :func:`enforced_condition` moves the ``Enforced`` condition.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metering_operator.domain.conditions import ConditionSpec
-from metering_operator.domain.pins import MODE_STRENGTH
+from metering_operator.domain.pins import ACTION_STRENGTH, MODE_STRENGTH
 from metering_operator.domain.product import (
     PRODUCT_CODE_IMMUTABLE,
     EntitlementMode,
@@ -42,6 +43,8 @@ def observe(spec: MeteredProductSpec) -> ObservedSpec:
         dry_run=spec.metering.dry_run,
         dimensions=sorted(d.name for d in spec.metering.dimensions),
         selector=to_query(spec.selector),
+        on_failure_action=spec.metering.on_failure.action,
+        on_failure_after_hours=spec.metering.on_failure.after_hours,
     )
 
 
@@ -123,7 +126,31 @@ def changes(old: ObservedSpec | None, new: ObservedSpec) -> list[Change]:
                 "SelectorChanged",
             )
         )
+    on_failure = _on_failure_change(old, new)
+    if on_failure is not None:
+        found.append(on_failure)
     return found
+
+
+def _on_failure_change(old: ObservedSpec, new: ObservedSpec) -> Change | None:
+    """``onFailure`` as one field: a weaker action or more hours weakens (a Warning)."""
+    # None: recorded before onFailure was observed, so no change can be told.
+    if old.on_failure_action is None or new.on_failure_action is None:
+        return None
+    if old.on_failure_action is new.on_failure_action and (
+        old.on_failure_after_hours == new.on_failure_after_hours
+    ):
+        return None
+    weakens = ACTION_STRENGTH[new.on_failure_action] < ACTION_STRENGTH[old.on_failure_action] or (
+        (new.on_failure_after_hours or 0) > (old.on_failure_after_hours or 0)
+    )
+    return Change(
+        "spec.metering.onFailure",
+        f"{old.on_failure_action.value} after {old.on_failure_after_hours}h",
+        f"{new.on_failure_action.value} after {new.on_failure_after_hours}h",
+        weakens,
+        "OnFailureChanged",
+    )
 
 
 def enforced_condition(spec: MeteredProductSpec, *, obeyed: bool = True) -> ConditionSpec:

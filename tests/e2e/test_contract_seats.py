@@ -607,3 +607,38 @@ def test_perpetual_checkouts_draw_seats_down_for_good_never_extended_nor_checked
     # The operator's seat record forgot the gone pods' leases: it holds the live pod's only.
     records = SeatRecords(contract.kube, "default").load(contract.namespace, APP)
     assert {h for h, s in records.items() if s.lease is not None} == uids(granted)
+
+
+# --- the product's end ----------------------------------------------------------------------------------
+
+
+def test_deleting_the_product_checks_its_seats_in_and_stopping_the_operator_does_not(
+    contract: Contract,
+) -> None:
+    """The operator's own stop keeps the leases (the next start extends them for the running pods);
+    the MeteredProduct's deletion returns them at once instead of holding each seat until it lapses."""
+    contract.product()
+    op = contract.start()
+    contract.deployment(replicas=2)
+    granted, _ = contract.wait_split(2, 0)
+    assert contract.seats_in_use() == 2
+
+    op.stop()  # graceful: SIGTERM, the daemons stop with the operator exiting
+    assert contract.calls("CheckInLicense") == 0
+    assert contract.active_holders() == uids(granted)
+    op = op.restart()
+    # The restarted operator gates again (a third pod gets the third seat), and kept the first two.
+    contract.scale(3)
+    granted, _ = contract.wait_split(3, 0)
+    assert contract.active_holders() == uids(granted)
+    assert contract.calls("CheckInLicense") == 0
+
+    client.CustomObjectsApi(contract.kube).delete_namespaced_custom_object(
+        GROUP, VERSION, contract.namespace, PLURAL, APP
+    )
+    # No time passes on the emulator's clock: only check-ins free the seats.
+    wait_for("every seat checked in", lambda: contract.seats_in_use() == 0)
+    assert contract.successful("CheckInLicense") == 3
+    records = SeatRecords(contract.kube, "default").load(contract.namespace, APP)
+    assert {h for h, s in records.items() if s.lease is not None} == set()
+    assert "seat lease(s) checked in" in op.log()

@@ -15,7 +15,9 @@ retried call holds no second seat) -> verify the SignedToken
 (:func:`metering_operator.domain.license_token.verify_license_token`) -> write the operator's seat
 record (:mod:`metering_operator.kube.seat_records`) -> the pod may be released. A token that does
 not verify, or a record that cannot be written, is checked in again at once (best effort: else AWS
-returns the seat when the lease expires).
+returns the seat when the lease expires). When the MeteredProduct is deleted, its live provisional
+leases are checked in (:meth:`Licensing.release_all`); when the operator merely stops, they are
+kept for the next start to extend.
 
 NoEntitlementsAllowed is ambiguous (no seat free now, or not entitled at all):
 :func:`metering_operator.domain.license_seats.judge_refusal` settles it from ListReceivedLicenses.
@@ -415,6 +417,32 @@ class Licensing:
             if client is not self.factory.default():
                 client.close()
         self.records.drop(namespace, product, seat.holder)
+
+    def release_all(self, namespace: str, product: str, product_code: str) -> int:
+        """The product was deleted: check in every live PROVISIONAL lease on its record now rather
+        than let each hold its seat until it lapses; forget the rest (a PERPETUAL lease cannot go
+        back, a lapsed one already went). Best effort, lease by lease: a lease that cannot be
+        checked in lapses at its expiration. Returns how many were checked in."""
+        now = self.clock.now()
+        returned = 0
+        for holder, seat in self.records.load(namespace, product).items():
+            lease = seat.lease
+            if lease is None or lease.checkout_type is CheckoutType.PERPETUAL or lease.lapsed(now):
+                self.records.drop(namespace, product, holder)
+                continue
+            try:
+                self.check_in(namespace, product, product_code, seat)
+                returned += 1
+            except Exception as exc:
+                log.warning(
+                    "lease of %s (deleted product %s/%s) not checked in: %s; it lapses at %s",
+                    holder,
+                    namespace,
+                    product,
+                    exc,
+                    lease.expiration,
+                )
+        return returned
 
     def forget(self, namespace: str, product: str, holder: str) -> None:
         self.records.drop(namespace, product, holder)

@@ -32,6 +32,7 @@ from metering_operator.domain.product import (
     SCHEDULING_GATE,
     VERSION,
     EntitlementMode,
+    EntitlementSource,
     LabelSelector,
     MeteredProductSpec,
 )
@@ -116,7 +117,11 @@ def _gate_key(namespace: str | None, name: str) -> tuple[str, str, str]:
     return ("gate", namespace or "", name)
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="entitlement-gate", cancellation_timeout=15.0)
+# cancellation_backoff: after the stop flag, kopf waits this long for a graceful exit before it
+# cancels the task, so a deleted product's seats are checked in (see _release_seats).
+@kopf.daemon(
+    GROUP, VERSION, PLURAL, id="entitlement-gate", cancellation_backoff=10.0, cancellation_timeout=15.0
+)
 async def gate_daemon(
     namespace: str | None, name: str, body: Any, memo: Any, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
@@ -135,6 +140,22 @@ async def gate_daemon(
     finally:
         # Done once its timers are dropped and its pod subscription closed.
         await asyncio.wrap_future(scheduler.remove(controller))
+    if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+        await _release_seats(runtime, namespace or "", name, body)
+
+
+async def _release_seats(runtime: GateRuntime, namespace: str, name: str, body: Any) -> None:
+    """A deleted contract product's seats go back now (its pods are no longer gated by it), not when
+    each lease lapses. Not on the operator's own stop: the next start extends the running pods'."""
+    spec = body.get("spec") or {}
+    entitlement = spec.get("entitlement") or {}
+    if runtime.licensing is None or entitlement.get("source") != EntitlementSource.LICENSE_MANAGER.value:
+        return
+    returned = await asyncio.to_thread(
+        runtime.licensing.release_all, namespace, name, str(spec.get("productCode") or "")
+    )
+    if returned:
+        log.info("MeteredProduct %s/%s deleted: %d seat lease(s) checked in", namespace, name, returned)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="entitlement-gate-changes")

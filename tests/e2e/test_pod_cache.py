@@ -7,16 +7,25 @@ of the whole namespace, which keeps no pod that no subscriber selects.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
 import pytest
 from kubernetes import client
 
+from metering_operator.domain import entitlement as ent
 from metering_operator.domain.cached_pod import CachedPod
-from metering_operator.domain.product import LabelSelector
+from metering_operator.domain.product import (
+    ANNOTATION_ENTITLEMENT,
+    ANNOTATION_SIGNATURE,
+    SCHEDULING_GATE,
+    EntitlementState,
+    LabelSelector,
+)
 from metering_operator.kube import podcache
-from metering_operator.kube.podcache import PodCache
+from metering_operator.kube.podcache import PodCache, Subscription
+from metering_operator.kube.pods import PodApi
 from tests.e2e.conftest import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -127,6 +136,7 @@ def test_one_watch_serves_every_selector_and_keeps_only_selected_pods(
         "selectors": 0,
         "pods": 0,
         "events": 0,
+        "unchanged": 0,
         "relists": 0,
         "selector_lists": 0,
     }
@@ -306,3 +316,160 @@ def test_a_new_selectors_version_gone_falls_back_to_a_full_list(
     assert gone  # the label-selector list was tried and refused
     assert rec.listings == [{"web-0"}]
     assert cache.stats()["relists"] == 2  # the fallback: the namespace listed again, as before
+
+
+# --- what the gate is told ----------------------------------------------------------------------
+
+FINALIZER = "example.com/test-hold"
+
+
+class GateRecorder:
+    """A listener keeping what it was told of each pod, as the gate's controller receives it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.told: list[tuple[str, CachedPod]] = []
+
+    def listed(self, pods: list[CachedPod]) -> None:
+        pass
+
+    def updated(self, pod: CachedPod) -> None:
+        with self.lock:
+            self.told.append(("updated", pod))
+
+    def deleted(self, pod: CachedPod) -> None:
+        with self.lock:
+            self.told.append(("deleted", pod))
+
+    def of(self, name: str) -> list[tuple[str, CachedPod]]:
+        with self.lock:
+            return [(what, pod) for what, pod in self.told if pod.view.name == name]
+
+    def last(self, name: str) -> CachedPod | None:
+        told = self.of(name)
+        return told[-1][1] if told else None
+
+
+def cached(sub: Subscription, name: str) -> CachedPod | None:
+    """The pod as the cache's store holds it now (every version goes there, told or not)."""
+    return next((p for p in sub.snapshot() if p.view.name == name), None)
+
+
+def version(pod: CachedPod | None) -> int:
+    return int(pod.resource_version) if pod is not None else -1
+
+
+def stored_at_least(sub: Subscription, name: str, rv: str) -> bool:
+    """Whether the cache has applied the watch event of version ``rv`` (or a later one) of the pod:
+    what it tells a listener about that event it has told by then (same thread, same lock)."""
+    return version(cached(sub, name)) >= int(rv)
+
+
+def gated_pod(name: str, gates: list[str]) -> dict[str, object]:
+    return {
+        "metadata": {"name": name, "labels": {"app": "db"}, "finalizers": [FINALIZER]},
+        "spec": {
+            "schedulingGates": [{"name": g} for g in gates],
+            "containers": [{"name": "c", "image": "registry.invalid/none"}],
+        },
+    }
+
+
+def test_the_gate_is_told_what_it_reads_and_not_the_pods_binding_or_running(
+    kube: client.ApiClient, namespace: str, cache: PodCache
+) -> None:
+    """Once a pod is released, the scheduler binds it and KWOK marks it Running and Ready: new
+    versions whose gate view is the same. They reach the store (metering sees the pod bound and
+    ready) but not the gate; a change of what the gate reads -- a tampered annotation, its gate
+    removed, a final phase, a deletion -- is told as before. A write guarded with the older version
+    the gate then holds is refused once and decided again on the pod re-read."""
+    core = client.CoreV1Api(kube)
+    rec = GateRecorder()
+    sub = cache.subscribe(namespace, LabelSelector(match_labels={"app": "db"}), rec)
+    assert sub.synced.wait(30)
+    try:
+        core.create_namespaced_pod(namespace, gated_pod("db-0", [SCHEDULING_GATE]))
+        first = wait_for("db-0 told", lambda: rec.last("db-0"))
+        assert ent.is_gated(first.gate)
+
+        # Tampering with the operator's annotations is told (the gate judges signatures again).
+        tampered = core.patch_namespaced_pod(
+            "db-0", namespace, {"metadata": {"annotations": {ANNOTATION_SIGNATURE: "forged"}}}
+        )
+        told = wait_for(
+            "the tampered signature told",
+            lambda: (p := rec.last("db-0")) is not None and ent.annotated_signature(p.gate) == "forged" and p,
+        )
+        assert told.resource_version == tampered.metadata.resource_version
+
+        # Someone else's annotation: a new version, the same gate view -- stored, not told.
+        foreign = core.patch_namespaced_pod("db-0", namespace, {"metadata": {"annotations": {"team": "a"}}})
+        wait_for(
+            "the foreign annotation stored",
+            lambda: stored_at_least(sub, "db-0", foreign.metadata.resource_version),
+        )
+        assert rec.last("db-0") is told
+
+        # The gate removed (as the gate does when it grants) is told ...
+        index = [g.name for g in foreign.spec.scheduling_gates].index(SCHEDULING_GATE)
+        core.patch_namespaced_pod(
+            "db-0", namespace, [{"op": "remove", "path": f"/spec/schedulingGates/{index}"}]
+        )
+        released: CachedPod = wait_for(
+            "the release told", lambda: (p := rec.last("db-0")) is not None and not ent.is_gated(p.gate) and p
+        )
+        # ... then the scheduler binds the pod and KWOK runs it: metering's view sees both, the
+        # gate is told neither.
+        running = wait_for(
+            "db-0 bound, Running and Ready in the store",
+            lambda: (p := cached(sub, "db-0")) is not None and p.view.bound and p.view.ready and p,
+        )
+        assert version(running) > version(released)
+        assert rec.last("db-0") is released
+        assert [what for what, _ in rec.of("db-0")] == ["updated"] * 3
+        assert cache.stats()["unchanged"] >= 3  # the foreign annotation, the binding, Running/Ready
+
+        # A write guarded with the version the gate holds (older than the pod's): refused once,
+        # then decided again on the pod re-read, and written -- the path every raced write takes.
+        pods = PodApi(kube)
+        written = pods.write_with_retry(
+            released.gate,
+            lambda current: ent.state_patch(
+                current, EntitlementState.DENIED, "Test: stale version", product_key=f"{namespace}/db"
+            ),
+        )
+        assert written is not None
+        assert pods.pod_writes == 2  # the refused patch and the one that landed
+        assert written["metadata"]["annotations"][ANNOTATION_ENTITLEMENT] == "Denied"
+        assert written["spec"]["nodeName"]  # written on the pod as it is, bound
+        told = wait_for(
+            "the write told",
+            lambda: (
+                (p := rec.last("db-0")) is not None
+                and ent.entitlement_state(p.gate) is EntitlementState.DENIED
+                and p
+            ),
+        )
+        assert told.resource_version == written["metadata"]["resourceVersion"]
+
+        # A pod held by another gate (never bound: KWOK leaves it alone) failing is told: the gate
+        # stops counting it ...
+        core.create_namespaced_pod(namespace, gated_pod("db-1", ["example.com/other"]))
+        wait_for("db-1 told", lambda: rec.last("db-1"))
+        core.patch_namespaced_pod_status("db-1", namespace, {"status": {"phase": "Failed"}})
+        wait_for(
+            "the failure told", lambda: (p := rec.last("db-1")) is not None and ent.is_terminating(p.gate)
+        )
+        # ... and so is its deletion: first the deletionTimestamp (a finalizer holds it), then the end.
+        core.delete_namespaced_pod("db-0", namespace)
+        wait_for(
+            "the deletionTimestamp told",
+            lambda: (p := rec.last("db-0")) is not None and p.gate["metadata"].get("deletionTimestamp"),
+        )
+        with contextlib.suppress(client.ApiException):  # KWOK may have let it go already
+            core.patch_namespaced_pod("db-0", namespace, {"metadata": {"finalizers": None}})
+        wait_for("db-0 deleted", lambda: rec.of("db-0")[-1][0] == "deleted")
+    finally:
+        for name in ("db-0", "db-1"):
+            with contextlib.suppress(client.ApiException):
+                core.patch_namespaced_pod(name, namespace, {"metadata": {"finalizers": None}})

@@ -16,9 +16,26 @@ daemon thread, and keeps only:
 Consumers :meth:`PodCache.subscribe` with (namespace, selector, listener): the listener gets
 ``listed`` (its selected pods, once, when the subscription is synced) and then ``updated`` /
 ``deleted`` as they happen -- the same stream a server-side filtered watch would give, including
-``deleted`` when a pod's labels stop matching. Listeners are called with the namespace's lock held,
-from its thread: they only enqueue (the gate's controller) or nothing at all (metering reads
-:meth:`Subscription.snapshot` when it samples).
+``deleted`` when a pod's labels stop matching -- except that a watched change leaving the pod's gate
+view (:attr:`CachedPod.gate`) as it was but for ``resourceVersion`` is not told (see below).
+Listeners are called with the namespace's lock held, from its thread: they only enqueue (the gate's
+controller) or nothing at all (metering reads :meth:`Subscription.snapshot` when it samples).
+
+Changes the gate cannot act on stay in the cache. After the gate releases a pod, the scheduler binds
+it and the kubelet (KWOK) marks it Running, Ready...: each a new version of the pod, each once an
+``updated`` the gate's controller stepped through its state machine, for nothing -- its view of the
+pod has no node, no conditions, no labels, and a phase only when final. The store (metering's ``PodView``)
+takes every version; a listener is told one only when
+:func:`~metering_operator.domain.cached_pod.same_for_gate` says it differs from the one before.
+Then the gate holds an older ``resourceVersion`` than the pod's: a write it guards with it (the
+JSON-patch ``test`` of :mod:`metering_operator.domain.entitlement`) fails with a conflict and
+:meth:`~metering_operator.kube.pods.PodApi.write_with_retry` re-reads the pod and decides again on
+it, as for any change that raced the write. Its answer can be newer than the version the gate holds
+and older than the last one watched, but every version between those two showed the gate the
+same view, so taking it (``gate.machine._fresher``) changes nothing the gate decides on. Deletions,
+a pod leaving a selector (``deleted``) or joining one (``updated`` for that selector's subscribers,
+whatever else changed), and a full relist (which tells every pod whose version moved, so the gate's
+versions are refreshed at least every :data:`RESYNC_SECONDS`) are told as before.
 
 The loop: a paginated initial list (``limit``/``continue``), a watch with bookmarks resumed from
 the last resourceVersion, a full relist on 410 Gone, on a watch error and every
@@ -68,7 +85,7 @@ from typing import Any, Protocol
 
 from kubernetes import client
 
-from metering_operator.domain.cached_pod import CachedPod, compact
+from metering_operator.domain.cached_pod import CachedPod, compact, same_for_gate
 from metering_operator.domain.product import LabelSelector
 from metering_operator.domain.selector_index import SelectorIndex
 from metering_operator.domain.selectors import to_query
@@ -95,12 +112,19 @@ COALESCE_MAX_SECONDS = 0.5
 SYNC_TIMEOUT_SECONDS = 30.0
 
 
+#: Whom :meth:`_Namespace._changed` tells ``updated``.
+_ALL, _JOINED, _NOBODY = "all", "joined", "nobody"
+
+
 class NotSynced(RuntimeError):
     """The subscription's first list has not completed yet."""
 
 
 class Listener(Protocol):
-    """What a subscriber is told; called from the namespace's thread with its lock held: enqueue only."""
+    """What a subscriber is told; called from the namespace's thread with its lock held: enqueue only.
+
+    ``updated`` comes for a pod new to the selector and for a watched change of its gate view, not
+    for one that only moved its ``resourceVersion`` (the module docstring says why that is safe)."""
 
     def listed(self, pods: list[CachedPod]) -> None: ...
 
@@ -175,6 +199,8 @@ class _Namespace:
         #: Label-selector lists of new selectors' pods (a synced namespace gaining a selector).
         self.selector_lists = 0
         self.events = 0
+        #: Watched changes of selected pods their subscribers were not told (gate view unchanged).
+        self.unchanged = 0
         self._stream: WatchStream | None = None
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"pods-{namespace}", daemon=True)
@@ -368,7 +394,7 @@ class _Namespace:
                 old = self.store.get(uid)
                 self.store[uid] = old if old is not None else pod
                 # Same state at the same version: only memberships change; nobody synced is told.
-                self._changed(old, self.store[uid], notify=False)
+                self._changed(old, self.store[uid], tell=_NOBODY)
             self.listed_generation = generation
             self.selector_lists += len(new)
             for sub in list(self.pending.values()):
@@ -420,7 +446,13 @@ class _Namespace:
             return  # nobody selects it: dropped without building anything
         pod = compact(obj)
         self.store[uid] = pod
-        self._changed(old, pod)
+        # Metering's view takes every version; a listener only a change of the gate's view (or the
+        # pod joining its selector).
+        if old is not None and same_for_gate(old, pod):
+            self.unchanged += 1
+            self._changed(old, pod, tell=_JOINED)
+        else:
+            self._changed(old, pod)
 
     def _replace(self, kept: dict[str, CachedPod]) -> None:
         """A relist: the new store, and what changed told to the subscribers already synced."""
@@ -430,12 +462,16 @@ class _Namespace:
             selected.members = set()
         for uid, pod in kept.items():
             old = old_store.get(uid)
-            self._changed(old, pod, notify=old is None or old.resource_version != pod.resource_version)
+            moved = old is None or old.resource_version != pod.resource_version
+            self._changed(old, pod, tell=_ALL if moved else _NOBODY)
         for uid, old in old_store.items():
             if uid not in kept:
                 self._changed(old, None)
 
-    def _changed(self, old: CachedPod | None, new: CachedPod | None, notify: bool = True) -> None:
+    def _changed(self, old: CachedPod | None, new: CachedPod | None, tell: str = _ALL) -> None:
+        """Memberships after ``old`` became ``new`` (None: gone); the selectors the pod left are
+        told ``deleted``, and ``updated`` goes to every selector of ``new`` (``_ALL``), to those it
+        joined (``_JOINED``) or to none (``_NOBODY``)."""
         before = self.index.matching(old.labels) if old is not None else set()
         after = self.index.matching(new.labels) if new is not None else set()
         uid = new.uid if new is not None else old.uid if old is not None else ""
@@ -447,7 +483,7 @@ class _Namespace:
         for key in after:
             selected = self.selected[key]
             selected.members.add(uid)
-            if notify and new is not None:
+            if new is not None and (tell == _ALL or (tell == _JOINED and key not in before)):
                 self._tell(selected.subs.values(), lambda listener: listener.updated(new))
 
     def _tell(self, subs: Iterable[Subscription], call: Callable[[Listener], None]) -> None:
@@ -516,6 +552,7 @@ class PodCache:
             "selectors": sum(len(ns.selected) for ns in namespaces),
             "pods": sum(len(ns.store) for ns in namespaces),
             "events": sum(ns.events for ns in namespaces),
+            "unchanged": sum(ns.unchanged for ns in namespaces),
             "relists": sum(ns.relists for ns in namespaces),
             "selector_lists": sum(ns.selector_lists for ns in namespaces),
         }

@@ -24,8 +24,8 @@ controller) or nothing at all (metering reads :meth:`Subscription.snapshot` when
 Changes the gate cannot act on stay in the cache. After the gate releases a pod, the scheduler binds
 it and the kubelet (KWOK) marks it Running, Ready...: each a new version of the pod, each once an
 ``updated`` the gate's controller stepped through its state machine, for nothing -- its view of the
-pod has no node, no conditions, no labels, and a phase only when final. The store (metering's ``PodView``)
-takes every version; a listener is told one only when
+pod has no node, no conditions, no labels, and a phase only when final. The store (metering's
+``PodView``) takes every version; a listener is told one only when
 :func:`~metering_operator.domain.cached_pod.same_for_gate` says it differs from the one before.
 Then the gate holds an older ``resourceVersion`` than the pod's: a write it guards with it (the
 JSON-patch ``test`` of :mod:`metering_operator.domain.entitlement`) fails with a conflict and

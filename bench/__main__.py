@@ -9,6 +9,8 @@ commands. Benchmarks start or join the local cluster themselves.
 `python -m bench idle --base <commit>` threads and idle CPU with 50 products (bench/compare_idle.py).
 `python -m bench ceiling` what the machine allows per gated pod without any operator
 (bench/bench_ceiling.py: creation and per-pod call pipeline ceilings, CPU split per process).
+`python -m bench calls --base <commit>` the operator CPU of each of the gate's five per-pod calls,
+base vs this tree (bench/bench_calls.py).
 `python -m bench machine --base <commit>` the gate's pure state machine alone, base vs this tree
 (bench/bench_machine.py: no cluster, synthetic bursts, and the same-behaviour check).
 """
@@ -39,6 +41,10 @@ def main() -> int:
         from bench import compare_idle
 
         return compare_idle.main(sys.argv[2:])
+    if sys.argv[1:2] == ["calls"]:
+        from bench import bench_calls
+
+        return bench_calls.main(sys.argv[2:])
     if sys.argv[1:2] == ["machine"]:
         from bench import bench_machine
 

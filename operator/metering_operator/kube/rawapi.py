@@ -17,14 +17,18 @@ Blocking, like the sync client: call it from worker threads, never on kopf's eve
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping
+from http.client import RemoteDisconnected
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from urllib3 import HTTPHeaderDict
+from urllib3.exceptions import ProtocolError
 
 JSON = "application/json"
 JSON_PATCH = "application/json-patch+json"
@@ -44,8 +48,14 @@ class RawApi:
     def __init__(self, api: client.ApiClient) -> None:
         self._api = api
         self._host = api.configuration.host.rstrip("/")
+        url = urlsplit(self._host)
         #: The path the server's URL may carry before ``/api`` (an API proxy's prefix).
-        self._prefix = urlsplit(self._host).path
+        self._prefix = url.path
+        # http.client's Host header: the port only when it is not the scheme's default.
+        default_port = 443 if url.scheme == "https" else 80
+        host = url.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        self._host_header = host if url.port in (None, default_port) else f"{host}:{url.port}"
         self._lock = threading.Lock()
         self._pool: urllib3.HTTPConnectionPool | None = None
 
@@ -92,12 +102,39 @@ class RawApi:
         if body is not None:
             headers["Content-Type"] = content_type
             data = json.dumps(body, separators=(",", ":")).encode()
+        # Per call: the client's refresh hook may rotate the token (in-cluster token file).
         api.update_params_for_auth(headers, [], _AUTH_SETTINGS)
         if query:
             path += "?" + urlencode(query)
         pool = self._connection_pool()
+        answer = (
+            None
+            if pool is None
+            else _send(pool, method, self._prefix + path, self._host_header, headers, data)
+        )
+        if answer is None:
+            answer = self._urlopen(pool, method, path, headers, data)
+        status, reason, response_headers, payload = answer
+        if not 200 <= status < 300:
+            error = ApiException(status=status, reason=reason)
+            error.body = payload
+            error.headers = response_headers
+            raise error
+        return payload, response_headers
+
+    def _urlopen(
+        self,
+        pool: urllib3.HTTPConnectionPool | None,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        data: bytes | None,
+    ) -> tuple[int, str, Mapping[str, str], bytes]:
+        """The request through urllib3's own ``urlopen`` (its retries, proxies): behind a proxy,
+        and when :func:`_send` gives a request back (a new connection, or a reused one the server
+        had closed, for a method safe to repeat)."""
         if pool is None:
-            response = api.rest_client.pool_manager.urlopen(
+            response = self._api.rest_client.pool_manager.urlopen(
                 method, self._host + path, body=data, headers=headers, preload_content=False, redirect=False
             )
         else:
@@ -115,12 +152,7 @@ class RawApi:
         finally:
             # Read to the end: the connection goes back to the pool for the next call.
             response.release_conn()
-        if not 200 <= response.status < 300:
-            error = ApiException(status=response.status, reason=response.reason)
-            error.body = payload
-            error.headers = response.headers
-            raise error
-        return payload, response.headers
+        return response.status, response.reason or "", response.headers, payload
 
     def json(
         self,
@@ -133,3 +165,160 @@ class RawApi:
     ) -> Any:
         """:meth:`request`, its answer parsed."""
         return json.loads(self.request(method, path, body, content_type=content_type, query=query))
+
+
+# -- the request on a pooled connection -----------------------------------------------------------
+#
+# urllib3's ``urlopen`` and http.client cost most of a raw call's CPU: per call a Timeout clone, a
+# Retry object, header-key sets, ``putrequest``/``putheader`` validation, the head and the body as
+# two TLS records (two encryptions, two syscalls), and the response's headers parsed by the
+# ``email`` package. The gate makes three of these calls per pod, so the request is written here,
+# on a connection of the same urllib3 pool (its TLS context, client certificate and connection
+# count): the head and body in one ``sendall``, the answer read with ``recv`` and parsed for what
+# HTTP/1.1 from the API server can carry (Content-Length or chunked body, ``Connection: close``).
+
+#: Methods repeated on a fresh connection when a reused one turns out closed before any answer
+#: (the server dropped it while idle), as urllib3's default ``Retry`` repeats them.
+_REPEATABLE = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+#: Refuse request targets and header values that would break the request's framing.
+_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+_UNSAFE_VALUE = re.compile(r"[\r\n\x00]")
+_MAX_HEAD = 1 << 17
+_RECV = 1 << 16
+
+
+def _send(
+    pool: urllib3.HTTPConnectionPool,
+    method: str,
+    target: str,
+    host: str,
+    headers: Mapping[str, str],
+    data: bytes | None,
+) -> tuple[int, str, Mapping[str, str], bytes] | None:
+    """One request on a pooled connection; None to have urllib3 send it instead (see above)."""
+    if _UNSAFE.search(target):
+        raise ValueError(f"unsafe characters in request target {target!r}")
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
+    for name, value in headers.items():
+        if _UNSAFE_VALUE.search(value) or _UNSAFE.search(name):
+            raise ValueError(f"unsafe characters in header {name!r}")
+        lines.append(f"{name}: {value}")
+    if data is not None:
+        lines.append(f"Content-Length: {len(data)}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    message = head + data if data is not None else head
+
+    conn: Any = pool._get_conn()
+    reused = conn.sock is not None
+    if not reused:
+        # A new connection: urllib3 connects it (and retries a failed connect) in urlopen.
+        pool._put_conn(conn)
+        return None
+    received = False
+    try:
+        sock = conn.sock
+        assert sock is not None
+        sock.sendall(message)
+        buf = bytearray()
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            chunk = sock.recv(_RECV)
+            if not chunk:
+                raise RemoteDisconnected("the API server closed the connection without an answer")
+            received = True
+            buf += chunk
+            if len(buf) > _MAX_HEAD:
+                raise ProtocolError("the API server's response head is too long")
+        status, reason, response_headers, close = _parse_head(bytes(buf[:end]))
+        del buf[: end + 4]
+        payload = _read_body(sock, buf, response_headers, method, status)
+    except (OSError, ProtocolError, ValueError) as exc:
+        conn.close()
+        pool._put_conn(conn)
+        if not received and method in _REPEATABLE and isinstance(exc, OSError):
+            return None
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError("Connection aborted.", exc) from exc
+    if close:
+        conn.close()
+    pool._put_conn(conn)
+    return status, reason, response_headers, payload
+
+
+def _parse_head(head: bytes) -> tuple[int, str, HTTPHeaderDict, bool]:
+    """Status, reason, headers and whether the server closes the connection after this answer."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers = HTTPHeaderDict()
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or line[:1] in (" ", "\t"):
+            raise ProtocolError(f"malformed response header line: {line[:80]!r}")
+        headers.add(name, value.strip())
+    connection = headers.get("Connection", "").lower()
+    close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
+    status = int(code)
+    if 100 <= status < 200:
+        raise ProtocolError(f"unexpected interim response {status}")
+    return status, reason, headers, close
+
+
+def _read_body(sock: Any, buf: bytearray, headers: HTTPHeaderDict, method: str, status: int) -> bytes:
+    """The body after the head: ``buf`` holds what was received past it."""
+    if method == "HEAD" or status in (204, 304):
+        return b""
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        return _read_chunked(sock, buf)
+    length = headers.get("Content-Length")
+    if length is None:
+        raise ProtocolError("a response without Content-Length or chunked encoding")
+    size = int(length)
+    while len(buf) < size:
+        chunk = sock.recv(max(_RECV, size - len(buf)))
+        if not chunk:
+            raise ProtocolError(f"the response body ended after {len(buf)} of {size} bytes")
+        buf += chunk
+    if len(buf) != size:
+        raise ProtocolError("more bytes than the response's Content-Length")
+    return bytes(buf)
+
+
+def _read_chunked(sock: Any, buf: bytearray) -> bytes:
+    body = bytearray()
+    pos = 0
+
+    def fill(need: int) -> None:
+        nonlocal buf, pos
+        while len(buf) - pos < need:
+            chunk = sock.recv(_RECV)
+            if not chunk:
+                raise ProtocolError("the chunked response body ended early")
+            buf += chunk
+
+    def line() -> bytes:
+        nonlocal pos
+        while (end := buf.find(b"\r\n", pos)) < 0:
+            if len(buf) - pos > _MAX_HEAD:
+                raise ProtocolError("a chunk-size line is too long")
+            fill(len(buf) - pos + 1)
+        text = bytes(buf[pos:end])
+        pos = end + 2
+        return text
+
+    while True:
+        size = int(line().split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            while line():  # trailers, up to the empty line
+                pass
+            break
+        fill(size + 2)
+        body += buf[pos : pos + size]
+        if buf[pos + size : pos + size + 2] != b"\r\n":
+            raise ProtocolError("a chunk is not followed by CRLF")
+        pos += size + 2
+    if pos != len(buf):
+        raise ProtocolError("bytes after the chunked response body")
+    return bytes(body)

@@ -83,7 +83,7 @@ class RawApi:
     ) -> bytes:
         """The response body of ``method path`` (``path`` starts with ``/api`` or ``/apis``);
         :class:`ApiException` with the status, reason, headers and body when the status is not 2xx."""
-        return self.exchange(method, path, body, content_type=content_type, query=query)[0]
+        return self._call(method, path, body, content_type, query)[0]
 
     def exchange(
         self,
@@ -95,6 +95,12 @@ class RawApi:
         query: Mapping[str, str] | None = None,
     ) -> tuple[bytes, Mapping[str, str]]:
         """:meth:`request` with the response's headers (e.g. the server's ``Date``)."""
+        payload, headers = self._call(method, path, body, content_type, query)
+        return payload, _header_dict(headers)
+
+    def _call(
+        self, method: str, path: str, body: Any, content_type: str, query: Mapping[str, str] | None
+    ) -> tuple[bytes, Mapping[str, str]]:
         api = self._api
         headers: dict[str, str] = dict(api.default_headers)
         headers["Accept"] = JSON
@@ -118,7 +124,7 @@ class RawApi:
         if not 200 <= status < 300:
             error = ApiException(status=status, reason=reason)
             error.body = payload
-            error.headers = response_headers
+            error.headers = _header_dict(response_headers)
             raise error
         return payload, response_headers
 
@@ -245,20 +251,27 @@ def _send(
     return status, reason, response_headers, payload
 
 
-def _parse_head(head: bytes) -> tuple[int, str, HTTPHeaderDict, bool]:
-    """Status, reason, headers and whether the server closes the connection after this answer."""
-    lines = head.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code, _, reason = rest.partition(" ")
+def _header_dict(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """Case-insensitive headers, as urllib3 gives them (the raw path keeps a plain dict)."""
+    return headers if isinstance(headers, HTTPHeaderDict) else HTTPHeaderDict(headers)
+
+
+def _parse_head(head: bytes) -> tuple[int, str, dict[str, str], bool]:
+    """Status, reason, headers (names lower-cased, repeats joined with ``, ``) and whether the
+    server closes the connection after this answer."""
+    status_line, _, rest = head.decode("latin-1").partition("\r\n")
+    version, _, status_rest = status_line.partition(" ")
+    code, _, reason = status_rest.partition(" ")
     if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    headers = HTTPHeaderDict()
-    for line in lines[1:]:
+        raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+    headers: dict[str, str] = {}
+    for line in rest.split("\r\n") if rest else ():
         name, sep, value = line.partition(":")
-        if not sep or line[:1] in (" ", "\t"):
+        if not sep or line[0] in " \t":
             raise ProtocolError(f"malformed response header line: {line[:80]!r}")
-        headers.add(name, value.strip())
-    connection = headers.get("Connection", "").lower()
+        key, value = name.lower(), value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    connection = headers.get("connection", "").lower()
     close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
     status = int(code)
     if 100 <= status < 200:
@@ -266,13 +279,13 @@ def _parse_head(head: bytes) -> tuple[int, str, HTTPHeaderDict, bool]:
     return status, reason, headers, close
 
 
-def _read_body(sock: Any, buf: bytearray, headers: HTTPHeaderDict, method: str, status: int) -> bytes:
+def _read_body(sock: Any, buf: bytearray, headers: Mapping[str, str], method: str, status: int) -> bytes:
     """The body after the head: ``buf`` holds what was received past it."""
     if method == "HEAD" or status in (204, 304):
         return b""
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+    if "chunked" in headers.get("transfer-encoding", "").lower():
         return _read_chunked(sock, buf)
-    length = headers.get("Content-Length")
+    length = headers.get("content-length")
     if length is None:
         raise ProtocolError("a response without Content-Length or chunked encoding")
     size = int(length)

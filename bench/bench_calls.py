@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     str(pem),
                     "--warmup",
                     str(args.warmup),
+                    *(["--profile", str(args.profile)] if args.profile and variant.name == "new" else []),
                 )
                 rows[variant.name].append(row)
                 total = sum(row["cpu_mean"].values())
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def median_of(rows: list[dict[str, Any]], field: str, call: str) -> float:
-    return statistics.median(row[field][call] for row in rows)
+    return float(statistics.median(row[field][call] for row in rows))
 
 
 def render(r: dict[str, Any], command: str) -> str:
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--profile", type=Path, default=None, help="cProfile the new variant's timed pods")
     args = parser.parse_args(argv)
     if args.pods <= args.warmup:
         parser.error("--pods must be more than --warmup")

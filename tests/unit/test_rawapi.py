@@ -112,7 +112,8 @@ def test_json_on_one_connection_both_framings_head_and_body_in_one_write(server:
         "PATCH", "/api/v1/x", [{"op": "add"}], content_type="application/json-patch+json"
     )
     assert json.loads(payload) == {"status": {"token": "abc.def.ghi"}}
-    assert headers.get("date") == "Tue" and headers.get("Date") == "Tue"
+    assert headers.get("date") == "Tue"
+    assert headers.get("Date") == "Tue"
     assert raw.json("GET", "/api/v1/y", query={"a": "b c"}) == {"n": 3}
     assert server.connections == 1
     first, second, third = server.seen
@@ -121,7 +122,8 @@ def test_json_on_one_connection_both_framings_head_and_body_in_one_write(server:
     assert second.headers["content-type"] == "application/json-patch+json"
     assert second.headers["accept"] == "application/json"
     assert second.headers["user-agent"] == first.headers["user-agent"]
-    assert second.body == b'[{"op":"add"}]' and second.one_read
+    assert second.body == b'[{"op":"add"}]'
+    assert second.one_read
     assert (third.target, third.body, "content-length" in third.headers) == (
         "/prefix/api/v1/y?a=b+c",
         b"",
@@ -134,7 +136,8 @@ def test_error_status_raises_the_clients_api_exception(server: Server, raw: RawA
     raw.json("GET", "/api/v1/a")
     with pytest.raises(ApiException) as caught:
         raw.json("PATCH", "/api/v1/a", [])
-    assert caught.value.status == 409 and caught.value.reason == "Conflict"
+    assert caught.value.status == 409
+    assert caught.value.reason == "Conflict"
     assert json.loads(caught.value.body) == {"code": 409}
     assert caught.value.headers.get("transfer-encoding") == "chunked"
 

@@ -173,3 +173,18 @@ def test_unsafe_target_is_refused(server: Server, raw: RawApi) -> None:
     raw.json("GET", "/api/v1/a")
     with pytest.raises(ValueError, match="unsafe"):
         raw.json("GET", "/api/v1/a b\r\nX: y")
+
+
+def test_a_malformed_answer_is_a_protocol_error_and_its_connection_is_not_reused(
+    server: Server, raw: RawApi
+) -> None:
+    server.replies += [
+        reply("200 OK", b"{}"),
+        b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n{}",
+        reply("200 OK", b'{"fresh":1}'),
+    ]
+    raw.json("GET", "/api/v1/a")
+    with pytest.raises(ProtocolError):
+        raw.json("POST", "/api/v1/events", {"k": "v"})
+    assert raw.json("GET", "/api/v1/b") == {"fresh": 1}
+    assert [s.connection for s in server.seen] == [1, 1, 2]

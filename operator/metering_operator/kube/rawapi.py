@@ -10,7 +10,7 @@ same request with the same pool (TLS settings, client certificates, proxy), the 
 headers and the same authentication (``update_params_for_auth``, which runs the in-cluster
 token refresh hook), and raises the same :class:`ApiException` on an error status, so callers
 keep their ``exc.status`` handling. On a connection the pool already holds, the request is written
-and its answer read here (:func:`_send`, below), not through urllib3's ``urlopen``: that halved
+and its answer parsed by ``httptools`` (:func:`_send`, below), not through urllib3's ``urlopen``: that halved
 the call's CPU again (about 0.23 instead of 0.5 ms; bench/results/calls.md).
 
 Blocking, like the sync client: call it from worker threads, never on kopf's event loop.
@@ -26,6 +26,7 @@ from http.client import RemoteDisconnected
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+import httptools
 import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -181,18 +182,49 @@ class RawApi:
 # Retry object, header-key sets, ``putrequest``/``putheader`` validation, the head and the body as
 # two TLS records (two encryptions, two syscalls), and the response's headers parsed by the
 # ``email`` package. The gate makes three of these calls per pod, so the request is written here,
-# on a connection of the same urllib3 pool (its TLS context, client certificate and connection
-# count): the head and body in one ``sendall``, the answer read with ``recv`` and parsed for what
-# HTTP/1.1 from the API server can carry (Content-Length or chunked body, ``Connection: close``).
+# on a connection of the same urllib3 pool (its TLS context, client certificate, timeouts and
+# connection count), head and body in one ``sendall``, and the answer is parsed by ``httptools``
+# (llhttp, the parser Node.js and uvicorn use): its framing (Content-Length, chunked), keep-alive
+# and errors are llhttp's, not ours.
 
 #: Methods repeated on a fresh connection when a reused one turns out closed before any answer
 #: (the server dropped it while idle), as urllib3's default ``Retry`` repeats them.
-_REPEATABLE = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+_REPEATABLE = frozenset({"GET", "PUT", "DELETE", "OPTIONS"})
 #: Refuse request targets and header values that would break the request's framing.
 _UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 _UNSAFE_VALUE = re.compile(r"[\r\n\x00]")
-_MAX_HEAD = 1 << 17
 _RECV = 1 << 16
+
+
+class _Answer:
+    """The parser's callbacks: the response as llhttp reads it."""
+
+    __slots__ = ("body", "complete", "headers", "keep_alive", "parser", "reason")
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.complete = False
+        self.keep_alive = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    def on_headers_complete(self) -> None:
+        # Only known here: once the message is complete, llhttp has reset its flags.
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
 def _send(
@@ -204,6 +236,8 @@ def _send(
     data: bytes | None,
 ) -> tuple[int, str, Mapping[str, str], bytes] | None:
     """One request on a pooled connection; None to have urllib3 send it instead (see above)."""
+    if method == "HEAD":
+        return None  # a HEAD answer's Content-Length announces no body: urllib3 knows, llhttp not
     if _UNSAFE.search(target):
         raise ValueError(f"unsafe characters in request target {target!r}")
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
@@ -216,30 +250,27 @@ def _send(
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     message = head + data if data is not None else head
 
+    # urllib3's own pool API (the same calls its urlopen makes): a connection with its TLS
+    # session and timeouts, given back after the answer.
     conn: Any = pool._get_conn()
-    reused = conn.sock is not None
-    if not reused:
+    if conn.sock is None:
         # A new connection: urllib3 connects it (and retries a failed connect) in urlopen.
         pool._put_conn(conn)
         return None
     received = False
+    answer = _Answer()
     try:
-        sock = conn.sock
-        assert sock is not None
-        sock.sendall(message)
-        buf = bytearray()
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            chunk = sock.recv(_RECV)
+        conn.sock.sendall(message)
+        while not answer.complete:
+            chunk = conn.sock.recv(_RECV)
             if not chunk:
-                raise RemoteDisconnected("the API server closed the connection without an answer")
+                raise RemoteDisconnected("the API server closed the connection without a whole answer")
             received = True
-            buf += chunk
-            if len(buf) > _MAX_HEAD:
-                raise ProtocolError("the API server's response head is too long")
-        status, reason, response_headers, close = _parse_head(bytes(buf[:end]))
-        del buf[: end + 4]
-        payload = _read_body(sock, buf, response_headers, method, status)
-    except (OSError, ProtocolError, ValueError) as exc:
+            answer.parser.feed_data(chunk)
+        status = answer.parser.get_status_code()
+        if status < 200:
+            raise ProtocolError(f"unexpected interim response {status}")
+    except (OSError, ProtocolError, ValueError, httptools.HttpParserError) as exc:
         conn.close()
         pool._put_conn(conn)
         if not received and method in _REPEATABLE and isinstance(exc, OSError):
@@ -247,93 +278,12 @@ def _send(
         if isinstance(exc, ProtocolError):
             raise
         raise ProtocolError("Connection aborted.", exc) from exc
-    if close:
+    if not answer.keep_alive:
         conn.close()
     pool._put_conn(conn)
-    return status, reason, response_headers, payload
+    return status, answer.reason, answer.headers, bytes(answer.body)
 
 
 def _header_dict(headers: Mapping[str, str]) -> Mapping[str, str]:
     """Case-insensitive headers, as urllib3 gives them (the raw path keeps a plain dict)."""
     return headers if isinstance(headers, HTTPHeaderDict) else HTTPHeaderDict(headers)
-
-
-def _parse_head(head: bytes) -> tuple[int, str, dict[str, str], bool]:
-    """Status, reason, headers (names lower-cased, repeats joined with ``, ``) and whether the
-    server closes the connection after this answer."""
-    status_line, _, rest = head.decode("latin-1").partition("\r\n")
-    version, _, status_rest = status_line.partition(" ")
-    code, _, reason = status_rest.partition(" ")
-    if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
-    headers: dict[str, str] = {}
-    for line in rest.split("\r\n") if rest else ():
-        name, sep, value = line.partition(":")
-        if not sep or line[0] in " \t":
-            raise ProtocolError(f"malformed response header line: {line[:80]!r}")
-        key, value = name.lower(), value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    connection = headers.get("connection", "").lower()
-    close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-    status = int(code)
-    if 100 <= status < 200:
-        raise ProtocolError(f"unexpected interim response {status}")
-    return status, reason, headers, close
-
-
-def _read_body(sock: Any, buf: bytearray, headers: Mapping[str, str], method: str, status: int) -> bytes:
-    """The body after the head: ``buf`` holds what was received past it."""
-    if method == "HEAD" or status in (204, 304):
-        return b""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return _read_chunked(sock, buf)
-    length = headers.get("content-length")
-    if length is None:
-        raise ProtocolError("a response without Content-Length or chunked encoding")
-    size = int(length)
-    while len(buf) < size:
-        chunk = sock.recv(max(_RECV, size - len(buf)))
-        if not chunk:
-            raise ProtocolError(f"the response body ended after {len(buf)} of {size} bytes")
-        buf += chunk
-    if len(buf) != size:
-        raise ProtocolError("more bytes than the response's Content-Length")
-    return bytes(buf)
-
-
-def _read_chunked(sock: Any, buf: bytearray) -> bytes:
-    body = bytearray()
-    pos = 0
-
-    def fill(need: int) -> None:
-        nonlocal buf, pos
-        while len(buf) - pos < need:
-            chunk = sock.recv(_RECV)
-            if not chunk:
-                raise ProtocolError("the chunked response body ended early")
-            buf += chunk
-
-    def line() -> bytes:
-        nonlocal pos
-        while (end := buf.find(b"\r\n", pos)) < 0:
-            if len(buf) - pos > _MAX_HEAD:
-                raise ProtocolError("a chunk-size line is too long")
-            fill(len(buf) - pos + 1)
-        text = bytes(buf[pos:end])
-        pos = end + 2
-        return text
-
-    while True:
-        size = int(line().split(b";", 1)[0].strip(), 16)
-        if size == 0:
-            while line():  # trailers, up to the empty line
-                pass
-            break
-        fill(size + 2)
-        body += buf[pos : pos + size]
-        if buf[pos + size : pos + size + 2] != b"\r\n":
-            raise ProtocolError("a chunk is not followed by CRLF")
-        pos += size + 2
-    if pos != len(buf):
-        raise ProtocolError("bytes after the chunked response body")
-    return bytes(body)

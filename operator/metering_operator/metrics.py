@@ -111,6 +111,14 @@ PINNED_PRODUCT_MISSING = Gauge(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+PRODUCT_EVENTS = Counter(
+    "product_events_total",
+    "MeteredProduct watch events seen by a handler (entitlement-gate-changes, spec-report), by "
+    "outcome: acted on, or skipped as changing nothing the handler reads (e.g. a status write's echo).",
+    ["handler", "outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 SPEC_CHANGES = Counter(
     "spec_changes_total",
     "Changes of a MeteredProduct's product code, entitlement mode or scope, dryRun or dimensions, "

@@ -23,8 +23,10 @@ from typing import Any
 
 import kopf
 
+from metering_operator import metrics
 from metering_operator.domain import entitlement as ent
 from metering_operator.domain.clock import Clock, SystemClock
+from metering_operator.domain.echoes import Fingerprints, gate_fingerprint
 from metering_operator.domain.pins import resolve
 from metering_operator.domain.product import (
     GROUP,
@@ -95,15 +97,34 @@ def build_runtime(
 # --- MeteredProducts ---------------------------------------------------------------------------------
 
 
+# The index's entry per product, kept while its uid and generation stay (a status write leaves the
+# spec, and so the entry, as it was): namespace/name -> (uid, generation, entry).
+_indexed: dict[tuple[str, str], tuple[Any, Any, dict[str, Any]]] = {}
+
+
 # No explicit id: kopf hands an index to handlers as a kwarg named after the handler's id.
+# Async on purpose: kopf runs a sync handler in its executor, a thread hop per product event that
+# costs more than the entry itself (most events are status writes, answered from ``_indexed``).
 @kopf.index(GROUP, VERSION, PLURAL)
-def gate_products(namespace: str | None, name: str, spec: Any, memo: Any, **_: Any) -> dict[str, Any]:
+async def gate_products(
+    namespace: str | None, name: str, spec: Any, meta: Any, memo: Any, **_: Any
+) -> dict[str, Any]:
     """Per namespace: what the admission webhook needs to know about each product."""
+    key = (namespace or "", name)
+    version = (meta.get("uid"), meta.get("generation"))
+    known = _indexed.get(key)
+    if known is not None and known[:2] == version:
+        return dict(known[2])
+    entry = _gate_entry(namespace, name, spec, memo.settings)
+    _indexed[key] = (*version, entry)
+    return dict(entry)
+
+
+def _gate_entry(namespace: str | None, name: str, spec: Any, settings: OperatorSettings) -> dict[str, Any]:
     try:
         parsed = MeteredProductSpec.model_validate(dict(spec))
     except ValueError:
         return {}
-    settings: OperatorSettings = memo.settings
     # The effective spec: a pinned product keeps its pinned minimum mode here too.
     resolution = resolve(settings.pins, namespace or "", name, parsed)
     parsed = resolution.spec
@@ -158,13 +179,34 @@ async def _release_seats(runtime: GateRuntime, namespace: str, name: str, body: 
         log.info("MeteredProduct %s/%s deleted: %d seat lease(s) checked in", namespace, name, returned)
 
 
+#: Per product, what the controller reacts to in the last event it was told of.
+_gate_seen = Fingerprints()
+_GATE_ACTED = metrics.PRODUCT_EVENTS.labels("entitlement-gate-changes", "acted")
+_GATE_SKIPPED = metrics.PRODUCT_EVENTS.labels("entitlement-gate-changes", "skipped")
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL, id="entitlement-gate-changes")
-async def gate_product_changed(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-    """Push every change of a MeteredProduct (spec, or the metering side's conditions) to its
-    controller, which reads kopf's live body: kopf has updated it before calling this."""
+async def gate_product_changed(
+    event: Any, namespace: str | None, name: str, body: Any, memo: Any, **_: Any
+) -> None:
+    """Push each change of a MeteredProduct that its controller reacts to (spec, or the metering
+    side's conditions; :func:`~metering_operator.domain.echoes.gate_fingerprint`) to the
+    controller, which reads kopf's live body: kopf has updated it before calling this. The
+    echoes of status writes (the gate's own, metering's, the reporter's) change none of it and
+    are dropped here, without waking the scheduler."""
     runtime: GateRuntime | None = getattr(memo, "gate_runtime", None)
+    key = _gate_key(namespace, name)
+    if event.get("type") == "DELETED":
+        _gate_seen.forget(key)
+        _indexed.pop(key[1:], None)
+    elif not _gate_seen.changed(key, gate_fingerprint(body)):
+        _GATE_SKIPPED.inc()
+        return
+    _GATE_ACTED.inc()
     if runtime is not None:
-        runtime.scheduler.post_to(_gate_key(namespace, name), BODY_CHANGED)
+        # Not yet added (the daemon starts after this handler's first call): it reads the live
+        # body when it starts, so nothing is lost.
+        runtime.scheduler.post_to(key, BODY_CHANGED)
 
 
 @kopf.on.cleanup()

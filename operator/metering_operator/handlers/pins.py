@@ -16,6 +16,7 @@ from typing import Any
 
 import kopf
 
+from metering_operator import metrics
 from metering_operator.domain.clock import Clock, SystemClock
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 from metering_operator.kube.apiclient import new_api_client
@@ -50,11 +51,23 @@ def runtime(memo: Any) -> PinsRuntime:
         return _runtime
 
 
+_ACTED = metrics.PRODUCT_EVENTS.labels("spec-report", "acted")
+_SKIPPED = metrics.PRODUCT_EVENTS.labels("spec-report", "skipped")
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL, id="spec-report")
-def report_spec(event: Any, body: Any, memo: Any, **_: Any) -> None:
-    """Sync on purpose: kopf runs it in its executor, so its API calls never block the loop."""
+async def report_spec(event: Any, body: Any, memo: Any, **_: Any) -> None:
+    """Most events are status writes' echoes that change nothing the reporter reads: they are
+    settled on the loop, cheaply. The others are observed in a worker thread (parsing, API calls),
+    awaited, so kopf still hands this product's next event only after this one."""
     try:
-        runtime(memo).reporter.observe(event.get("type"), body)
+        rt = _runtime if _runtime is not None else await asyncio.to_thread(runtime, memo)
+        reporter = rt.reporter
+        if reporter.settled(event.get("type"), body):
+            _SKIPPED.inc()
+            return
+        _ACTED.inc()
+        await asyncio.to_thread(reporter.observe, event.get("type"), body)
     except Exception:
         log.exception("reporting on MeteredProduct %s failed", (body.get("metadata") or {}).get("name"))
 

@@ -60,6 +60,11 @@ class PinPresence:
         else:
             self.report(pin, missing=False)
 
+    def missing(self, pin: Pin) -> bool:
+        """Whether the pinned product was last reported missing (its next event reports it back)."""
+        with self._lock:
+            return bool(self._missing.get(pin.key))
+
     def report(self, pin: Pin, *, missing: bool, why: str = "") -> None:
         with self._lock:
             before = self._missing.get(pin.key)

@@ -25,6 +25,7 @@ from metering_operator import metrics
 from metering_operator.domain import transitions
 from metering_operator.domain.clock import Clock
 from metering_operator.domain.conditions import condition_changed, get_condition, set_condition
+from metering_operator.domain.echoes import Fingerprints, report_fingerprint
 from metering_operator.domain.pins import Pins, Resolution, resolve
 from metering_operator.domain.product import (
     API_VERSION,
@@ -59,6 +60,23 @@ class SpecReporter:
         self._seen: dict[str, ObservedSpec] = {}
         #: namespace/name -> violated fields (for the gauge and the Event on change).
         self._violations: dict[str, tuple[str, dict[str, str]]] = {}
+        #: uid -> what :meth:`observe` read in the last event after which the status needed no
+        #: write: an event that changes none of it (another writer's status echo) is settled.
+        self._settled = Fingerprints()
+
+    def settled(self, event_type: str | None, body: Mapping[str, Any]) -> bool:
+        """Cheap, no parsing, safe on kopf's loop: True when :meth:`observe` would do nothing for
+        this event -- the spec (uid, generation), ``status.observedSpec`` and the ``Enforced``
+        condition are as they were when it last found nothing to write. A deletion, a product
+        whose pin says it is missing, a spec change and a status someone else changed are never
+        settled."""
+        if event_type == "DELETED":
+            return False
+        meta = body.get("metadata") or {}
+        pin = self.pins.at(str(meta.get("namespace") or ""), str(meta.get("name")))
+        if pin is not None and self.presence.missing(pin):
+            return False
+        return self._settled.seen(str(meta.get("uid")), report_fingerprint(body))
 
     def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -68,6 +86,7 @@ class SpecReporter:
             self._set_violations(namespace, name, "", {})
             with self._lock:
                 self._seen.pop(uid, None)
+            self._settled.forget(uid)
             if pin is not None:
                 self.presence.report(
                     pin, missing=True, why="was deleted" if event_type == "DELETED" else "is being deleted"
@@ -93,7 +112,10 @@ class SpecReporter:
             self._report_change(ref, change, resolution, violated)
         ready = resolution.ready()
         self._set_violations(namespace, name, spec.product_code, violated, ref, ready.reason if ready else "")
-        self._write_status(body, declared, resolution)
+        if not self._write_status(body, declared, resolution):
+            self._settled.remember(uid, report_fingerprint(body))
+        else:
+            self._settled.forget(uid)  # our write's echo is looked at in full once
 
     # -- changes ------------------------------------------------------------------------------
     def _report_change(
@@ -147,7 +169,8 @@ class SpecReporter:
             self.events.post(ref, "Warning", reason, message)
 
     # -- status -------------------------------------------------------------------------------
-    def _write_status(self, body: Mapping[str, Any], declared: ObservedSpec, resolution: Resolution) -> None:
+    def _write_status(self, body: Mapping[str, Any], declared: ObservedSpec, resolution: Resolution) -> bool:
+        """Write what differs; True when a write was needed (made or failed)."""
         meta = body.get("metadata") or {}
         status = body.get("status") or {}
         wanted = transitions.enforced_condition(resolution.spec, obeyed=resolution.obeyed)
@@ -164,7 +187,7 @@ class SpecReporter:
         observed = declared.to_kube()
         current = get_condition(status.get("conditions"), wanted.type)
         if not condition_changed(current, condition) and status.get("observedSpec") == observed:
-            return
+            return False
         namespace, name = str(meta.get("namespace")), str(meta.get("name"))
         patch = {
             "apiVersion": API_VERSION,
@@ -190,3 +213,4 @@ class SpecReporter:
         except ApiException as exc:
             if exc.status != 404:  # gone: nothing left to report on
                 log.warning("status of %s/%s not written: %s %s", namespace, name, exc.status, exc.reason)
+        return True

@@ -131,10 +131,13 @@ def test_the_reporter_reads_its_own_status_parts_and_always_looks_at_a_deletion(
 
 def test_fingerprints_remember_per_key_and_never_settle_none() -> None:
     seen = Fingerprints()
-    assert seen.changed("a", (1,)) and not seen.changed("a", (1,))
+    assert seen.changed("a", (1,))
+    assert not seen.changed("a", (1,))
     assert seen.changed("b", (1,))  # another product
-    assert seen.changed("a", (2,)) and not seen.changed("a", (2,))
-    assert seen.changed("a", None) and seen.changed("a", None)
+    assert seen.changed("a", (2,))
+    assert not seen.changed("a", (2,))
+    assert seen.changed("a", None)
+    assert seen.changed("a", None)
     seen.remember("a", (3,))
     seen.forget("a")
     assert not seen.seen("a", (3,))

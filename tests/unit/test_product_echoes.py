@@ -8,10 +8,8 @@ tests/e2e/test_product_echoes.py.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from datetime import UTC, datetime
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -209,15 +207,7 @@ def test_a_missing_pinned_product_is_never_settled() -> None:
 
 def index(body: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
     meta = body["metadata"]
-    return asyncio.run(
-        entitlement.gate_products(
-            namespace=meta["namespace"],
-            name=meta["name"],
-            spec=body["spec"],
-            meta=meta,
-            memo=SimpleNamespace(settings=settings),
-        )
-    )
+    return entitlement.gate_entry(meta["namespace"], meta["name"], body["spec"], meta, settings)
 
 
 def test_the_index_entry_is_kept_while_the_spec_is_and_redone_on_a_spec_change() -> None:

@@ -110,12 +110,19 @@ async def gate_products(
     namespace: str | None, name: str, spec: Any, meta: Any, memo: Any, **_: Any
 ) -> dict[str, Any]:
     """Per namespace: what the admission webhook needs to know about each product."""
+    return gate_entry(namespace, name, spec, meta, memo.settings)
+
+
+def gate_entry(
+    namespace: str | None, name: str, spec: Any, meta: Any, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The product's index entry, judged again only when its uid or generation moved."""
     key = (namespace or "", name)
     version = (meta.get("uid"), meta.get("generation"))
     known = _indexed.get(key)
     if known is not None and known[:2] == version:
         return dict(known[2])
-    entry = _gate_entry(namespace, name, spec, memo.settings)
+    entry = _gate_entry(namespace, name, spec, settings)
     _indexed[key] = (*version, entry)
     return dict(entry)
 

@@ -297,9 +297,16 @@ def _settings(
     )
 
 
+#: kopf's "succeeded" lines that come once per admitted pod or once per MeteredProduct event (every
+#: status write's echo): noise that costs a formatted, written line each.
+_ROUTINE_SUCCESSES = ("Handler 'spec-report' succeeded.", "Handler 'entitlement-gate-changes' succeeded.")
+
+
 def _drop_webhook_successes(record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith("Webhook ") and message.endswith(" succeeded."))
+    if message.startswith("Webhook ") and message.endswith(" succeeded."):
+        return False
+    return message not in _ROUTINE_SUCCESSES
 
 
 def _configure_logging(settings: Any, verbose: bool) -> None:
@@ -314,7 +321,8 @@ def _configure_logging(settings: Any, verbose: bool) -> None:
         logging.getLogger("kopf.objects").setLevel(logging.INFO)
         logging.getLogger("urllib3").setLevel(logging.WARNING)
         # One access line per admission request and health probe is noise at 50 pods/s, as are
-        # botocore's endpoint notice per pod client and kopf's "Webhook ... succeeded" per pod.
+        # botocore's endpoint notice per pod client, kopf's "Webhook ... succeeded" per pod and its
+        # "Handler ... succeeded" per product event of the two event handlers.
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
         logging.getLogger("botocore").setLevel(logging.WARNING)
         logging.getLogger("kopf.objects").addFilter(_drop_webhook_successes)

@@ -145,11 +145,7 @@ def _gate_key(namespace: str | None, name: str) -> tuple[str, str, str]:
     return ("gate", namespace or "", name)
 
 
-# cancellation_backoff: after the stop flag, kopf waits this long for a graceful exit before it
-# cancels the task, so a deleted product's seats are checked in (see _release_seats).
-@kopf.daemon(
-    GROUP, VERSION, PLURAL, id="entitlement-gate", cancellation_backoff=10.0, cancellation_timeout=15.0
-)
+@kopf.daemon(GROUP, VERSION, PLURAL, id="entitlement-gate", cancellation_timeout=15.0)
 async def gate_daemon(
     namespace: str | None, name: str, body: Any, memo: Any, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
@@ -166,10 +162,31 @@ async def gate_daemon(
         await asyncio.wrap_future(scheduler.add(controller, _gate_key(namespace, name)))
         await stopped.wait()
     finally:
-        # Done once its timers are dropped and its pod subscription closed.
-        await asyncio.wrap_future(scheduler.remove(controller))
-    if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
-        await _release_seats(runtime, namespace or "", name, body)
+        if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
+            # Ended in a task of its own: kopf removes a deleted product's finalizer at once only
+            # if its daemons exit within a few loop cycles of the stop flag; otherwise it holds
+            # the deletion back for the whole cancellation timeout, however soon they end.
+            task = asyncio.create_task(_end_deleted(runtime, controller, namespace or "", name, body))
+            _endings.add(task)
+            task.add_done_callback(_endings.discard)
+        else:
+            # Done once its timers are dropped and its pod subscription closed.
+            await asyncio.wrap_future(scheduler.remove(controller))
+
+
+#: Deleted products' endings in flight (a reference, so the loop does not drop the task).
+_endings: set[asyncio.Task[None]] = set()
+
+
+async def _end_deleted(
+    runtime: GateRuntime, controller: ProductController, namespace: str, name: str, body: Any
+) -> None:
+    """A deleted product: its controller removed, then its seats returned."""
+    try:
+        await asyncio.wrap_future(runtime.scheduler.remove(controller))
+        await _release_seats(runtime, namespace, name, body)
+    except Exception:
+        log.exception("ending the deleted MeteredProduct %s/%s failed", namespace, name)
 
 
 async def _release_seats(runtime: GateRuntime, namespace: str, name: str, body: Any) -> None:

@@ -36,6 +36,7 @@ from tests.emulator.harness import start_emulator
 from bench.calls_driver import CALLS
 from bench.compare_entitlement import Variant, base_variant, new_namespace, new_variant, wait_namespace_gone
 from bench.machine_facts import machine_facts
+from bench.reporting import command_line, publish
 from metering_operator.domain.product import SCHEDULING_GATE
 from metering_operator.kube.apiclient import release
 
@@ -190,12 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.pods <= args.warmup:
         parser.error("--pods must be more than --warmup")
     results = run(args)
-    command = " ".join([".venv/bin/python -m bench calls", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(".venv/bin/python -m bench calls", argv)
     report = render(results, command)
-    print(report)
-    if args.output:
-        args.output.write_text(report)
-    return 0
+    return publish(report, args.output)
 
 
 if __name__ == "__main__":

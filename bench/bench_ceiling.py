@@ -45,6 +45,7 @@ from tests.emulator.harness import EmulatorProcess, start_emulator
 from bench import cpu_split
 from bench.bench_entitlement import aws_calls, create_pod
 from bench.compare_entitlement import new_namespace, wait_namespace_gone
+from bench.reporting import command_line, publish
 from metering_operator.aws.errors import MeteringError
 from metering_operator.aws.irsa import ROLE_ARN_ANNOTATION
 from metering_operator.domain import entitlement as ent
@@ -573,12 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     results = run(args)
-    results["command"] = " ".join(["python -m bench ceiling", *(argv if argv is not None else sys.argv[1:])])
+    results["command"] = command_line("python -m bench ceiling", argv)
     report = render(results, 2.5 * args.base_burst, 2.5 * args.base_backlog)
-    print(report)
-    if args.output:
-        args.output.write_text(report)
-    return 0
+    return publish(report, args.output)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,19 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from devtools.cluster import ClusterInfo, LocalCluster
-from kubernetes import client, config
+from devtools.cluster import ClusterInfo
+from kubernetes import client
 from tests.e2e.conftest import PRODUCT_CODE, emulator_config, install_crd
 from tests.emulator.harness import EmulatorProcess, start_emulator
 
 from bench.bench_entitlement import Rss
 from bench.compare_entitlement import Variant, base_variant, new_variant, operator_run
 from bench.machine_facts import machine_facts
+from bench.reporting import command_line, open_session
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 
@@ -149,18 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = [base_variant(args.base), new_variant()]
     results: dict[str, Any] = {
-        "command": " ".join(["python -m bench.bench_echoes", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("python -m bench.bench_echoes", argv),
         **machine_facts(),
         "variants": [f"{v.name} `{v.commit}`" for v in variants],
         "echoes": args.echoes,
         "gap": args.gap,
         "runs": [],
     }
-    cluster = LocalCluster()
-    info, _ = cluster.acquire(os.getpid())
-    work = Path(tempfile.mkdtemp(prefix="bench-echoes-"))
-    print(f"logs in {work}", flush=True)
-    api = config.new_client_from_config(config_file=str(info.kubeconfig))
+    cluster, info, api, work = open_session("bench-echoes-")
     emulator: EmulatorProcess | None = None
     try:
         install_crd(api)

@@ -52,6 +52,7 @@ from tests.e2e.conftest import (
 from tests.emulator.harness import EmulatorProcess, start_emulator
 
 from bench.machine_facts import machine_facts
+from bench.reporting import publish
 from metering_operator.aws.client import MeteringClientFactory
 from metering_operator.aws.irsa import WebIdentityExchanger, session_name_for_pod
 from metering_operator.aws.models import RegisterUsageRequest
@@ -347,10 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     results["command"] = " ".join(["python -m bench.bench_entitlement", *(argv or sys.argv[1:])])
     report = render(results)
-    print(report)
-    if args.output:
-        args.output.write_text(report)
-    return 0
+    return publish(report, args.output)
 
 
 def operator_identity(api: client.ApiClient, info: Any, namespace: str, work: Path) -> Path:

@@ -26,6 +26,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
+from bench.reporting import publish
 from metering_operator.domain.clock import SystemClock
 from metering_operator.gate.scheduler import Scheduler
 
@@ -136,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    print(report)
-    if args.output:
-        args.output.write_text(report)
-    return 0
+    return publish(report, args.output)
 
 
 if __name__ == "__main__":

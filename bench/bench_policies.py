@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bench_entitlement
+from bench.reporting import command_line, publish
 
 
 def admission_cost(rounds: int = 4, calls: int = 100) -> dict[str, list[float]]:
@@ -143,12 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, flags in configurations:
         print(f"===== {label}", flush=True)
         runs[label] = bench_entitlement.run(argparse.Namespace(**{**vars(args), **flags}))
-    command = " ".join(["python -m bench.bench_policies", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("python -m bench.bench_policies", argv)
     report = render(runs, command, cost)
-    print(report)
-    if args.output:
-        args.output.write_text(report)
-    return 0
+    return publish(report, args.output)
 
 
 def _row(name: str, without: float, with_: float, unit: str, fmt: str = "{:.0f}") -> str:

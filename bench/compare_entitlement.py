@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devtools.cluster import ClusterInfo, LocalCluster
-from kubernetes import client, config
+from devtools.cluster import ClusterInfo
+from kubernetes import client
 from tests.e2e.conftest import (
     BUYER_ROLE,
     CRD_FILE,
@@ -61,6 +60,7 @@ from bench.bench_entitlement import (
     wait_released,
 )
 from bench.machine_facts import machine_facts
+from bench.reporting import command_line, open_session, publish
 from metering_operator.admission.install import delete as delete_policies
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    command = " ".join(["python -m bench entitlement", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("python -m bench entitlement", argv)
     Profiler.gil = args.profile_gil
     variants = [base_variant(args.base), new_variant()]
     if args.policy_gate:
@@ -530,12 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "burst": args.burst,
         "runs": [],
     }
-    cluster = LocalCluster()
-    info, _ = cluster.acquire(os.getpid())
-    work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
-    print(f"logs in {work}", flush=True)
-    api = config.new_client_from_config(config_file=str(info.kubeconfig))
-    api.configuration.connection_pool_maxsize = 32
+    cluster, info, api, work = open_session("bench-compare-", 32)
     emulator: EmulatorProcess | None = None
     try:
         install_crd(api)
@@ -590,10 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # --rounds 0: a profiling run only
     else:
         report = render(results)
-    print(report)
-    if args.output:
-        args.output.write_text(report)
-    return 0
+    return publish(report, args.output)
 
 
 if __name__ == "__main__":

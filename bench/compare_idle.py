@@ -26,15 +26,14 @@ import contextlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from devtools.cluster import ClusterInfo, LocalCluster
-from kubernetes import client, config
+from devtools.cluster import ClusterInfo
+from kubernetes import client
 from tests.e2e.conftest import BUYER_ACCOUNT, OperatorProcess, emulator_config, install_crd, launch_operator
 from tests.emulator.harness import EmulatorProcess, start_emulator
 
@@ -47,6 +46,7 @@ from bench.compare_entitlement import (
 )
 from bench.compare_memory import remove_all_products, rss_mib, threads, wait
 from bench.machine_facts import machine_facts
+from bench.reporting import command_line, open_session, publish
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 H0 = datetime(2031, 5, 6, 7, tzinfo=UTC)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=10.0)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    command = " ".join(["python -m bench idle", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("python -m bench idle", argv)
     variants = [base_variant(args.base), new_variant()]
     results: dict[str, Any] = {
         "command": command,
@@ -223,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         **{k: getattr(args, k) for k in ("products", "interval", "seconds", "settle")},
         "runs": [],
     }
-    cluster = LocalCluster()
-    info, _ = cluster.acquire(os.getpid())
-    work = Path(tempfile.mkdtemp(prefix="bench-idle-"))
-    print(f"logs in {work}", flush=True)
-    api = config.new_client_from_config(config_file=str(info.kubeconfig))
+    cluster, info, api, work = open_session("bench-idle-")
     emulator: EmulatorProcess | None = None
     try:
         install_crd(api)
@@ -256,10 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             emulator.stop()
         cluster.release(os.getpid(), keep=True)
     report = render(results)
-    print(report)
-    if args.output:
-        args.output.write_text(report)
-    return 0
+    return publish(report, args.output)
 
 
 if __name__ == "__main__":

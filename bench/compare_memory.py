@@ -33,7 +33,6 @@ import contextlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from devtools.cluster import ClusterInfo, LocalCluster
-from kubernetes import client, config
+from devtools.cluster import ClusterInfo
+from kubernetes import client
 from tests.e2e.conftest import BUYER_ACCOUNT, OperatorProcess, emulator_config, install_crd, launch_operator
 from tests.emulator.harness import EmulatorProcess, start_emulator
 
@@ -55,6 +54,7 @@ from bench.compare_entitlement import (
     wait_namespace_gone,
 )
 from bench.machine_facts import machine_facts
+from bench.reporting import command_line, open_session, publish
 from metering_operator.domain.product import GROUP, PLURAL, VERSION
 
 H0 = datetime(2031, 5, 6, 7, tzinfo=UTC)
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-pods", action="store_true", help="leave the pod namespaces for a next run")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    command = " ".join(["python -m bench memory", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("python -m bench memory", argv)
     variants = [base_variant(args.base), new_variant()]
     results: dict[str, Any] = {
         "command": command,
@@ -420,12 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": [],
     }
-    cluster = LocalCluster()
-    info, _ = cluster.acquire(os.getpid())
-    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    print(f"logs in {work}", flush=True)
-    api = config.new_client_from_config(config_file=str(info.kubeconfig))
-    api.configuration.connection_pool_maxsize = 32
+    cluster, info, api, work = open_session("bench-memory-", 32)
     core = client.CoreV1Api(api)
     namespaces = [f"bench-mem-{i}" for i in range(args.namespaces)]
     emulator: EmulatorProcess | None = None
@@ -484,10 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                     core.delete_namespace(ns)
         cluster.release(os.getpid(), keep=True)
     report = render(results)
-    print(report)
-    if args.output:
-        args.output.write_text(report)
-    return 0
+    return publish(report, args.output)
 
 
 if __name__ == "__main__":

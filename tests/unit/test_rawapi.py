@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -15,6 +16,10 @@ from kubernetes.client.rest import ApiException
 from urllib3.exceptions import ProtocolError
 
 from metering_operator.kube.rawapi import RawApi
+
+
+def rawjson(raw: RawApi, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+    return json.loads(raw.exchange(method, path, body, **kw)[0])
 
 
 @dataclass
@@ -107,14 +112,14 @@ def test_json_on_one_connection_both_framings_head_and_body_in_one_write(server:
         reply("200 OK", b'{"status":{"token":"abc.def.ghi"}}', chunked=True, extra="Date: Tue\r\n"),
         reply("200 OK", b'{"n":3}'),
     ]
-    assert raw.json("POST", "/api/v1/namespaces/a/events", {"k": "v"}) == {"n": 1}
+    assert rawjson(raw, "POST", "/api/v1/namespaces/a/events", {"k": "v"}) == {"n": 1}
     payload, headers = raw.exchange(
         "PATCH", "/api/v1/x", [{"op": "add"}], content_type="application/json-patch+json"
     )
     assert json.loads(payload) == {"status": {"token": "abc.def.ghi"}}
     assert headers.get("date") == "Tue"
     assert headers.get("Date") == "Tue"
-    assert raw.json("GET", "/api/v1/y", query={"a": "b c"}) == {"n": 3}
+    assert rawjson(raw, "GET", "/api/v1/y", query={"a": "b c"}) == {"n": 3}
     assert server.connections == 1
     first, second, third = server.seen
     assert (second.method, second.target) == ("PATCH", "/prefix/api/v1/x")
@@ -133,9 +138,9 @@ def test_json_on_one_connection_both_framings_head_and_body_in_one_write(server:
 
 def test_error_status_raises_the_clients_api_exception(server: Server, raw: RawApi) -> None:
     server.replies += [reply("200 OK", b"{}"), reply("409 Conflict", b'{"code":409}', chunked=True)]
-    raw.json("GET", "/api/v1/a")
+    rawjson(raw, "GET", "/api/v1/a")
     with pytest.raises(ApiException) as caught:
-        raw.json("PATCH", "/api/v1/a", [])
+        rawjson(raw, "PATCH", "/api/v1/a", [])
     assert caught.value.status == 409
     assert caught.value.reason == "Conflict"
     assert json.loads(caught.value.body) == {"code": 409}
@@ -144,16 +149,16 @@ def test_error_status_raises_the_clients_api_exception(server: Server, raw: RawA
 
 def test_dropped_connection_repeats_a_get_but_never_a_post(server: Server, raw: RawApi) -> None:
     server.replies += [reply("200 OK", b"{}"), None, reply("200 OK", b'{"again":true}')]
-    raw.json("GET", "/api/v1/a")
+    rawjson(raw, "GET", "/api/v1/a")
     # The server reads the GET and closes without answering: repeated on a new connection.
-    assert raw.json("GET", "/api/v1/b") == {"again": True}
+    assert rawjson(raw, "GET", "/api/v1/b") == {"again": True}
     assert [(s.connection, s.target) for s in server.seen[1:]] == [
         (1, "/prefix/api/v1/b"),
         (2, "/prefix/api/v1/b"),
     ]
     server.replies += [None]
     with pytest.raises(ProtocolError):
-        raw.json("POST", "/api/v1/events", {"once": 1})
+        rawjson(raw, "POST", "/api/v1/events", {"once": 1})
     assert [s.method for s in server.seen].count("POST") == 1
 
 
@@ -164,15 +169,15 @@ def test_connection_close_answer_is_not_reused(server: Server, raw: RawApi) -> N
         reply("200 OK", b"{}"),
     ]
     for _ in range(3):
-        raw.json("GET", "/api/v1/a")
+        rawjson(raw, "GET", "/api/v1/a")
     assert [s.connection for s in server.seen] == [1, 1, 2]
 
 
 def test_unsafe_target_is_refused(server: Server, raw: RawApi) -> None:
     server.replies += [reply("200 OK", b"{}")]
-    raw.json("GET", "/api/v1/a")
+    rawjson(raw, "GET", "/api/v1/a")
     with pytest.raises(ValueError, match="unsafe"):
-        raw.json("GET", "/api/v1/a b\r\nX: y")
+        rawjson(raw, "GET", "/api/v1/a b\r\nX: y")
 
 
 def test_a_malformed_answer_is_a_protocol_error_and_its_connection_is_not_reused(
@@ -183,8 +188,8 @@ def test_a_malformed_answer_is_a_protocol_error_and_its_connection_is_not_reused
         b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n{}",
         reply("200 OK", b'{"fresh":1}'),
     ]
-    raw.json("GET", "/api/v1/a")
+    rawjson(raw, "GET", "/api/v1/a")
     with pytest.raises(ProtocolError):
-        raw.json("POST", "/api/v1/events", {"k": "v"})
-    assert raw.json("GET", "/api/v1/b") == {"fresh": 1}
+        rawjson(raw, "POST", "/api/v1/events", {"k": "v"})
+    assert rawjson(raw, "GET", "/api/v1/b") == {"fresh": 1}
     assert [s.connection for s in server.seen] == [1, 1, 2]

@@ -50,7 +50,7 @@ class EventPoster:
         }
         try:
             # Raw JSON (kube/rawapi.py): one Event per granted pod is on the gate's hot path.
-            self.raw.request("POST", f"/api/v1/namespaces/{segment(namespace)}/events", body)
+            self.raw.exchange("POST", f"/api/v1/namespaces/{segment(namespace)}/events", body)
             self.posted += 1
         except ApiException as exc:
             log.warning(

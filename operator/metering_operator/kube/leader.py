@@ -210,7 +210,7 @@ class LeaseElector:
             },
         }
         try:
-            self.raw.request("PUT", self._path, body)
+            self.raw.exchange("PUT", self._path, body)
         except ApiException as exc:
             if exc.status == 409:  # someone else wrote first: they won this round
                 self._set_leading(None)
@@ -240,7 +240,7 @@ class LeaseElector:
             },
         }
         try:
-            self.raw.request(
+            self.raw.exchange(
                 "POST", f"/apis/coordination.k8s.io/v1/namespaces/{segment(self.namespace)}/leases", body
             )
         except ApiException as exc:
@@ -282,12 +282,12 @@ class LeaseElector:
         if release and self.is_leader():
             self._set_leading(None)
             try:
-                lease = json.loads(self.raw.request("GET", self._path))
+                lease = json.loads(self.raw.exchange("GET", self._path)[0])
                 spec = lease.get("spec") or {}
                 if spec.get("holderIdentity") == self.identity:
                     spec.pop("renewTime", None)
                     spec.pop("holderIdentity", None)
-                    self.raw.request("PUT", self._path, lease)
+                    self.raw.exchange("PUT", self._path, lease)
             except ApiException as exc:
                 log.warning("leader election: cannot release lease: %s", exc.reason)
 

@@ -103,7 +103,7 @@ class PodApi:
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         try:
-            result: dict[str, Any] = self.raw.json("GET", _pod_path(namespace, name))
+            result: dict[str, Any] = json.loads(self.raw.exchange("GET", _pod_path(namespace, name))[0])
         except ApiException as exc:
             if exc.status == 404:
                 raise PodGone(f"{namespace}/{name}") from None
@@ -122,8 +122,8 @@ class PodApi:
             self.pod_writes += 1
         try:
             # Raw JSON (kube/rawapi.py): at most two of these per gated pod.
-            result: dict[str, Any] = self.raw.json(
-                "PATCH", _pod_path(namespace, name), ops, content_type=JSON_PATCH
+            result: dict[str, Any] = json.loads(
+                self.raw.exchange("PATCH", _pod_path(namespace, name), ops, content_type=JSON_PATCH)[0]
             )
         except ApiException as exc:
             if exc.status == 404:

@@ -75,19 +75,6 @@ class RawApi:
                 pool = self._pool = manager.connection_from_url(self._host)
         return pool
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        content_type: str = JSON,
-        query: Mapping[str, str] | None = None,
-    ) -> bytes:
-        """The response body of ``method path`` (``path`` starts with ``/api`` or ``/apis``);
-        :class:`ApiException` with the status, reason, headers and body when the status is not 2xx."""
-        return self._call(method, path, body, content_type, query)[0]
-
     def exchange(
         self,
         method: str,
@@ -97,7 +84,9 @@ class RawApi:
         content_type: str = JSON,
         query: Mapping[str, str] | None = None,
     ) -> tuple[bytes, Mapping[str, str]]:
-        """:meth:`request` with the response's headers (e.g. the server's ``Date``)."""
+        """The response body of ``method path`` (``path`` starts with ``/api`` or ``/apis``) and its
+        headers (e.g. the server's ``Date``); :class:`ApiException` with the status, reason,
+        headers and body when the status is not 2xx."""
         payload, headers = self._call(method, path, body, content_type, query)
         return payload, _header_dict(headers)
 
@@ -162,18 +151,6 @@ class RawApi:
             # Read to the end: the connection goes back to the pool for the next call.
             response.release_conn()
         return response.status, response.reason or "", response.headers, payload
-
-    def json(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        content_type: str = JSON,
-        query: Mapping[str, str] | None = None,
-    ) -> Any:
-        """:meth:`request`, its answer parsed."""
-        return json.loads(self.request(method, path, body, content_type=content_type, query=query))
 
 
 # -- the request on a pooled connection -----------------------------------------------------------

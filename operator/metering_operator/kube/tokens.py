@@ -6,6 +6,7 @@ so the IRSA session it buys identifies exactly that pod (how AWS tells pods apar
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kubernetes import client
@@ -43,7 +44,7 @@ def request_pod_token(
     # Sent as JSON over the client's connection (kube/rawapi.py): the generated API's per-call
     # machinery cost about a fifth of the request's CPU, once per gated pod.
     path = f"/api/v1/namespaces/{segment(namespace)}/serviceaccounts/{segment(service_account)}/token"
-    token = (raw or RawApi(api)).json("POST", path, body).get("status", {}).get("token")
+    token = json.loads((raw or RawApi(api)).exchange("POST", path, body)[0]).get("status", {}).get("token")
     if not token:
         raise RuntimeError(f"TokenRequest for {namespace}/{service_account} returned no token")
     return str(token)

@@ -78,35 +78,31 @@ REASON_VIOLATED = "PinViolated"
 REASON_ELSEWHERE = "PinnedElsewhere"
 
 
-class PinnedOnFailure(BaseModel):
+class _PinModel(BaseModel):
+    """The chart's values as written (camelCase), nothing unknown, immutable once read."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class PinnedOnFailure(_PinModel):
     """The least ``spec.metering.onFailure`` a pinned product has: the buyer may only make it stricter.
 
     The defaults pin nothing: ``minAction: Report`` is every action, ``maxAfterHours: 24`` every
     threshold the CRD accepts.
     """
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        extra="forbid",
-        frozen=True,
-    )
-
     min_action: FailureAction = FailureAction.REPORT
     max_after_hours: int = Field(default=MAX_FAILURE_HOURS, strict=True, ge=1, le=MAX_FAILURE_HOURS)
 
 
-class Pin(BaseModel):
+class Pin(_PinModel):
     """What the seller pins for one product code."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        extra="forbid",
-        frozen=True,
-    )
 
     product_code: str = Field(min_length=1, max_length=PRODUCT_CODE_MAX_LENGTH, pattern=PRODUCT_CODE_PATTERN)
     namespace: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)
